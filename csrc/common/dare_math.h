@@ -1,0 +1,51 @@
+// DARE's per-element math (drop with probability p, rescale the kept by 1/(1-p)).
+// Mask contract (DESIGN.md): Philox4x32-10 with key = seed XOR stream(task, module),
+// counter = (element / 4 as 64 bits, 0, 0), word = element % 4, keep iff word >= floor(p * 2^32).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "philox.h"
+
+namespace kx {
+
+struct DareSpec {
+  bool enabled = false;
+  uint32_t drop_below = 0;  // floor(p * 2^32): words below it are dropped
+  float scale = 1.0f;       // 1 / (1 - p)
+  int64_t elem_offset = 0;  // index of this array's element 0 within its module
+};
+
+inline DareSpec make_dare_spec(double p, int64_t elem_offset) {
+  DareSpec d;
+  d.enabled = p > 0.0;
+  d.drop_below = uint32_t(std::floor(p * 4294967296.0));
+  d.scale = float(1.0 / (1.0 - p));
+  d.elem_offset = elem_offset;
+  return d;
+}
+
+KX_HD PhiloxKey dare_key(uint64_t seed, uint64_t task, uint64_t module_id) {
+  uint64_t stream = splitmix64(module_id ^ splitmix64(task));
+  uint64_t k = seed ^ stream;
+  return PhiloxKey{uint32_t(k), uint32_t(k >> 32)};
+}
+
+// The four mask words for elements 4*group .. 4*group+3.
+KX_HD Philox4 dare_words(PhiloxKey key, uint64_t group) {
+  Philox4 ctr = {{uint32_t(group), uint32_t(group >> 32), 0u, 0u}};
+  return philox4x32_10(ctr, key);
+}
+
+KX_HD float dare_apply(float v, uint32_t word, const DareSpec& d) {
+  return word >= d.drop_below ? v * d.scale : 0.0f;
+}
+
+// One element, computing its own Philox block (the GPU path; the CPU path shares a block
+// across four consecutive elements).
+KX_HD float dare_element(float v, PhiloxKey key, int64_t index, const DareSpec& d) {
+  Philox4 w = dare_words(key, uint64_t(index) >> 2);
+  return dare_apply(v, w.w[index & 3], d);
+}
+
+}  // namespace kx

@@ -1,0 +1,67 @@
+// TIES per-position math (DESIGN.md §1): trim by magnitude threshold, elect the sign of the
+// sum of trimmed values, disjoint mean over the entries that agree with it.
+#pragma once
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace kx {
+
+// |x| as an order-preserving uint32 (the float's bits without the sign). Non-finite
+// magnitudes have keys >= kNonFiniteKey.
+KX_HD uint32_t magnitude_key(float v) { return float_bits(v) & 0x7fffffffu; }
+constexpr uint32_t kNonFiniteKey = 0x7f800000u;
+
+// How one task's entries are trimmed: keys >= keep_from are kept; keys in
+// [undecided_from, keep_from) are not known yet (the CPU path defers them until the exact
+// threshold is known); the rest are dropped. An exact threshold t has both equal to key(t).
+struct TrimRange {
+  uint32_t undecided_from;
+  uint32_t keep_from;
+};
+
+struct TiesAccum {
+  float sum = 0.0f;      // of all trimmed values: its sign is the elected sign
+  float pos_sum = 0.0f;  // of the kept positive values
+  float neg_sum = 0.0f;
+  int32_t pos_count = 0;
+  int32_t neg_count = 0;
+  int32_t undecided = 0;  // 1 if some entry fell in its row's undecided range
+};
+
+// One entry into a position's accumulators, as separate scalars so the CPU can keep them
+// in vectorisable arrays (one per field) and the GPU in registers.
+KX_HD void ties_add(float& sum, float& pos_sum, float& neg_sum, int32_t& pos_count, int32_t& neg_count,
+                    int32_t& undecided, float v, TrimRange r) {
+  uint32_t key = magnitude_key(v);
+  int32_t keep = key >= r.keep_from;
+  undecided |= int32_t(key >= r.undecided_from) & (keep ^ 1);
+  float t = v * float(keep);  // not `keep ? v : 0`: GCC does not vectorise that select (v is finite)
+  sum += t;
+  pos_sum += t > 0.0f ? t : 0.0f;
+  neg_sum += t < 0.0f ? t : 0.0f;
+  pos_count += t > 0.0f;
+  neg_count += t < 0.0f;
+}
+
+KX_HD void ties_add(TiesAccum& a, float v, TrimRange r) {
+  ties_add(a.sum, a.pos_sum, a.neg_sum, a.pos_count, a.neg_count, a.undecided, v, r);
+}
+
+// The elected sign before the majority rule: +1, -1, or 0 where the trimmed sum is exactly 0.
+KX_HD int ties_sign(const TiesAccum& a) { return (a.sum > 0.0f) - (a.sum < 0.0f); }
+
+// A position whose elected sign must come from the majority sign (sum exactly 0 but
+// something survived the trim).
+KX_HD bool ties_needs_majority(const TiesAccum& a) {
+  return a.sum == 0.0f && (a.pos_count + a.neg_count) > 0;
+}
+
+// Disjoint mean for a given elected sign (0 gives 0: no entry has sign 0 and is nonzero).
+KX_HD float ties_mean(const TiesAccum& a, int sign, float lam) {
+  if (sign > 0) return lam * a.pos_sum / float(a.pos_count > 0 ? a.pos_count : 1);
+  if (sign < 0) return lam * a.neg_sum / float(a.neg_count > 0 ? a.neg_count : 1);
+  return 0.0f;
+}
+
+}  // namespace kx

@@ -1,0 +1,284 @@
+// Fused TIES on the CPU: trim, elect and disjoint mean in one pass over the n rows, tile by
+// tile, with no n x P temporary.
+//
+// ties_merge needs each row's exact threshold before it can trim. Rather than one or two
+// histogram passes first, it brackets each threshold from a small sample, runs the merge pass
+// with the bracket as the undecided range (entries above it are kept, below it dropped, and
+// positions with an entry inside it set aside), then selects the exact threshold among the
+// set-aside entries and finishes those positions: about one read of the input. If a bracket
+// missed (rare: only for data whose sample misrepresents it), it falls back to the exact
+// radix select (MagnitudeSelect) and a second merge pass.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "tile.h"
+
+namespace kx::cpu {
+namespace {
+
+// A tile's per-position accumulators, one array per field so the loops vectorise.
+struct TileAccum {
+  float sum[kTile], pos_sum[kTile], neg_sum[kTile];
+  int32_t pos_count[kTile], neg_count[kTile], undecided[kTile];
+
+  void clear(int64_t len) {
+    std::fill(sum, sum + len, 0.0f);
+    std::fill(pos_sum, pos_sum + len, 0.0f);
+    std::fill(neg_sum, neg_sum + len, 0.0f);
+    std::fill(pos_count, pos_count + len, 0);
+    std::fill(neg_count, neg_count + len, 0);
+    std::fill(undecided, undecided + len, 0);
+  }
+  TiesAccum at(int64_t t) const {
+    TiesAccum a;
+    a.sum = sum[t];
+    a.pos_sum = pos_sum[t];
+    a.neg_sum = neg_sum[t];
+    a.pos_count = pos_count[t];
+    a.neg_count = neg_count[t];
+    a.undecided = undecided[t];
+    return a;
+  }
+};
+
+std::vector<TrimRange> exact_ranges(const std::vector<float>& thresholds) {
+  std::vector<TrimRange> ranges;
+  for (float t : thresholds) ranges.push_back(TrimRange{magnitude_key(t), magnitude_key(t)});
+  return ranges;
+}
+
+TiesAccum accumulate_position(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange>& ranges,
+                              int64_t j) {
+  TiesAccum a;
+  for (int64_t r = 0; r < x.n(); ++r) ties_add(a, load_element(x, r, d, j), ranges[r]);
+  return a;
+}
+
+// Output of one decided position; positions that need the majority sign are written 0 and listed.
+inline float finish_position(const TiesAccum& a, float lam, int64_t j, int64_t& sign_sum,
+                             std::vector<int64_t>& zero_sum) {
+  if (ties_needs_majority(a)) {
+    zero_sum.push_back(j);
+    return 0.0f;
+  }
+  int sign = ties_sign(a);
+  sign_sum += sign;
+  return ties_mean(a, sign, lam);
+}
+
+void append(std::vector<int64_t>& to, const std::vector<int64_t>& from) {
+  to.insert(to.end(), from.begin(), from.end());
+}
+
+void store_one(void* out, DType dtype, int64_t j, float v) { store_tile(&v, 1, dtype, out, j); }
+
+// One pass over all positions. Positions where some row's entry is undecided are listed in
+// `undecided` and left for later; below[r] counts row r's keys under its undecided range.
+void ties_pass(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange>& ranges, float lam,
+               void* out, TiesPending& pending, std::vector<int64_t>& undecided, std::vector<int64_t>& below) {
+  const int64_t n = x.n(), tiles = (x.P + kTile - 1) / kTile;
+  bool finite = true;
+  int64_t sign_sum = 0;
+  below.assign(size_t(n), 0);
+#pragma omp parallel if (x.P > 4 * kTile) reduction(+ : sign_sum) reduction(&& : finite)
+  {
+    std::vector<int64_t> my_zero, my_undecided, my_below(size_t(n), 0);
+    std::vector<TileAccum> storage(1);
+    TileAccum& acc = storage[0];
+    float buf[kTile];
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t j0 = tile * kTile, len = std::min(kTile, x.P - j0);
+      acc.clear(len);
+      for (int64_t r = 0; r < n; ++r) {
+        finite = load_tile(x, r, d, j0, len, buf) && finite;
+        const TrimRange range = ranges[r];
+        int64_t under = 0;
+        for (int64_t t = 0; t < len; ++t) {
+          ties_add(acc.sum[t], acc.pos_sum[t], acc.neg_sum[t], acc.pos_count[t], acc.neg_count[t],
+                   acc.undecided[t], buf[t], range);
+          under += magnitude_key(buf[t]) < range.undecided_from;
+        }
+        my_below[r] += under;
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        if (acc.undecided[t]) {
+          my_undecided.push_back(j0 + t);
+          buf[t] = 0.0f;
+        } else {
+          buf[t] = finish_position(acc.at(t), lam, j0 + t, sign_sum, my_zero);
+        }
+      }
+      store_tile(buf, len, x.dtype, out, j0);
+    }
+#pragma omp critical
+    {
+      append(pending.zero_sum_positions, my_zero);
+      append(undecided, my_undecided);
+      for (int64_t r = 0; r < n; ++r) below[r] += my_below[r];
+    }
+  }
+  if (!finite) throw std::domain_error("input contains NaN or Inf");
+  pending.sign_sum += sign_sum;
+}
+
+constexpr int64_t kSampleBlock = 64;          // elements sampled from each tile
+constexpr int64_t kSampleAll = 16 * kTile;    // rows this short are histogrammed whole
+
+// Per row, a key range that holds the threshold with high probability: the sample's
+// quantile +- 6 binomial standard deviations (plus slack), widened to whole histogram bins.
+std::vector<TrimRange> sample_brackets(const TaskRows& x, const DareSpec& d, double top_k) {
+  const int64_t n = x.n(), tiles = (x.P + kTile - 1) / kTile;
+  const bool whole = x.P <= kSampleAll;
+  const uint64_t k = threshold_rank(uint64_t(x.P), top_k);
+  std::vector<TrimRange> ranges(static_cast<size_t>(n));
+#pragma omp parallel
+  {
+    std::vector<uint32_t> hist(static_cast<size_t>(kRound0Bins));
+    float buf[kTile];
+#pragma omp for schedule(dynamic)
+    for (int64_t r = 0; r < n; ++r) {
+      std::fill(hist.begin(), hist.end(), 0);
+      uint64_t m = 0;
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        // A different offset in each tile, so the sample does not alias with row lengths.
+        int64_t j0 = tile * kTile, len = std::min(kTile, x.P - j0);
+        if (!whole) {
+          j0 += (tile * 13 * kSampleBlock) % kTile;
+          len = std::max<int64_t>(0, std::min(kSampleBlock, x.P - j0));
+        }
+        load_tile(x, r, d, j0, len, buf);  // non-finite values are reported by the full pass
+        for (int64_t t = 0; t < len; ++t) ++hist[std::min(magnitude_key(buf[t]), kNonFiniteKey) >> kRound0Shift];
+        m += uint64_t(len);
+      }
+      const double q = (double(k) - 0.5) / double(x.P);
+      const double center = q * double(m);
+      const double margin = whole ? 0.0 : 6.0 * std::sqrt(double(m) * q * (1.0 - q)) + 8.0;
+      const double lo_rank = std::ceil(center - margin), hi_rank = std::ceil(center + margin);
+      // Walk the histogram to the bins holding lo_rank and hi_rank (1-based).
+      uint32_t lo = 0, hi = kNonFiniteKey;
+      uint64_t seen = 0;
+      bool lo_set = lo_rank < 1.0;
+      for (int64_t b = 0; b < kRound0Bins; ++b) {
+        seen += hist[b];
+        if (!lo_set && double(seen) >= lo_rank) {
+          lo = uint32_t(b) << kRound0Shift;
+          lo_set = true;
+        }
+        if (double(seen) >= hi_rank) {
+          hi = std::min<uint32_t>(uint32_t(b + 1) << kRound0Shift, kNonFiniteKey);
+          break;
+        }
+      }
+      ranges[r] = TrimRange{lo, hi};
+    }
+  }
+  return ranges;
+}
+
+// The exact thresholds by radix select over the whole input (MagnitudeSelect's rounds).
+std::vector<float> exact_thresholds(const TaskRows& x, const DareSpec& d, double top_k) {
+  MagnitudeSelect sel(x.n(), top_k);
+  std::vector<int64_t> task_of_row(size_t(x.n()));
+  for (int64_t r = 0; r < x.n(); ++r) task_of_row[r] = r;
+  while (!sel.done()) {
+    magnitude_histogram(x, d, task_of_row, sel);
+    sel.finish_round();
+  }
+  std::vector<float> thresholds(size_t(x.n()));
+  for (int64_t r = 0; r < x.n(); ++r) thresholds[r] = sel.threshold(r);
+  return thresholds;
+}
+
+void resolve_majority(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds, float lam,
+                      const TiesPending& pending, void* out) {
+  const int majority = (pending.sign_sum > 0) - (pending.sign_sum < 0);
+  ties_fix_majority(x, d, thresholds, lam, majority, pending.zero_sum_positions, out);
+}
+
+}  // namespace
+
+void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds, float lam,
+                void* out, TiesPending& pending) {
+  std::vector<int64_t> undecided, below;  // undecided stays empty: exact thresholds decide every entry
+  ties_pass(x, d, exact_ranges(thresholds), lam, out, pending, undecided, below);
+}
+
+void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds,
+                       float lam, int majority, const std::vector<int64_t>& positions, void* out) {
+  const std::vector<TrimRange> ranges = exact_ranges(thresholds);
+  const int64_t count = int64_t(positions.size());
+#pragma omp parallel for if (count > 4096)
+  for (int64_t q = 0; q < count; ++q) {
+    const int64_t j = positions[q];
+    store_one(out, x.dtype, j, ties_mean(accumulate_position(x, d, ranges, j), majority, lam));
+  }
+}
+
+std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k, float lam, void* out) {
+  const int64_t n = x.n();
+  const uint64_t k = threshold_rank(uint64_t(x.P), top_k);
+  std::vector<float> thresholds(size_t(n), 0.0f);
+  TiesPending pending;
+  if (k == 0) {  // keep everything
+    ties_apply(x, d, thresholds, lam, out, pending);
+    resolve_majority(x, d, thresholds, lam, pending, out);
+    return thresholds;
+  }
+
+  std::vector<TrimRange> ranges = sample_brackets(x, d, top_k);
+  std::vector<int64_t> undecided, below;
+  ties_pass(x, d, ranges, lam, out, pending, undecided, below);
+
+  // A row's entries inside its bracket all lie at set-aside positions: its threshold is the
+  // (k - below)-th smallest of them, if the bracket holds rank k at all.
+  bool all_found = true;
+#pragma omp parallel for schedule(dynamic) reduction(&& : all_found)
+  for (int64_t r = 0; r < n; ++r) {
+    std::vector<uint32_t> keys;
+    for (int64_t j : undecided) {
+      const uint32_t key = magnitude_key(load_element(x, r, d, j));
+      if (key >= ranges[r].undecided_from && key < ranges[r].keep_from) keys.push_back(key);
+    }
+    const uint64_t under = uint64_t(below[r]);
+    if (under < k && k <= under + keys.size()) {
+      const size_t nth = size_t(k - under - 1);
+      std::nth_element(keys.begin(), keys.begin() + nth, keys.end());
+      thresholds[r] = bits_float(keys[nth]);
+    } else {
+      all_found = false;
+    }
+  }
+
+  if (!all_found) {  // a bracket missed: exact select, then merge again from scratch
+    thresholds = exact_thresholds(x, d, top_k);
+    pending = TiesPending();
+    ties_apply(x, d, thresholds, lam, out, pending);
+    resolve_majority(x, d, thresholds, lam, pending, out);
+    return thresholds;
+  }
+
+  const std::vector<TrimRange> exact = exact_ranges(thresholds);
+  const int64_t count = int64_t(undecided.size());
+  int64_t sign_sum = 0;
+#pragma omp parallel if (count > 4096) reduction(+ : sign_sum)
+  {
+    std::vector<int64_t> my_zero;
+#pragma omp for
+    for (int64_t q = 0; q < count; ++q) {
+      const int64_t j = undecided[q];
+      store_one(out, x.dtype, j, finish_position(accumulate_position(x, d, exact, j), lam, j, sign_sum, my_zero));
+    }
+#pragma omp critical
+    append(pending.zero_sum_positions, my_zero);
+  }
+  pending.sign_sum += sign_sum;
+  resolve_majority(x, d, thresholds, lam, pending, out);
+  return thresholds;
+}
+
+}  // namespace kx::cpu

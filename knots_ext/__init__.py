@@ -1,0 +1,18 @@
+"""knots-ext: fast, exact merging of LoRA adapters (KnOTS, TIES, DARE, Task Arithmetic)."""
+from . import _C, ops
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What was built: the CPU kernels (always), OpenMP threads, whether the CUDA kernels were
+    compiled and how many CUDA devices are visible."""
+    return dict(_C.build_info())
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the CPU kernels use (OpenMP)."""
+    _C.set_num_threads(int(n))
+
+
+__all__ = ["build_info", "set_num_threads", "ops", "__version__"]

@@ -1,0 +1,168 @@
+"""Array views for the kernels: torch tensors, numpy arrays and CuPy arrays are turned into
+(pointer, length, stride, dtype code, device, stream) without copies where possible, and
+outputs are allocated by the same library as the input."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Codes of csrc/common/dtype.h.
+F32, F16, BF16 = 0, 1, 2
+_ITEMSIZE = {F32: 4, F16: 2, BF16: 2}
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def _is_cupy(x) -> bool:
+    return type(x).__module__.startswith("cupy") and hasattr(x, "__cuda_array_interface__")
+
+
+@dataclass
+class Flat:
+    """One array seen as a 1-D run of elements: data pointer, length, element stride."""
+
+    array: object  # kept alive while the kernel runs
+    ptr: int
+    numel: int
+    stride: int
+    dtype: int
+    device: int  # -1: host memory, else CUDA ordinal
+    lib: str
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self.dtype]
+
+
+def _dtype_code(name: str, what: str) -> int:
+    codes = {"float32": F32, "float16": F16, "bfloat16": BF16}
+    if name not in codes:
+        raise TypeError(f"{what}: dtype {name} is not supported (use float32, float16 or bfloat16)")
+    return codes[name]
+
+
+def _flat_stride(shape, strides) -> int | None:
+    """The element stride if the array is one evenly strided run, else None."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    if not dims:
+        return 1
+    stride = dims[-1][1]
+    expected = stride
+    for n, s in reversed(dims):
+        if s != expected:
+            return None
+        expected = s * n
+    return stride
+
+
+def flat(x, what: str = "input") -> Flat:
+    """The 1-D view of any array (copied to contiguous only if it is not one strided run)."""
+    if _is_torch(x):
+        torch = _torch()
+        name = str(x.dtype).replace("torch.", "")
+        code = _dtype_code(name, what)
+        stride = _flat_stride(x.shape, x.stride())
+        if stride is None or stride <= 0:
+            x = x.contiguous()
+            stride = 1
+        device = x.device.index if x.device.type == "cuda" else -1
+        if x.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"{what}: device {x.device} is not supported (cpu or cuda)")
+        if device is None:
+            device = torch.cuda.current_device()
+        return Flat(x, x.data_ptr(), x.numel(), stride, code, device, "torch")
+    if _is_cupy(x):
+        code = _dtype_code(str(x.dtype), what)
+        stride = _flat_stride(x.shape, [s // x.itemsize for s in x.strides])
+        if stride is None or stride <= 0 or any(s % x.itemsize for s in x.strides):
+            x = x.copy()
+            stride = 1
+        return Flat(x, x.data.ptr, x.size, stride, code, x.device.id, "cupy")
+    if isinstance(x, np.ndarray):
+        code = _dtype_code(str(x.dtype), what)
+        stride = _flat_stride(x.shape, [s // x.itemsize for s in x.strides])
+        if stride is None or stride <= 0 or any(s % x.itemsize for s in x.strides):
+            x = np.ascontiguousarray(x)
+            stride = 1
+        return Flat(x, x.ctypes.data, x.size, stride, code, -1, "numpy")
+    raise TypeError(f"{what}: expected a torch tensor, numpy array or CuPy array, got {type(x).__name__}")
+
+
+def rows_of(x, what: str = "x") -> list[Flat]:
+    """The task rows of a 2-D (n, P) array, or of a sequence of arrays with equal numel."""
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError(f"{what}: no arrays given")
+        rows = [flat(a, f"{what}[{i}]") for i, a in enumerate(x)]
+    else:
+        shape = tuple(x.shape)
+        if len(shape) != 2:
+            raise ValueError(f"{what}: expected shape (n_tasks, P), got {shape}")
+        if shape[0] == 0:
+            raise ValueError(f"{what}: no tasks (shape {shape})")
+        rows = [flat(x[i], f"{what}[{i}]") for i in range(shape[0])]
+    first = rows[0]
+    for i, r in enumerate(rows):
+        if r.numel != first.numel:
+            raise ValueError(f"{what}: row {i} has {r.numel} elements, row 0 has {first.numel}")
+        if r.dtype != first.dtype:
+            raise TypeError(f"{what}: row {i} has another dtype than row 0")
+        if r.device != first.device or r.lib != first.lib:
+            raise ValueError(f"{what}: row {i} is on another device or library than row 0")
+    if len({r.stride for r in rows}) != 1:
+        rows = [flat(_contiguous(r.array), f"{what}[{i}]") for i, r in enumerate(rows)]
+    return rows
+
+
+def _contiguous(a):
+    if _is_torch(a):
+        return a.contiguous().reshape(-1)
+    if _is_cupy(a):
+        import cupy
+
+        return cupy.ascontiguousarray(a).reshape(-1)
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def empty_like_rows(ref: Flat, shape):
+    """A contiguous output of `shape`, in ref's library, device and dtype."""
+    if ref.lib == "torch":
+        torch = _torch()
+        dt = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}[ref.dtype]
+        dev = "cpu" if ref.device < 0 else f"cuda:{ref.device}"
+        return torch.empty(shape, dtype=dt, device=dev)
+    if ref.lib == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(ref.device):
+            return cupy.empty(shape, dtype={F32: cupy.float32, F16: cupy.float16}[ref.dtype])
+    return np.empty(shape, dtype={F32: np.float32, F16: np.float16}[ref.dtype])
+
+
+def data_ptr(out) -> int:
+    if _is_torch(out):
+        return out.data_ptr()
+    if _is_cupy(out):
+        return out.data.ptr
+    return out.ctypes.data
+
+
+def current_stream(ref: Flat) -> int:
+    """The caller's current CUDA stream on ref's device (0 for host arrays)."""
+    if ref.device < 0:
+        return 0
+    if ref.lib == "torch":
+        return _torch().cuda.current_stream(ref.device).cuda_stream
+    import cupy
+
+    with cupy.cuda.Device(ref.device):
+        return cupy.cuda.get_current_stream().ptr

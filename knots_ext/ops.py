@@ -1,0 +1,197 @@
+"""The merge kernels as array functions. Inputs are torch tensors (CPU, or CUDA when the
+CUDA kernels are built), numpy arrays or CuPy arrays, in float32, float16 or bfloat16; outputs
+come back in the input's library, device and dtype (math is done in float32).
+
+Task inputs `x` are either a 2-D array (n_tasks, P), one row per task, or a sequence of
+n arrays of P elements each (any shapes). DARE's mask for row r is a pure function of
+(seed, tasks[r], module, element index), DESIGN.md §1: `tasks` defaults to 0..n-1 and
+`module` (a name or a 64-bit id) to "".
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from . import _C
+from ._arrays import Flat, current_stream, data_ptr, empty_like_rows, flat, rows_of
+
+__all__ = [
+    "ties_merge", "ties_apply", "ties_fix_majority", "magnitude_threshold", "MagnitudeThreshold",
+    "dare", "task_arithmetic", "module_id",
+]
+
+
+def module_id(module: str | int) -> int:
+    """The 64-bit id of a module name (FNV-1a), as used in DARE's random stream."""
+    if isinstance(module, str):
+        return _C.module_id(module)
+    if isinstance(module, int) and 0 <= module < 2**64:
+        return module
+    raise TypeError(f"module must be a name or a 64-bit id, got {module!r}")
+
+
+def _check_unit(name: str, value: float, hi_open: bool) -> float:
+    value = float(value)
+    ok = 0.0 <= value < 1.0 if hi_open else value >= 0.0
+    if not ok:
+        raise ValueError(f"{name} must be in {'[0, 1)' if hi_open else '[0, inf)'}, got {value}")
+    return value
+
+
+def _kernel_input(rows: list[Flat], dare_p: float, seed: int, tasks, module, elem_offset: int,
+                  stream: int | None) -> _C.Input:
+    n = len(rows)
+    tasks = list(range(n)) if tasks is None else [int(t) for t in tasks]
+    if len(tasks) != n:
+        raise ValueError(f"tasks has {len(tasks)} entries for {n} rows")
+    if any(t < 0 for t in tasks):
+        raise ValueError("task indices must be >= 0")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    ref = rows[0]
+    if ref.device >= 0 and not _C.build_info()["cuda_compiled"]:
+        raise RuntimeError("a CUDA array was given but knots_ext was built without CUDA")
+    if stream is None:
+        stream = current_stream(ref)
+    return _C.Input([r.ptr for r in rows], ref.numel, ref.stride, ref.dtype, ref.device, int(stream),
+                    _check_unit("dare_p", dare_p, True), int(seed), tasks, module_id(module),
+                    int(elem_offset))
+
+
+def _rows_and_out(x, what="x"):
+    rows = rows_of(x, what)
+    return rows, empty_like_rows(rows[0], (rows[0].numel,))
+
+
+def ties_merge(x, top_k: float, lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *,
+               module: str | int = "", tasks: Sequence[int] | None = None, elem_offset: int = 0,
+               stream: int | None = None, return_thresholds: bool = False):
+    """Fused TIES over the n task rows of x: per-row trim to the top_k fraction by magnitude,
+    sign election, disjoint mean, times lam; with dare_p > 0, DARE is applied first.
+    Returns the merged (P,) array (and the per-row thresholds if asked)."""
+    rows, out = _rows_and_out(x)
+    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
+    thresholds = _C.ties_merge(inp, _check_unit("top_k", top_k, False), float(lam), data_ptr(out))
+    return (out, thresholds) if return_thresholds else out
+
+
+def ties_apply(x, thresholds: Sequence[float], lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *,
+               module: str | int = "", tasks=None, elem_offset: int = 0, stream=None):
+    """TIES with given per-row thresholds (e.g. global over many arrays, from
+    MagnitudeThreshold). Positions whose trimmed sum is exactly 0 need the majority sign,
+    which may span many arrays: they are written 0 and returned for ties_fix_majority.
+    Returns (out, sign_sum, zero_sum_positions)."""
+    rows, out = _rows_and_out(x)
+    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
+    sign_sum, positions = _C.ties_apply(inp, [float(t) for t in thresholds], float(lam), data_ptr(out))
+    return out, sign_sum, positions
+
+
+def ties_fix_majority(x, out, thresholds: Sequence[float], positions: Sequence[int], majority: int,
+                      lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "",
+                      tasks=None, elem_offset: int = 0, stream=None):
+    """Rewrites out at `positions` (from ties_apply) with the elected sign `majority`."""
+    rows = rows_of(x)
+    o = flat(out, "out")
+    if o.numel != rows[0].numel or o.stride != 1 or o.dtype != rows[0].dtype:
+        raise ValueError("out must be the contiguous array ties_apply returned for these rows")
+    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
+    majority = (majority > 0) - (majority < 0)
+    _C.ties_fix_majority(inp, [float(t) for t in thresholds], float(lam), majority, list(positions), o.ptr)
+    return out
+
+
+class MagnitudeThreshold:
+    """Streaming exact TIES thresholds: per task, the magnitude t such that entries with
+    |x| >= t are the top_k fraction of all entries that task sends, over any number of arrays.
+
+        sel = MagnitudeThreshold(n_tasks, top_k)
+        while not sel.done:
+            for task, array in chunks():      # every chunk, in any order, each round
+                sel.update(task, array)
+            sel.finish_round()
+        sel.thresholds()                     # list of n floats
+
+    At most two rounds (radix select on the float bits); one when top_k >= 1 or the data are
+    bf16. Chunks sent with DARE settings are thresholded after DARE."""
+
+    def __init__(self, n_tasks: int, top_k: float):
+        if int(n_tasks) < 1:
+            raise ValueError("n_tasks must be >= 1")
+        self._sel = _C.MagnitudeSelect(int(n_tasks), _check_unit("top_k", top_k, False))
+        self.n_tasks = int(n_tasks)
+
+    @property
+    def done(self) -> bool:
+        return self._sel.done
+
+    @property
+    def round(self) -> int:
+        return self._sel.round
+
+    def update(self, task: int, array, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "",
+               elem_offset: int = 0, stream=None):
+        if not 0 <= int(task) < self.n_tasks:
+            raise ValueError(f"task {task} out of range for {self.n_tasks} tasks")
+        row = flat(array, "array")
+        inp = _kernel_input([row], dare_p, seed, [task], module, elem_offset, stream)
+        self._sel.histogram(inp, [int(task)])
+
+    def update_rows(self, x, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "", tasks=None,
+                    elem_offset: int = 0, stream=None):
+        """Adds every row of x, row r to task tasks[r] (default r)."""
+        rows = rows_of(x)
+        inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
+        task_of_row = list(range(len(rows))) if tasks is None else [int(t) for t in tasks]
+        self._sel.histogram(inp, task_of_row)
+
+    def finish_round(self):
+        """Closes the round; raises ValueError if any value sent was NaN or Inf."""
+        self._sel.finish_round()
+
+    def total(self, task: int) -> int:
+        """How many entries the task sent (known after the first round)."""
+        return self._sel.total(int(task))
+
+    def thresholds(self) -> list[float]:
+        return self._sel.thresholds()
+
+
+def magnitude_threshold(x, top_k: float, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "",
+                        tasks=None, elem_offset: int = 0, stream=None) -> list[float]:
+    """Per-row TIES thresholds of an in-memory (n, P) input (MagnitudeThreshold, all rounds)."""
+    rows = rows_of(x)
+    sel = MagnitudeThreshold(len(rows), top_k)
+    while not sel.done:
+        sel.update_rows(x, dare_p, seed, module=module, elem_offset=elem_offset, stream=stream)
+        sel.finish_round()
+    return sel.thresholds()
+
+
+def _weighted_sum(rows, weights, dare_p, seed, tasks, module, elem_offset, stream):
+    out = empty_like_rows(rows[0], (rows[0].numel,))
+    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
+    if not _C.weighted_sum(inp, [float(w) for w in weights], data_ptr(out)):
+        raise ValueError("input contains NaN or Inf")
+    return out
+
+
+def task_arithmetic(x, lam: float = 1.0, weights: Sequence[float] | None = None, dare_p: float = 0.0,
+                    seed: int = 0, *, module: str | int = "", tasks=None, elem_offset: int = 0, stream=None):
+    """lam * sum_r weights[r] * dare(x[r]) (weights default to 1): Task Arithmetic, and
+    DARE-TA with dare_p > 0. Returns the (P,) result."""
+    rows = rows_of(x)
+    weights = [1.0] * len(rows) if weights is None else list(weights)
+    if len(weights) != len(rows):
+        raise ValueError(f"weights has {len(weights)} entries for {len(rows)} rows")
+    return _weighted_sum(rows, [float(lam) * w for w in weights], dare_p, seed, tasks, module,
+                         elem_offset, stream)
+
+
+def dare(x, p: float, seed: int = 0, *, task: int = 0, module: str | int = "", elem_offset: int = 0,
+         stream=None):
+    """DARE on one array (any shape): each element is dropped with probability p, the kept
+    ones are scaled by 1/(1-p). Element i of x is element elem_offset + i of the module, so a
+    module processed in chunks gets the same mask as in one piece."""
+    row = flat(x, "x")
+    out = _weighted_sum([row], [1.0], p, seed, [task], module, elem_offset, stream)
+    return out.reshape(tuple(x.shape))

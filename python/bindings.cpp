@@ -1,0 +1,127 @@
+// pybind11 layer: turns the views that knots_ext/_arrays.py extracts (pointers, length,
+// stride, dtype code, device, stream) into kernel calls. No libtorch: one build serves any
+// torch version, numpy and CuPy.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using namespace kx;
+
+namespace {
+
+// The rows of one kernel call plus DARE's settings for them.
+struct Input {
+  TaskRows rows;
+  DareSpec dare;
+  bool on_cuda() const { return rows.device >= 0; }
+};
+
+Input make_input(const std::vector<uintptr_t>& ptrs, int64_t P, int64_t stride, int dtype, int device,
+                 uintptr_t stream, double dare_p, uint64_t seed, const std::vector<int64_t>& tasks,
+                 uint64_t module_id, int64_t elem_offset) {
+  if (ptrs.empty()) throw std::invalid_argument("no input rows");
+  if (tasks.size() != ptrs.size()) throw std::invalid_argument("one task index per row is needed");
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("unsupported dtype code");
+  if (!(dare_p >= 0.0 && dare_p < 1.0)) throw std::invalid_argument("dare_p must be in [0, 1)");
+  Input in;
+  for (size_t r = 0; r < ptrs.size(); ++r) {
+    in.rows.rows.push_back(reinterpret_cast<const void*>(ptrs[r]));
+    in.rows.dare_keys.push_back(dare_key(seed, uint64_t(tasks[r]), module_id));
+  }
+  in.rows.P = P;
+  in.rows.stride = stride;
+  in.rows.dtype = DType(dtype);
+  in.rows.device = device;
+  in.rows.stream = stream;
+  in.dare = make_dare_spec(dare_p, elem_offset);
+  return in;
+}
+
+void* out_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "knots_ext kernels (CPU/OpenMP and CUDA) over plain array views";
+
+  py::class_<Input>(m, "Input")
+      .def(py::init(&make_input), py::arg("ptrs"), py::arg("P"), py::arg("stride"), py::arg("dtype"),
+           py::arg("device"), py::arg("stream"), py::arg("dare_p"), py::arg("seed"), py::arg("tasks"),
+           py::arg("module_id"), py::arg("elem_offset"));
+
+  m.def("build_info", [] {
+    py::dict d;
+    d["cpu"] = true;
+    d["openmp_threads"] = cpu::num_threads();
+    d["cuda_compiled"] = cuda::compiled();
+    d["cuda_devices"] = cuda::device_count();
+    return d;
+  });
+  m.def("set_num_threads", &cpu::set_num_threads);
+  m.def("num_threads", &cpu::num_threads);
+  m.def("module_id", [](const std::string& name) { return fnv1a64(name.data(), name.size()); },
+        "64-bit FNV-1a of a module name: the module part of DARE's stream");
+  m.def("dare_key", [](uint64_t seed, uint64_t task, uint64_t module_id) {
+    PhiloxKey k = dare_key(seed, task, module_id);
+    return py::make_tuple(k.k0, k.k1);
+  });
+  m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+    Philox4 out = philox4x32_10(Philox4{{ctr[0], ctr[1], ctr[2], ctr[3]}}, PhiloxKey{key[0], key[1]});
+    return std::array<uint32_t, 4>{out.w[0], out.w[1], out.w[2], out.w[3]};
+  });
+
+  m.def("ties_merge", [](const Input& in, double top_k, float lam, uintptr_t out) {
+    py::gil_scoped_release nogil;
+    return in.on_cuda() ? cuda::ties_merge(in.rows, in.dare, top_k, lam, out_ptr(out))
+                        : cpu::ties_merge(in.rows, in.dare, top_k, lam, out_ptr(out));
+  });
+  m.def("ties_apply", [](const Input& in, const std::vector<float>& thresholds, float lam, uintptr_t out) {
+    if (thresholds.size() != in.rows.rows.size()) throw std::invalid_argument("one threshold per row is needed");
+    TiesPending pending;
+    {
+      py::gil_scoped_release nogil;
+      if (in.on_cuda()) cuda::ties_apply(in.rows, in.dare, thresholds, lam, out_ptr(out), pending);
+      else cpu::ties_apply(in.rows, in.dare, thresholds, lam, out_ptr(out), pending);
+    }
+    return py::make_tuple(pending.sign_sum, pending.zero_sum_positions);
+  });
+  m.def("ties_fix_majority", [](const Input& in, const std::vector<float>& thresholds, float lam, int majority,
+                                const std::vector<int64_t>& positions, uintptr_t out) {
+    py::gil_scoped_release nogil;
+    if (in.on_cuda()) cuda::ties_fix_majority(in.rows, in.dare, thresholds, lam, majority, positions, out_ptr(out));
+    else cpu::ties_fix_majority(in.rows, in.dare, thresholds, lam, majority, positions, out_ptr(out));
+  });
+  m.def("weighted_sum", [](const Input& in, const std::vector<float>& weights, uintptr_t out) {
+    if (weights.size() != in.rows.rows.size()) throw std::invalid_argument("one weight per row is needed");
+    py::gil_scoped_release nogil;
+    return in.on_cuda() ? cuda::weighted_sum(in.rows, in.dare, weights, out_ptr(out))
+                        : cpu::weighted_sum(in.rows, in.dare, weights, out_ptr(out));
+  });
+
+  py::class_<MagnitudeSelect>(m, "MagnitudeSelect")
+      .def(py::init<int64_t, double>(), py::arg("n_tasks"), py::arg("top_k"))
+      .def_property_readonly("round", &MagnitudeSelect::round)
+      .def_property_readonly("done", &MagnitudeSelect::done)
+      .def("histogram", [](MagnitudeSelect& sel, const Input& in, const std::vector<int64_t>& task_of_row) {
+        for (int64_t t : task_of_row)
+          if (t < 0 || t >= sel.n_tasks()) throw std::invalid_argument("task index out of range");
+        if (sel.done()) throw std::logic_error("the thresholds are final: no round is open");
+        py::gil_scoped_release nogil;
+        if (in.on_cuda()) cuda::magnitude_histogram(in.rows, in.dare, task_of_row, sel);
+        else cpu::magnitude_histogram(in.rows, in.dare, task_of_row, sel);
+      })
+      .def("finish_round", &MagnitudeSelect::finish_round)
+      .def("total", &MagnitudeSelect::total)
+      .def("thresholds", [](const MagnitudeSelect& sel) {
+        if (!sel.done()) throw std::logic_error("thresholds are not final yet: finish every round first");
+        std::vector<float> t;
+        for (int64_t i = 0; i < sel.n_tasks(); ++i) t.push_back(sel.threshold(i));
+        return t;
+      });
+}
