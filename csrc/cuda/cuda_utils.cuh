@@ -1,0 +1,209 @@
+// Host and device plumbing shared by the CUDA kernels: error checks, the device guard,
+// stream-ordered device buffers, the upload of a TaskRows' row table, dtype dispatch, and
+// the device-side row loader. The per-element math itself lives in csrc/common.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../kernels.h"
+
+namespace kx::cuda {
+
+constexpr int kThreads = 256;             // threads per block of every kernel here
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line) {
+  throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(err) + " (" + what + " at " + file +
+                           ":" + std::to_string(line) + ")");
+}
+
+#define KX_CUDA_CHECK(expr)                                                                 \
+  do {                                                                                      \
+    const cudaError_t kx_err_ = (expr);                                                     \
+    if (kx_err_ != cudaSuccess) ::kx::cuda::throw_cuda_error(kx_err_, #expr, __FILE__, __LINE__); \
+  } while (0)
+
+// After a <<<>>> launch: reports a bad configuration (the kernel's own faults surface at the
+// next synchronising call).
+#define KX_CUDA_CHECK_LAUNCH() KX_CUDA_CHECK(cudaGetLastError())
+
+inline cudaStream_t stream_of(const TaskRows& x) { return reinterpret_cast<cudaStream_t>(x.stream); }
+
+// Makes `device` current for the scope and restores the caller's device on exit, so a call
+// never leaves the thread on another device. device < 0 keeps the current one.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (device < 0) return;
+    int current = 0;
+    KX_CUDA_CHECK(cudaGetDevice(&current));
+    if (current != device) {
+      KX_CUDA_CHECK(cudaSetDevice(device));
+      previous_ = current;
+    }
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);  // no throwing from a destructor
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+// `count` elements of T in device memory, allocated and freed in the order of `stream`:
+// the free is queued behind every kernel already launched on that stream, so a buffer may
+// go out of scope while those kernels still run. Contents are uninitialised.
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(size_t count, cudaStream_t stream) : count_(count), stream_(stream) {
+    if (count > 0) KX_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ptr_), count * sizeof(T), stream));
+  }
+  ~DeviceBuffer() { release(); }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), count_(o.count_), stream_(o.stream_) {
+    o.ptr_ = nullptr;
+    o.count_ = 0;
+  }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      count_ = std::exchange(o.count_, 0);
+      stream_ = o.stream_;
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  T* get() const { return ptr_; }
+  size_t size() const { return count_; }
+  size_t bytes() const { return count_ * sizeof(T); }
+  void zero() {
+    if (count_ > 0) KX_CUDA_CHECK(cudaMemsetAsync(ptr_, 0, bytes(), stream_));
+  }
+
+ private:
+  void release() noexcept {
+    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);  // errors here are left to the next call
+    ptr_ = nullptr;
+  }
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+  cudaStream_t stream_ = nullptr;
+};
+
+// Copies a host vector to a new device buffer on `stream`. A pageable source is staged by
+// the driver before cudaMemcpyAsync returns, so `host` may be freed right after.
+template <class T>
+DeviceBuffer<T> upload(const std::vector<T>& host, cudaStream_t stream) {
+  DeviceBuffer<T> buf(host.size(), stream);
+  if (!host.empty())
+    KX_CUDA_CHECK(cudaMemcpyAsync(buf.get(), host.data(), buf.bytes(), cudaMemcpyHostToDevice, stream));
+  return buf;
+}
+
+// Copies a device buffer's first `count` elements back and waits for the stream (the results
+// of every kernel launched before on it are then final).
+template <class T>
+std::vector<T> download(const T* device_ptr, size_t count, cudaStream_t stream) {
+  std::vector<T> host(count);
+  if (count > 0)
+    KX_CUDA_CHECK(cudaMemcpyAsync(host.data(), device_ptr, count * sizeof(T), cudaMemcpyDeviceToHost, stream));
+  KX_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return host;
+}
+
+// What a kernel needs to read the task rows: passed by value as a kernel argument.
+struct RowsView {
+  const void* const* rows;  // device array of n row pointers
+  const PhiloxKey* keys;    // device array of n DARE keys
+  int64_t stride;
+  DareSpec dare;
+};
+
+// The row table of a TaskRows on the device: pointers then keys, in one allocation.
+struct DeviceRows {
+  DeviceBuffer<unsigned char> storage;
+  RowsView view{};
+};
+
+// Checks the parts of a TaskRows that every kernel relies on.
+inline void check_rows(const TaskRows& x, const DareSpec& d) {
+  if (x.P < 0) throw std::invalid_argument("negative array length");
+  if (x.stride < 1) throw std::invalid_argument("element stride must be >= 1");
+  if (d.enabled && x.dare_keys.size() != x.rows.size())
+    throw std::invalid_argument("DARE needs one Philox key per row");
+  for (const void* p : x.rows)
+    if (p == nullptr && x.P > 0) throw std::invalid_argument("null row pointer");
+}
+
+inline DeviceRows upload_rows(const TaskRows& x, const DareSpec& d, cudaStream_t stream) {
+  const size_t n = x.rows.size();
+  static_assert(sizeof(PhiloxKey) == 8 && alignof(PhiloxKey) <= alignof(void*), "row table layout");
+  const size_t ptr_bytes = n * sizeof(void*);
+  std::vector<unsigned char> host(ptr_bytes + n * sizeof(PhiloxKey), 0);
+  if (n > 0) std::memcpy(host.data(), x.rows.data(), ptr_bytes);
+  if (d.enabled && n > 0) std::memcpy(host.data() + ptr_bytes, x.dare_keys.data(), n * sizeof(PhiloxKey));
+  DeviceRows out;
+  out.storage = upload(host, stream);
+  unsigned char* base = out.storage.get();
+  out.view.rows = reinterpret_cast<const void* const*>(base);
+  out.view.keys = reinterpret_cast<const PhiloxKey*>(base == nullptr ? nullptr : base + ptr_bytes);
+  out.view.stride = x.stride;
+  out.view.dare = d;
+  return out;
+}
+
+// Blocks for a grid-stride loop over `work` items: enough to fill the current device
+// (8 resident blocks of 256 threads per SM), never more than the work needs, at least 1.
+inline unsigned grid_blocks(int64_t work, int64_t share = 1) {
+  int device = 0, sms = 0;
+  KX_CUDA_CHECK(cudaGetDevice(&device));
+  KX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t wanted = (work + kThreads - 1) / kThreads;
+  const int64_t fill = std::max<int64_t>(1, int64_t(sms) * 8 / std::max<int64_t>(share, 1));
+  return unsigned(std::max<int64_t>(1, std::min(wanted, fill)));
+}
+
+// Calls f(T{}) with T the storage type of `dtype` (float, half_t or bf16_t).
+template <class F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: f(float{}); return;
+    case DType::f16: f(half_t{}); return;
+    case DType::bf16: f(bf16_t{}); return;
+  }
+  throw std::invalid_argument("unsupported dtype");
+}
+
+// Grid-stride loop bounds, in 64 bits (P may exceed 2^31).
+__device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
+
+// Element j of row r as float, DARE applied. `nonfinite` collects whether the stored value
+// (before DARE, as on the CPU) was NaN or Inf.
+template <class T>
+__device__ __forceinline__ float load_row_value(const RowsView& v, int64_t r, int64_t j, uint32_t& nonfinite) {
+  const T* row = static_cast<const T*>(v.rows[r]);
+  const float x = to_float(row[j * v.stride]);
+  nonfinite |= uint32_t(magnitude_key(x) >= kNonFiniteKey);
+  return v.dare.enabled ? dare_element(x, v.keys[r], v.dare.elem_offset + j, v.dare) : x;
+}
+
+// Sets *flag when any lane of the warp saw a non-finite value; every lane must call it.
+__device__ __forceinline__ void warp_flag_nonfinite(uint32_t nonfinite, uint32_t* flag) {
+  if (__any_sync(kFullWarp, nonfinite != 0) && (threadIdx.x & 31) == 0) atomicOr(flag, 1u);
+}
+
+}  // namespace kx::cuda
