@@ -45,7 +45,9 @@ KX_HD float dare_apply(float v, uint32_t word, const DareSpec& d) {
 // across four consecutive elements).
 KX_HD float dare_element(float v, PhiloxKey key, int64_t index, const DareSpec& d) {
   Philox4 w = dare_words(key, uint64_t(index) >> 2);
-  return dare_apply(v, w.w[index & 3], d);
+  const int lane = int(index & 3);  // selects, not w.w[lane]: a dynamic index puts w in GPU local memory
+  const uint32_t word = lane == 0 ? w.w[0] : lane == 1 ? w.w[1] : lane == 2 ? w.w[2] : w.w[3];
+  return dare_apply(v, word, d);
 }
 
 }  // namespace kx

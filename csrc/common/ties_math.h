@@ -36,7 +36,7 @@ KX_HD void ties_add(float& sum, float& pos_sum, float& neg_sum, int32_t& pos_cou
   uint32_t key = magnitude_key(v);
   int32_t keep = key >= r.keep_from;
   undecided |= int32_t(key >= r.undecided_from) & (keep ^ 1);
-  float t = v * float(keep);  // not `keep ? v : 0`: GCC does not vectorise that select (v is finite)
+  float t = keep ? v : 0.0f;
   sum += t;
   pos_sum += t > 0.0f ? t : 0.0f;
   neg_sum += t < 0.0f ? t : 0.0f;
@@ -54,14 +54,15 @@ KX_HD int ties_sign(const TiesAccum& a) { return (a.sum > 0.0f) - (a.sum < 0.0f)
 // A position whose elected sign must come from the majority sign (sum exactly 0 but
 // something survived the trim).
 KX_HD bool ties_needs_majority(const TiesAccum& a) {
-  return a.sum == 0.0f && (a.pos_count + a.neg_count) > 0;
+  return (a.sum == 0.0f) & ((a.pos_count + a.neg_count) > 0);  // & not &&: no branch
 }
 
 // Disjoint mean for a given elected sign (0 gives 0: no entry has sign 0 and is nonzero).
+// Both means are computed (denominators >= 1), so the CPU loop over a tile has no branch.
 KX_HD float ties_mean(const TiesAccum& a, int sign, float lam) {
-  if (sign > 0) return lam * a.pos_sum / float(a.pos_count > 0 ? a.pos_count : 1);
-  if (sign < 0) return lam * a.neg_sum / float(a.neg_count > 0 ? a.neg_count : 1);
-  return 0.0f;
+  const float pos_mean = a.pos_sum / float(a.pos_count > 0 ? a.pos_count : 1);
+  const float neg_mean = a.neg_sum / float(a.neg_count > 0 ? a.neg_count : 1);
+  return lam * (sign > 0 ? pos_mean : (sign < 0 ? neg_mean : 0.0f));
 }
 
 }  // namespace kx

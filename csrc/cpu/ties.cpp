@@ -2,10 +2,10 @@
 // tile, with no n x P temporary.
 //
 // ties_merge needs each row's exact threshold before it can trim. Rather than one or two
-// histogram passes first, it brackets each threshold from a small sample, runs the merge pass
+// histogram passes first, it brackets each threshold from a 1/32 sample, runs the merge pass
 // with the bracket as the undecided range (entries above it are kept, below it dropped, and
-// positions with an entry inside it set aside), then selects the exact threshold among the
-// set-aside entries and finishes those positions: about one read of the input. If a bracket
+// positions with an entry inside it set aside with their values), then selects the exact
+// threshold among the set-aside entries and finishes those positions: one read of the input. If a bracket
 // missed (rare: only for data whose sample misrepresents it), it falls back to the exact
 // radix select (MagnitudeSelect) and a second merge pass.
 #include <omp.h>
@@ -76,17 +76,25 @@ void append(std::vector<int64_t>& to, const std::vector<int64_t>& from) {
 
 void store_one(void* out, DType dtype, int64_t j, float v) { store_tile(&v, 1, dtype, out, j); }
 
-// One pass over all positions. Positions where some row's entry is undecided are listed in
-// `undecided` and left for later; below[r] counts row r's keys under its undecided range.
+// Positions set aside by a pass, with every row's (DARE'd) value there, row-minor:
+// values[q * n + r] is row r at positions[q]. Decided later without touching the input again.
+struct SetAside {
+  std::vector<int64_t> positions;
+  std::vector<float> values;
+};
+
+// One pass over all positions. Positions where some row's entry is undecided are set aside
+// (with their values) and left unwritten; below[r] counts row r's keys under its undecided range.
 void ties_pass(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange>& ranges, float lam,
-               void* out, TiesPending& pending, std::vector<int64_t>& undecided, std::vector<int64_t>& below) {
+               void* out, TiesPending& pending, SetAside& aside, std::vector<int64_t>& below) {
   const int64_t n = x.n(), tiles = (x.P + kTile - 1) / kTile;
   bool finite = true;
   int64_t sign_sum = 0;
   below.assign(size_t(n), 0);
 #pragma omp parallel if (x.P > 4 * kTile) reduction(+ : sign_sum) reduction(&& : finite)
   {
-    std::vector<int64_t> my_zero, my_undecided, my_below(size_t(n), 0);
+    std::vector<int64_t> my_zero, my_below(size_t(n), 0), in_tile;
+    SetAside mine;
     std::vector<TileAccum> storage(1);
     TileAccum& acc = storage[0];
     float buf[kTile];
@@ -105,20 +113,43 @@ void ties_pass(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange
         }
         my_below[r] += under;
       }
+      // Every position as if decided, vectorised; then the rare undecided or zero-sum ones.
+      int32_t special = 0;
       for (int64_t t = 0; t < len; ++t) {
-        if (acc.undecided[t]) {
-          my_undecided.push_back(j0 + t);
-          buf[t] = 0.0f;
-        } else {
-          buf[t] = finish_position(acc.at(t), lam, j0 + t, sign_sum, my_zero);
+        const TiesAccum a = acc.at(t);
+        const int sign = ties_sign(a);
+        buf[t] = ties_mean(a, sign, lam);
+        sign_sum += sign;
+        special |= a.undecided | int32_t(ties_needs_majority(a));
+      }
+      if (special) {
+        in_tile.clear();
+        for (int64_t t = 0; t < len; ++t) {
+          const TiesAccum a = acc.at(t);
+          if (a.undecided) {
+            sign_sum -= ties_sign(a);  // counted once it is decided
+            in_tile.push_back(t);
+          } else if (ties_needs_majority(a)) {
+            my_zero.push_back(j0 + t);  // its mean was computed with sign 0: written 0 for now
+          }
         }
+        store_tile(buf, len, x.dtype, out, j0);
+        if (!in_tile.empty()) {
+          // Keep the set-aside positions' values: the tile's rows are still in cache.
+          for (int64_t t : in_tile) {
+            mine.positions.push_back(j0 + t);
+            for (int64_t r = 0; r < n; ++r) mine.values.push_back(load_element(x, r, d, j0 + t));
+          }
+        }
+        continue;
       }
       store_tile(buf, len, x.dtype, out, j0);
     }
 #pragma omp critical
     {
       append(pending.zero_sum_positions, my_zero);
-      append(undecided, my_undecided);
+      append(aside.positions, mine.positions);
+      aside.values.insert(aside.values.end(), mine.values.begin(), mine.values.end());
       for (int64_t r = 0; r < n; ++r) below[r] += my_below[r];
     }
   }
@@ -126,14 +157,17 @@ void ties_pass(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange
   pending.sign_sum += sign_sum;
 }
 
-constexpr int64_t kSampleBlock = 64;          // elements sampled from each tile
-constexpr int64_t kSampleAll = 16 * kTile;    // rows this short are histogrammed whole
+constexpr int64_t kSampleBlock = 64;      // the sample: 64 elements ...
+constexpr int64_t kSampleStride = 2048;   // ... in every 2048 (1/32 of the row)
+constexpr int64_t kSampleAll = 32768;     // rows this short are histogrammed whole
 
 // Per row, a key range that holds the threshold with high probability: the sample's
-// quantile +- 6 binomial standard deviations (plus slack), widened to whole histogram bins.
+// quantile +- 5 binomial standard deviations (plus slack), widened to whole histogram bins.
+// Rows histogrammed whole get the exact bin, so only that bin is undecided.
 std::vector<TrimRange> sample_brackets(const TaskRows& x, const DareSpec& d, double top_k) {
-  const int64_t n = x.n(), tiles = (x.P + kTile - 1) / kTile;
+  const int64_t n = x.n();
   const bool whole = x.P <= kSampleAll;
+  const int64_t block = whole ? kTile : kSampleBlock, stride = whole ? kTile : kSampleStride;
   const uint64_t k = threshold_rank(uint64_t(x.P), top_k);
   std::vector<TrimRange> ranges(static_cast<size_t>(n));
 #pragma omp parallel
@@ -144,22 +178,19 @@ std::vector<TrimRange> sample_brackets(const TaskRows& x, const DareSpec& d, dou
     for (int64_t r = 0; r < n; ++r) {
       std::fill(hist.begin(), hist.end(), 0);
       uint64_t m = 0;
-      for (int64_t tile = 0; tile < tiles; ++tile) {
-        // A different offset in each tile, so the sample does not alias with row lengths.
-        int64_t j0 = tile * kTile, len = std::min(kTile, x.P - j0);
-        if (!whole) {
-          j0 += (tile * 13 * kSampleBlock) % kTile;
-          len = std::max<int64_t>(0, std::min(kSampleBlock, x.P - j0));
-        }
+      for (int64_t start = 0, i = 0; start < x.P; start += stride, ++i) {
+        // A different offset in each stride, so the sample does not alias with row lengths.
+        const int64_t j0 = whole ? start : start + (i * 5 * kSampleBlock) % kSampleStride;
+        const int64_t len = std::max<int64_t>(0, std::min(block, x.P - j0));
         load_tile(x, r, d, j0, len, buf);  // non-finite values are reported by the full pass
         for (int64_t t = 0; t < len; ++t) ++hist[std::min(magnitude_key(buf[t]), kNonFiniteKey) >> kRound0Shift];
         m += uint64_t(len);
       }
       const double q = (double(k) - 0.5) / double(x.P);
-      const double center = q * double(m);
-      const double margin = whole ? 0.0 : 6.0 * std::sqrt(double(m) * q * (1.0 - q)) + 8.0;
-      const double lo_rank = std::ceil(center - margin), hi_rank = std::ceil(center + margin);
-      // Walk the histogram to the bins holding lo_rank and hi_rank (1-based).
+      const double margin = whole ? 0.0 : 5.0 * std::sqrt(double(m) * q * (1.0 - q)) + 8.0;
+      const double lo_rank = whole ? double(k) : std::ceil(q * double(m) - margin);
+      const double hi_rank = whole ? double(k) : std::ceil(q * double(m) + margin);
+      // The bins holding the 1-based ranks lo_rank and hi_rank; outside [1, m] the bracket is open.
       uint32_t lo = 0, hi = kNonFiniteKey;
       uint64_t seen = 0;
       bool lo_set = lo_rank < 1.0;
@@ -204,8 +235,9 @@ void resolve_majority(const TaskRows& x, const DareSpec& d, const std::vector<fl
 
 void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds, float lam,
                 void* out, TiesPending& pending) {
-  std::vector<int64_t> undecided, below;  // undecided stays empty: exact thresholds decide every entry
-  ties_pass(x, d, exact_ranges(thresholds), lam, out, pending, undecided, below);
+  SetAside aside;  // stays empty: exact thresholds decide every entry
+  std::vector<int64_t> below;
+  ties_pass(x, d, exact_ranges(thresholds), lam, out, pending, aside, below);
 }
 
 void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds,
@@ -231,8 +263,10 @@ std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k
   }
 
   std::vector<TrimRange> ranges = sample_brackets(x, d, top_k);
-  std::vector<int64_t> undecided, below;
-  ties_pass(x, d, ranges, lam, out, pending, undecided, below);
+  SetAside aside;
+  std::vector<int64_t> below;
+  ties_pass(x, d, ranges, lam, out, pending, aside, below);
+  const size_t count = aside.positions.size(), nn = size_t(n);
 
   // A row's entries inside its bracket all lie at set-aside positions: its threshold is the
   // (k - below)-th smallest of them, if the bracket holds rank k at all.
@@ -240,8 +274,8 @@ std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k
 #pragma omp parallel for schedule(dynamic) reduction(&& : all_found)
   for (int64_t r = 0; r < n; ++r) {
     std::vector<uint32_t> keys;
-    for (int64_t j : undecided) {
-      const uint32_t key = magnitude_key(load_element(x, r, d, j));
+    for (size_t q = 0; q < count; ++q) {
+      const uint32_t key = magnitude_key(aside.values[q * nn + size_t(r)]);
       if (key >= ranges[r].undecided_from && key < ranges[r].keep_from) keys.push_back(key);
     }
     const uint64_t under = uint64_t(below[r]);
@@ -263,15 +297,16 @@ std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k
   }
 
   const std::vector<TrimRange> exact = exact_ranges(thresholds);
-  const int64_t count = int64_t(undecided.size());
   int64_t sign_sum = 0;
 #pragma omp parallel if (count > 4096) reduction(+ : sign_sum)
   {
     std::vector<int64_t> my_zero;
 #pragma omp for
-    for (int64_t q = 0; q < count; ++q) {
-      const int64_t j = undecided[q];
-      store_one(out, x.dtype, j, finish_position(accumulate_position(x, d, exact, j), lam, j, sign_sum, my_zero));
+    for (int64_t q = 0; q < int64_t(count); ++q) {
+      TiesAccum a;
+      for (size_t r = 0; r < nn; ++r) ties_add(a, aside.values[size_t(q) * nn + r], exact[r]);
+      const int64_t j = aside.positions[q];
+      store_one(out, x.dtype, j, finish_position(a, lam, j, sign_sum, my_zero));
     }
 #pragma omp critical
     append(pending.zero_sum_positions, my_zero);
