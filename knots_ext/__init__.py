@@ -1,5 +1,6 @@
 """knots-ext: fast, exact merging of LoRA adapters (KnOTS, TIES, DARE, Task Arithmetic)."""
-from . import _C, ops
+from . import _C, io, ops
+from .engine import MergeResult, merge
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,4 @@ def set_num_threads(n: int) -> None:
     _C.set_num_threads(int(n))
 
 
-__all__ = ["build_info", "set_num_threads", "ops", "__version__"]
+__all__ = ["build_info", "set_num_threads", "ops", "io", "merge", "MergeResult", "__version__"]

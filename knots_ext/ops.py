@@ -161,8 +161,10 @@ def magnitude_threshold(x, top_k: float, dare_p: float = 0.0, seed: int = 0, *, 
     """Per-row TIES thresholds of an in-memory (n, P) input (MagnitudeThreshold, all rounds)."""
     rows = rows_of(x)
     sel = MagnitudeThreshold(len(rows), top_k)
+    # Row r is threshold slot r; `tasks` only names the rows' DARE streams.
+    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
     while not sel.done:
-        sel.update_rows(x, dare_p, seed, module=module, elem_offset=elem_offset, stream=stream)
+        sel._sel.histogram(inp, list(range(len(rows))))
         sel.finish_round()
     return sel.thresholds()
 

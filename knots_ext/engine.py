@@ -1,0 +1,215 @@
+"""The merge engine and its result: knots_ext.merge(adapters, method=...) -> MergeResult.
+
+Modules are processed one at a time (factors loaded lazily), so memory stays bounded by one
+module's working set, the output, and an optional cache of task rows between passes."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from . import io
+from ._progress import make_progress
+from .linalg import DEFAULT_TOL, dense_factors, truncated_factors
+from .methods import get_method
+from .methods.spaces import DenseSpace, DenseUpdate, FactoredUpdate, KnotsSpace, ModuleTasks
+from .methods.ta import factored_ta, ta_rows
+from .methods.ties import fix_majority, global_thresholds, ties_module, ties_per_module
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class MergeResult:
+    """The merged adapter: one update per module, factored (B @ A) or dense."""
+
+    modules: dict
+    method: str
+    params: dict
+    base_model: str | None = None
+    fan_in_fan_out: bool = False
+    extra: dict = field(default_factory=dict)  # merged non-LoRA tensors (extra="average")
+    dropped_extra: list = field(default_factory=list)  # non-LoRA tensors left out
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The dense merged update of module `name` (d_out x d_in, float32, on the CPU)."""
+        if name not in self.modules:
+            raise KeyError(f"no module {name!r} in the merge result")
+        return self.modules[name].dense().float().cpu()
+
+    def factors(self, rank: int | None = None) -> dict:
+        """(B, A) per module with B @ A the update: lossless when rank is None, else the best
+        rank-`rank` approximation (an SVD from the factors; dense updates are factored by SVD)."""
+        out = {}
+        for name, upd in self.modules.items():
+            if isinstance(upd, FactoredUpdate):
+                B, A = (upd.B, upd.A) if rank is None else truncated_factors(upd.B, upd.A, rank)
+            else:
+                B, A = dense_factors(upd.W, rank)
+            if B.shape[1] == 0:  # an all-zero update still needs a rank-1 LoRA
+                B, A = torch.zeros(B.shape[0], 1), torch.zeros(1, A.shape[1])
+            out[name] = (B.float().cpu().contiguous(), A.float().cpu().contiguous())
+        return out
+
+    def save(self, out_dir, rank: int | None = None, dtype=torch.float32) -> None:
+        """Writes a PEFT LoRA adapter (safetensors + adapter_config.json) that PEFT loads as is."""
+        io.save_adapter(out_dir, self.factors(rank), base_model=self.base_model,
+                        fan_in_fan_out=self.fan_in_fan_out, extra=self.extra or None, dtype=dtype)
+
+    def fold_into(self, target, scale: float = 1.0):
+        """Adds the merged updates to base weights: `target` is a torch.nn.Module (changed in place)
+        or a state dict (a new dict is returned). Module names drop PEFT's "base_model.model."."""
+        is_module = isinstance(target, torch.nn.Module)
+        weights = dict(target.named_parameters()) if is_module else dict(target)
+        for name in self.modules:
+            key = (name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name) + ".weight"
+            if key not in weights:
+                raise KeyError(f"base weights have no {key!r} for module {name!r}")
+            dW = self.delta(name) * scale
+            if self.fan_in_fan_out:
+                dW = dW.T
+            W = weights[key]
+            if tuple(W.shape) != tuple(dW.shape):
+                raise ValueError(f"{key}: base weight shape {tuple(W.shape)} != update shape {tuple(dW.shape)}")
+            new = (W.detach().double() + dW.to(W.device).double()).to(W.dtype)
+            if is_module:
+                with torch.no_grad():
+                    W.copy_(new)
+            else:
+                weights[key] = new
+        return target if is_module else weights
+
+
+class _RowCache:
+    """Task rows of recent modules, kept between passes within a byte budget."""
+
+    def __init__(self, compute, budget_bytes: int):
+        self.compute, self.budget, self.used, self.items = compute, budget_bytes, 0, OrderedDict()
+
+    def __call__(self, m: ModuleTasks):
+        if m.name in self.items:
+            self.items.move_to_end(m.name)
+            return self.items[m.name]
+        value = self.compute(m)
+        size = sum(r.numel() * r.element_size() for r in value[0])
+        if size <= self.budget:
+            while self.used + size > self.budget:
+                _, (old, _) = self.items.popitem(last=False)
+                self.used -= sum(r.numel() * r.element_size() for r in old)
+            self.items[m.name] = value
+            self.used += size
+        return value
+
+
+def _load(adapters, alpha):
+    loaded = []
+    for a in adapters:
+        loaded.append(a if isinstance(a, io.Adapter) else io.load_adapter(a, alpha=alpha))
+    return loaded
+
+
+def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float = 1.0, dare_p: float = 0.0,
+          seed: int = 0, device="cpu", *, top_k_scope: str = "task", tol: float = DEFAULT_TOL,
+          alpha: float | None = None, force: bool = False, extra: str = "drop", quiet: bool = True,
+          cache_bytes: int = 1 << 30) -> MergeResult:
+    """Merges n LoRA adapters (paths or loaded io.Adapter objects) into one, with `method` one
+    of knots_ext.methods.METHODS (DESIGN.md §1 defines each exactly):
+
+    top_k: TIES keeps this fraction of each task's entries (threshold global per task over all
+    modules with top_k_scope="task", per module with "module"); lam scales the merged update;
+    dare_p, seed: DARE's drop probability (dare-* methods only) and mask seed; tol: KnOTS drops
+    singular values <= tol; alpha: lora_alpha for bare .safetensors files; force: merge adapters
+    of different base models; extra: "drop" or "average" the non-LoRA tensors (modules_to_save).
+    """
+    spec = get_method(method)
+    if spec.dare and not 0.0 < dare_p < 1.0:
+        raise ValueError(f"{method} needs dare_p in (0, 1), got {dare_p}")
+    if not spec.dare and dare_p != 0.0:
+        raise ValueError(f"dare_p applies to the dare methods only, not {method}")
+    if top_k_scope not in ("task", "module"):
+        raise ValueError(f"top_k_scope must be 'task' or 'module', got {top_k_scope!r}")
+    if not top_k >= 0.0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if extra not in ("drop", "average"):
+        raise ValueError(f"extra must be 'drop' or 'average', got {extra!r}")
+    if not adapters:
+        raise ValueError("no adapters to merge")
+    device = torch.device(device)
+    adapters = _load(adapters, alpha)
+    io.check_compatible(adapters, force=force)
+    progress = make_progress(quiet)
+
+    names = sorted(set().union(*(a.modules for a in adapters)))
+
+    def module_tasks(ref: "_ModuleRef") -> ModuleTasks:
+        factors = [tuple(t.to(device) for t in adapters[i].factors(ref.name)) for i in ref.tasks]
+        return ModuleTasks(ref.name, ref.tasks, factors, [adapters[i].scale(ref.name) for i in ref.tasks], ref.shape)
+
+    modules = []
+    for name in names:
+        tasks = [i for i, a in enumerate(adapters) if name in a.modules]
+        modules.append(_ModuleRef(name, tasks, tuple(adapters[tasks[0]].shape(name))))
+    out = {}
+    if spec.space == "factors":
+        for ref in progress(modules, method):
+            out[ref.name] = factored_ta(module_tasks(ref), lam)
+    else:
+        space = KnotsSpace(tol) if spec.space == "knots" else DenseSpace()
+        rows_of = _RowCache(lambda ref: space.rows_and_state(module_tasks(ref)), cache_bytes)
+        p = dare_p if spec.dare else 0.0
+        if spec.rule == "ta":
+            for ref in progress(modules, method):
+                rows, state = rows_of(ref)
+                out[ref.name] = space.update(ref, _merge_rows(rows, lambda r: ta_rows(r, ref, lam, p, seed)), state)
+        elif top_k_scope == "module":
+            for ref in progress(modules, method):
+                rows, state = rows_of(ref)
+                merged = _merge_rows(rows, lambda r: ties_per_module(r, ref, top_k, lam, p, seed))
+                out[ref.name] = space.update(ref, merged, state)
+        else:
+            thresholds = global_thresholds(modules, rows_of, len(adapters), top_k, p, seed, progress)
+            sign_sum, pending = 0, []
+            for ref in progress(modules, f"{method} merge"):
+                rows, state = rows_of(ref)
+                if rows[0].numel() == 0:
+                    merged = rows[0].new_zeros(0)
+                else:
+                    merged, signs, zero_sum = ties_module(rows, ref, thresholds, lam, p, seed)
+                    sign_sum += signs
+                    if zero_sum:
+                        pending.append((ref, merged, zero_sum))
+                out[ref.name] = space.update(ref, merged, state)
+            majority = (sign_sum > 0) - (sign_sum < 0)
+            for ref, merged, zero_sum in pending:
+                fix_majority(rows_of(ref)[0], ref, merged, thresholds, zero_sum, majority, lam, p, seed)
+
+    result = MergeResult(out, method, dict(top_k=top_k, lam=lam, dare_p=dare_p, seed=seed, top_k_scope=top_k_scope,
+                                           tol=tol), base_model=adapters[0].base_model,
+                         fan_in_fan_out=adapters[0].fan_in_fan_out)
+    _merge_extra(adapters, extra, result)
+    return result
+
+
+@dataclass
+class _ModuleRef:
+    """A module's name, the adapters that have it and its (d_out, d_in): what the passes carry
+    from module to module (the factors themselves are loaded when needed)."""
+
+    name: str
+    tasks: list
+    shape: tuple
+
+
+def _merge_rows(rows, rule):
+    return rows[0].new_zeros(0) if rows[0].numel() == 0 else rule(rows)
+
+
+def _merge_extra(adapters, extra: str, result: MergeResult) -> None:
+    keys = sorted(set().union(*(a.extra_tensors for a in adapters)))
+    if extra == "drop":
+        result.dropped_extra = keys
+        return
+    for key in keys:
+        having = [a for a in adapters if key in a.extra_tensors]
+        result.extra[key] = torch.stack([a.extra(key, dtype=torch.float32) for a in having]).mean(0)

@@ -1,0 +1,261 @@
+"""Writing a PEFT LoRA adapter whose update for each module is exactly B @ A (scale 1)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from collections import Counter
+from typing import Mapping
+
+import torch
+
+from ._common import (
+    A_SUFFIX,
+    B_SUFFIX,
+    PEFT_PREFIX,
+    WRITABLE_DTYPES,
+    AdapterError,
+    file_name,
+    lookup_pattern,
+    relative_name,
+)
+from .adapter import CONFIG_NAME, WEIGHTS_NAME
+
+
+def rank_config(ranks: Mapping[str, int]) -> tuple[int, dict, dict]:
+    """(r, rank_pattern, alpha_pattern) giving every module (named relative to the base model)
+    its rank and lora_alpha = rank, i.e. scale 1, under PEFT's get_pattern_key rule.
+
+    r is the most common rank (the largest of those on a tie), so only the other modules get a
+    pattern entry. Entries are the plain module names, as PEFT's own LoRA conversion writes them;
+    if a plain name would also match another module (the key is a regex matched against a dotted
+    suffix of the name: "a.b" matches "x.a.b", and "." matches any character), every key is
+    written as "^" + re.escape(name) instead, which matches that module alone."""
+    counts = Counter(ranks.values())
+    top = max(counts.values())
+    r0 = max(r for r, c in counts.items() if c == top)
+    differing = {n: r for n, r in sorted(ranks.items()) if r != r0}
+
+    def resolves(pattern: dict) -> bool:
+        return all(lookup_pattern(pattern, n, r0) == r for n, r in ranks.items())
+
+    pattern = dict(differing)
+    if not resolves(pattern):
+        pattern = {"^" + re.escape(n): r for n, r in differing.items()}
+        if not resolves(pattern):  # cannot happen: the anchored keys match exactly one name each
+            raise RuntimeError("internal error: rank_pattern does not resolve")
+    return r0, pattern, dict(pattern)
+
+
+def _target_matches(target_modules, name: str) -> bool:
+    """PEFT's check_target_module_exists for a module name relative to the base model."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return name in target_modules or any(name.endswith("." + t) for t in target_modules)
+
+
+def _prepare(out_dir, tensors: dict, key: str, t, dtype, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise AdapterError(out_dir, f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    t = t.detach()
+    if t.is_floating_point() or t.is_complex():
+        if t.is_complex():
+            raise AdapterError(out_dir, f"{what}: complex tensors cannot be written")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(out_dir, f"{what}: holds NaN or Inf values")
+        t = t.to(device="cpu", dtype=dtype)
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(out_dir, f"{what}: overflows {dtype}")
+    else:
+        t = t.to("cpu")
+    tensors[key] = t.contiguous()
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fresh_name(parent: str, base: str, tag: str) -> str:
+    while True:
+        p = os.path.join(parent, f".{base}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+        if not os.path.lexists(p):
+            return p
+
+
+def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | None,
+                 target_modules=None, fan_in_fan_out: bool = False, extra: Mapping | None = None,
+                 dtype=torch.float32, task_type=None) -> None:
+    """Writes a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose update
+    for each module m is exactly `B @ A` with `(B, A) = factors[m]` (B: d_out x r, A: r x d_in;
+    for fan_in_fan_out the base weight is its transpose).
+
+    Module names are keys as Adapter.modules gives them ("base_model.model.<name>") or names
+    inside the base model ("<name>"). Ranks may differ per module: lora_alpha = r for the most
+    common rank, and rank_pattern / alpha_pattern (equal to each other) for the rest, so every
+    module's scale is 1. `target_modules` defaults to the exact module names; a given one must
+    match every module. `extra` holds non-LoRA tensors under their file keys (as in
+    Adapter.extra_tensors, e.g. "base_model.model.score.weight"); the module owning each key is
+    listed in modules_to_save, so that PEFT loads it. Floating tensors are written as `dtype`.
+
+    Everything is written into a fresh directory beside `out_dir`, which then replaces `out_dir`
+    (an existing out_dir is replaced only at the end, and only if it is empty or holds an
+    adapter_config.json). On any error nothing is left behind and an existing out_dir is intact.
+    PeftModel.from_pretrained(base, out_dir) loads the result as it is.
+    """
+    out_dir = os.fspath(out_dir)
+    if dtype not in WRITABLE_DTYPES:
+        raise AdapterError(out_dir, f"unsupported output dtype {dtype} (float32, float16, bfloat16, float64)")
+    if not factors:
+        raise AdapterError(out_dir, "no modules to write")
+    if task_type is not None and not isinstance(task_type, str):
+        task_type = str(getattr(task_type, "value", task_type))
+    target = os.path.abspath(out_dir)
+    parent, base = os.path.dirname(target), os.path.basename(target)
+    if not base:
+        raise AdapterError(out_dir, "not a directory name")
+    if os.path.lexists(target):
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise AdapterError(out_dir, "exists and is not a directory; refusing to replace it")
+        if os.listdir(target) and not os.path.isfile(os.path.join(target, CONFIG_NAME)):
+            raise AdapterError(out_dir, f"exists, is not empty and has no {CONFIG_NAME}; refusing to replace it")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = _fresh_name(parent, base, "tmp")
+        os.mkdir(tmp)
+    except OSError as e:
+        raise AdapterError(out_dir, f"cannot create a directory beside it: {e.strerror or e}") from None
+
+    try:
+        _write(out_dir, tmp, factors, base_model=base_model, target_modules=target_modules,
+               fan_in_fan_out=fan_in_fan_out, extra=extra, dtype=dtype, task_type=task_type)
+        _replace(out_dir, target, parent, base, tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise AdapterError(out_dir, f"cannot write the adapter: {e.strerror or e}") from None
+        raise
+
+
+def _write(out_dir, tmp, factors, *, base_model, target_modules, fan_in_fan_out, extra, dtype, task_type):
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module in factors:
+        if not isinstance(module, str) or not module or module.endswith(".") or module == PEFT_PREFIX:
+            raise AdapterError(out_dir, f"bad module name {module!r}")
+    for module in sorted(factors, key=file_name):
+        pair = factors[module]
+        key = file_name(module)
+        if relative_name(key) in ranks:
+            raise AdapterError(out_dir, f"module {relative_name(key)} is given twice (with and without the "
+                                        f"{PEFT_PREFIX!r} prefix)")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise AdapterError(out_dir, f"module {module}: expected a (B, A) pair")
+        B, A = pair
+        for which, t in (("B", B), ("A", A)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise AdapterError(out_dir, f"module {module}: {which} must be a 2-D tensor, got {shape}")
+            if not t.is_floating_point():
+                raise AdapterError(out_dir, f"module {module}: {which} must be floating point, got {t.dtype}")
+        if B.shape[1] != A.shape[0] or A.shape[0] == 0 or 0 in B.shape or 0 in A.shape:
+            raise AdapterError(out_dir, f"module {module}: B {list(B.shape)} and A {list(A.shape)} do not chain "
+                                        "(B must be d_out x r and A r x d_in, r >= 1)")
+        _prepare(out_dir, tensors, key + B_SUFFIX, B, dtype, f"module {module}: B")
+        _prepare(out_dir, tensors, key + A_SUFFIX, A, dtype, f"module {module}: A")
+        ranks[relative_name(key)] = int(A.shape[0])
+
+    modules_to_save = set()
+    for k in sorted(extra or {}):
+        key = file_name(k)
+        if key in tensors:
+            raise AdapterError(out_dir, f"extra tensor {k!r} collides with a LoRA tensor")
+        owner = relative_name(key).rpartition(".")[0]
+        if not owner:
+            raise AdapterError(out_dir, f"extra tensor {k!r}: expected '<module>.<parameter>'")
+        modules_to_save.add(owner)
+        _prepare(out_dir, tensors, key, extra[k], dtype, f"extra tensor {k}")
+
+    for name in ranks:
+        if target_modules is not None and not _target_matches(target_modules, name):
+            raise AdapterError(out_dir, f"module {name} is not matched by target_modules={target_modules!r}; "
+                                        "PEFT would not load it")
+        for owner in modules_to_save:
+            if name == owner or name.startswith(owner + "."):
+                raise AdapterError(out_dir, f"module {name} lies inside modules_to_save module {owner} "
+                                            "(from the extra tensors); PEFT would not give it a LoRA layer")
+
+    # Tensors written must not share memory (safetensors refuses): copy repeats.
+    seen = set()
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[key] = t.clone()
+        seen.add(ptr)
+
+    r0, rank_pattern, alpha_pattern = rank_config(ranks)
+    if target_modules is None:
+        target_list = sorted(ranks)
+    elif isinstance(target_modules, str):
+        target_list = target_modules
+    else:
+        target_list = sorted(set(target_modules))
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "inference_mode": True,
+        "r": r0,
+        "lora_alpha": r0,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": False,
+        "use_dora": False,
+        "target_modules": target_list,
+        "exclude_modules": None,
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": sorted(modules_to_save) or None,
+    }
+
+    from safetensors.torch import save_file
+
+    weights = os.path.join(tmp, WEIGHTS_NAME)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    cfg = os.path.join(tmp, CONFIG_NAME)
+    with open(cfg, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _fsync(weights)
+    _fsync(cfg)
+    _fsync(tmp)
+
+
+def _replace(out_dir, target, parent, base, tmp):
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+    else:
+        old = _fresh_name(parent, base, "old")
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(parent)

@@ -1,0 +1,32 @@
+"""The merge methods (DESIGN.md §1), by name: each is a space (where the task vectors live:
+dense updates, KnOTS representations, or LoRA factors) and a merge rule on it (TA or TIES),
+optionally after DARE."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    space: str  # "factors" (exact TA on LoRA factors), "dense" or "knots"
+    rule: str  # "ta" or "ties"
+    dare: bool  # DARE before the rule (needs dare_p > 0)
+
+
+METHODS = {m.name: m for m in [
+    Method("ta", "factors", "ta", False),
+    Method("ties", "dense", "ties", False),
+    Method("dare-ta", "dense", "ta", True),
+    Method("dare-ties", "dense", "ties", True),
+    Method("knots-ta", "knots", "ta", False),
+    Method("knots-ties", "knots", "ties", False),
+    Method("knots-dare-ta", "knots", "ta", True),
+    Method("knots-dare-ties", "knots", "ties", True),
+]}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,73 @@
+"""Where a merge method's per-task vectors live, module by module. A space turns one module of
+the n adapters into task rows (one flat float32 vector per task that has the module) and
+turns the merged row back into the module's update."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..linalg import DEFAULT_TOL, knots_svd
+
+
+@dataclass
+class FactoredUpdate:
+    """dW = B @ A (B: d_out x k, A: k x d_in), float32."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return (self.B.double() @ self.A.double()).float()
+
+
+@dataclass
+class DenseUpdate:
+    """dW itself (d_out x d_in), float32."""
+
+    W: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.W
+
+
+@dataclass
+class ModuleTasks:
+    """One module as the adapters that have it see it."""
+
+    name: str
+    tasks: list  # indices into the merge's adapter list
+    factors: list  # (B_i, A_i) per task, float32, on the merge device
+    scales: list
+    shape: tuple
+
+
+class DenseSpace:
+    """The plain task vectors: row i is the flattened s_i * B_i @ A_i (for TIES, DARE on dW)."""
+
+    name = "dense"
+
+    def rows_and_state(self, m: ModuleTasks):
+        return [(s * (B @ A)).reshape(-1) for (B, A), s in zip(m.factors, m.scales)], None
+
+    def update(self, m: ModuleTasks, merged_row: torch.Tensor, state) -> DenseUpdate:
+        return DenseUpdate(merged_row.reshape(m.shape))
+
+
+class KnotsSpace:
+    """KnOTS: row i is task i's representation diag(S) V_i^T (k x d_in, flattened) in the SVD of
+    the module's concatenated updates; the merged row M maps back as U @ M."""
+
+    name = "knots"
+
+    def __init__(self, tol: float = DEFAULT_TOL):
+        self.tol = tol
+
+    def rows_and_state(self, m: ModuleTasks):
+        svd = knots_svd([B for B, _ in m.factors], [A for _, A in m.factors], m.scales, tol=self.tol)
+        rows = [svd.representation(i).to(torch.float32).reshape(-1) for i in range(len(m.tasks))]
+        return rows, svd.U.to(torch.float32)
+
+    def update(self, m: ModuleTasks, merged_row: torch.Tensor, state) -> FactoredUpdate:
+        U = state
+        return FactoredUpdate(U, merged_row.reshape(U.shape[1], m.shape[1]))

@@ -1,0 +1,270 @@
+"""The merge engine (knots_ext.merge) against float64 references written here on materialised
+matrices: every method, several shapes, mixed ranks, rslora, bf16 storage, a zero adapter,
+duplicated adapters, n = 1, modules only some adapters have, and the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import knots_ext
+from knots_ext import ops
+from conftest import ref_threshold, ref_ties
+
+F64 = torch.float64
+PREFIX = "base_model.model.model.layers"
+# (module, d_out, d_in): non-square shapes on purpose
+SHAPES = {"self_attn.q_proj": (24, 16), "self_attn.v_proj": (12, 16), "mlp.down_proj": (16, 40)}
+
+
+def write_adapter(path, ranks, alpha, *, layers=2, modules=SHAPES, rslora=False, dtype=torch.float32,
+                  seed=0, zero=False, rank_pattern=None, alpha_pattern=None):
+    """A PEFT-format LoRA adapter written by hand (safetensors + adapter_config.json)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for mod, (d_out, d_in) in modules.items():
+            r = ranks[mod] if isinstance(ranks, dict) else ranks
+            name = f"{PREFIX}.{layer}.{mod}"
+            A = torch.randn(r, d_in, generator=gen) / math.sqrt(d_in)
+            B = torch.randn(d_out, r, generator=gen) * (0.0 if zero else 1.0)
+            tensors[f"{name}.lora_A.weight"] = A.to(dtype)
+            tensors[f"{name}.lora_B.weight"] = B.to(dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    if not isinstance(ranks, int):  # per-module ranks are declared as PEFT does, by rank_pattern
+        rank_pattern = {**{m: r for m, r in ranks.items()}, **(rank_pattern or {})}
+    config = {"peft_type": "LORA", "r": ranks if isinstance(ranks, int) else max(ranks.values()),
+              "lora_alpha": alpha, "use_rslora": rslora, "target_modules": sorted({m.split(".")[-1] for m in modules}),
+              "base_model_name_or_path": "tiny-base", "fan_in_fan_out": False, "task_type": "CAUSAL_LM",
+              "rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {}}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def read_updates(path, rslora=False):
+    """Float64 dense updates s * B @ A of a hand-written adapter (the test's own reader)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    t = load_file(str(path / "adapter_model.safetensors"))
+    out = {}
+    for key in t:
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            A, B = t[key].to(F64), t[name + ".lora_B.weight"].to(F64)
+            r = A.shape[0]
+            alpha = cfg["lora_alpha"]
+            for pat, a in cfg.get("alpha_pattern", {}).items():
+                if name.endswith("." + pat):
+                    alpha = a
+            s = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+            out[name] = s * B @ A
+    return out
+
+
+def flat_tasks(updates, names):
+    """Each task's vector over `names` (zeros where it lacks the module) and per-task masks."""
+    rows, present = [], []
+    for u in updates:
+        rows.append(torch.cat([u[n].reshape(-1) if n in u else torch.zeros(0, dtype=F64) for n in names]))
+    return rows
+
+
+def ref_global_ties(reps, names, shapes, top_k, lam):
+    """TIES with per-task thresholds over all of the task's modules and one majority sign over
+    every position of every module (the KnOTS reference flattens all modules into one vector)."""
+    n = len(reps)
+    thresholds = []
+    for r in reps:
+        v = torch.cat([r[n_].reshape(-1) for n_ in names if n_ in r])
+        thresholds.append(ref_threshold(v, top_k))
+    big = torch.stack([torch.cat([r[n_].reshape(-1) if n_ in r else torch.zeros(math.prod(shapes[n_]), dtype=F64)
+                                  for n_ in names]) for r in reps])
+    ref = ref_ties(big, lam=lam, thresholds=thresholds)
+    out, off = {}, 0
+    for n_ in names:
+        size = math.prod(shapes[n_])
+        out[n_] = ref.out[off:off + size].reshape(shapes[n_])
+        off += size
+    return out
+
+
+def ref_knots(updates, names, tol=1e-5):
+    """Dense float64 SVD of each module's concatenated updates: (U, per-task reps)."""
+    U_of, reps = {}, [dict() for _ in updates]
+    for name in names:
+        tasks = [i for i, u in enumerate(updates) if name in u]
+        cat = torch.cat([updates[i][name] for i in tasks], dim=1)
+        U, S, Vh = torch.linalg.svd(cat, full_matrices=False)
+        keep = S > tol
+        U, S, Vh = U[:, keep], S[keep], Vh[keep]
+        d_in = updates[tasks[0]][name].shape[1]
+        U_of[name] = U
+        for j, i in enumerate(tasks):
+            reps[i][name] = S[:, None] * Vh[:, j * d_in:(j + 1) * d_in]
+    return U_of, reps
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    paths = [write_adapter(tmp_path / "a0", 4, 8, seed=1),
+             write_adapter(tmp_path / "a1", {"self_attn.q_proj": 2, "self_attn.v_proj": 6, "mlp.down_proj": 3}, 16,
+                           seed=2, rslora=True),
+             write_adapter(tmp_path / "a2", 8, 8, seed=3, dtype=torch.bfloat16)]
+    return paths
+
+
+def close(got, want, rtol=1e-4, what=""):
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item() + 1e-12
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def test_ta_is_exact_sum(adapters):
+    updates = [read_updates(p) for p in adapters]
+    res = knots_ext.merge(adapters, method="ta", lam=0.7)
+    for name in updates[0]:
+        close(res.delta(name), 0.7 * sum(u[name] for u in updates), 1e-5, name)
+
+
+def test_knots_ta_equals_ta(adapters):
+    a = knots_ext.merge(adapters, method="ta", lam=0.5)
+    b = knots_ext.merge(adapters, method="knots-ta", lam=0.5)
+    for name in a.modules:
+        close(b.delta(name), a.delta(name).double(), 1e-5, name)
+
+
+@pytest.mark.parametrize("top_k,lam", [(1.0, 1.0), (0.3, 1.0), (0.1, -0.5)])
+def test_ties_global_threshold(adapters, top_k, lam):
+    updates = [read_updates(p) for p in adapters]
+    names = sorted(updates[0])
+    shapes = {n: tuple(updates[0][n].shape) for n in names}
+    want = ref_global_ties(updates, names, shapes, top_k, lam)
+    res = knots_ext.merge(adapters, method="ties", top_k=top_k, lam=lam)
+    for name in names:
+        close(res.delta(name), want[name], 1e-5, name)
+
+
+@pytest.mark.parametrize("top_k,lam", [(1.0, 1.0), (0.4, 1.0), (0.2, 1.3)])
+def test_knots_ties(adapters, top_k, lam):
+    updates = [read_updates(p) for p in adapters]
+    names = sorted(updates[0])
+    U, reps = ref_knots(updates, names)
+    shapes = {n: tuple(reps[0][n].shape) for n in names}
+    merged = ref_global_ties(reps, names, shapes, top_k, lam)
+    res = knots_ext.merge(adapters, method="knots-ties", top_k=top_k, lam=lam)
+    for name in names:
+        close(res.delta(name), U[name] @ merged[name], 1e-4, name)
+
+
+def test_ties_per_module_scope(adapters):
+    updates = [read_updates(p) for p in adapters]
+    res = knots_ext.merge(adapters, method="ties", top_k=0.25, top_k_scope="module")
+    for name in updates[0]:
+        ref = ref_ties(torch.stack([u[name].reshape(-1) for u in updates]), 0.25, 1.0)
+        close(res.delta(name), ref.out.reshape(updates[0][name].shape), 1e-5, name)
+
+
+@pytest.mark.parametrize("method", ["dare-ties", "knots-dare-ties", "dare-ta", "knots-dare-ta"])
+def test_dare_methods(adapters, method):
+    updates = [read_updates(p) for p in adapters]
+    names = sorted(updates[0])
+    p, seed = 0.4, 7
+    if method.startswith("knots"):
+        U, rows = ref_knots(updates, names)
+    else:
+        U, rows = None, updates
+    # DARE on each task's rows with the mask of (seed, task, module): ops.dare is tested on its own
+    dared = [{n: ops.dare(r[n].float(), p, seed, task=i, module=n).double() for n in names}
+             for i, r in enumerate(rows)]
+    shapes = {n: tuple(dared[0][n].shape) for n in names}
+    if method.endswith("ta"):
+        want = {n: sum(d[n] for d in dared) for n in names}
+    else:
+        want = ref_global_ties(dared, names, shapes, 0.5, 1.0)
+    res = knots_ext.merge(adapters, method=method, top_k=0.5, dare_p=p, seed=seed)
+    for name in names:
+        expected = want[name] if U is None else U[name] @ want[name]
+        close(res.delta(name), expected, 1e-4, name)
+
+
+def test_zero_duplicate_and_single(tmp_path):
+    a = write_adapter(tmp_path / "a", 4, 8, seed=1)
+    z = write_adapter(tmp_path / "z", 4, 8, seed=2, zero=True)
+    d = write_adapter(tmp_path / "d", 4, 8, seed=1)  # the same as a
+    updates = [read_updates(p) for p in (a, z, d)]
+    names = sorted(updates[0])
+    U, reps = ref_knots(updates, names)
+    for name in names:  # duplicates and zeros leave rank 4 in the concatenation
+        assert U[name].shape[1] == 4
+    shapes = {n: tuple(reps[0][n].shape) for n in names}
+    merged = ref_global_ties(reps, names, shapes, 0.5, 1.0)
+    res = knots_ext.merge([a, z, d], method="knots-ties", top_k=0.5)
+    for name in names:
+        assert res.modules[name].B.shape[1] == 4
+        close(res.delta(name), U[name] @ merged[name], 1e-4, name)
+    single = knots_ext.merge([a], method="knots-ties", top_k=1.0)
+    for name in names:  # n = 1 with top_k = 1: the adapter itself
+        close(single.delta(name), updates[0][name], 1e-5, name)
+
+
+def test_partial_modules(tmp_path):
+    a = write_adapter(tmp_path / "a", 4, 8, seed=1)
+    b = write_adapter(tmp_path / "b", 2, 4, seed=2, modules={"self_attn.q_proj": (24, 16)})
+    updates = [read_updates(p) for p in (a, b)]
+    names = sorted(updates[0])
+    U, reps = ref_knots(updates, names)
+    shapes = {n: tuple(reps[0][n].shape) for n in names}
+    merged = ref_global_ties(reps, names, shapes, 0.3, 1.0)
+    res = knots_ext.merge([a, b], method="knots-ties", top_k=0.3)
+    assert sorted(res.modules) == names
+    for name in names:
+        close(res.delta(name), U[name] @ merged[name], 1e-4, name)
+
+
+def test_save_roundtrip_and_rank(adapters, tmp_path):
+    res = knots_ext.merge(adapters, method="knots-ties", top_k=0.5)
+    out = tmp_path / "merged"
+    res.save(out)
+    back = read_updates(out)
+    for name in res.modules:
+        close(back[name], res.delta(name).double(), 1e-5, name)
+    res.save(tmp_path / "r2", rank=2)
+    low = read_updates(tmp_path / "r2")
+    for name in res.modules:
+        full = res.delta(name).double()
+        U, S, Vh = torch.linalg.svd(full)
+        best = (U[:, :2] * S[:2]) @ Vh[:2]
+        close(low[name], best, 1e-4, name)
+
+
+def test_bad_arguments(adapters):
+    with pytest.raises(ValueError, match="unknown method"):
+        knots_ext.merge(adapters, method="nope")
+    with pytest.raises(ValueError, match="dare_p"):
+        knots_ext.merge(adapters, method="dare-ties")
+    with pytest.raises(ValueError, match="dare_p"):
+        knots_ext.merge(adapters, method="ties", dare_p=0.3)
+
+
+def test_cli(adapters, tmp_path):
+    out = tmp_path / "cli-out"
+    cmd = [sys.executable, "-m", "knots_ext.cli", *map(str, adapters), "-o", str(out), "--method", "knots-ties",
+           "--top-k", "0.5", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    res = knots_ext.merge(adapters, method="knots-ties", top_k=0.5)
+    back = read_updates(out)
+    for name in res.modules:
+        close(back[name], res.delta(name).double(), 1e-5, name)
+    bad = subprocess.run([sys.executable, "-m", "knots_ext.cli", str(tmp_path / "missing"), "-o", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1 and "missing" in bad.stderr
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,195 @@
+"""The CUDA kernels on torch CUDA tensors (and CuPy arrays when cupy imports), on a non-default
+stream, against the CPU kernels and the float64 references: DARE masks bit for bit, thresholds
+exactly, merged values to float32 rounding. Skipped (conftest) when no CUDA device is visible."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import knots_ext
+from knots_ext import ops
+
+from conftest import (
+    F64, assert_ta_matches, assert_thresholds_equal, assert_ties_matches, bits32, dare_ref32, gen, randn_rows,
+    ref_threshold, ref_ties, zero_sum_data,
+)
+
+pytestmark = pytest.mark.cuda
+
+
+def torch_cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("knots_ext sees a CUDA device but this torch build has no CUDA support")
+    return torch.device("cuda", 0)
+
+
+def test_cuda_build_info():
+    info = knots_ext.build_info()
+    assert info["cuda_compiled"] is True and info["cuda_devices"] >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_torch_matches_cpu(dtype):
+    dev = torch_cuda()
+    x_cpu = randn_rows(4, 300_000, seed=1, dtype=dtype)
+    xq_cpu, _, _ = zero_sum_data(3, 200_001, majority=-1, seed=2)
+    xq_cpu = xq_cpu.to(dtype)
+    wide_cpu = randn_rows(3, 2 * 50_000, seed=3, dtype=dtype)
+    p, seed, module, tasks, offset = 0.35, 2 ** 40 + 17, "model.layers.7.mlp.gate_proj", [3, 0, 9, 4], 2 ** 34 + 1
+    weights = [1.0, -0.5, 2.0, 0.25]
+    stream = torch.cuda.Stream(device=dev)
+    assert stream.cuda_stream != torch.cuda.default_stream(dev).cuda_stream
+    with torch.cuda.stream(stream):
+        x = x_cpu.to(dev)
+        xq = xq_cpu.to(dev)
+        wide = wide_cpu.to(dev)
+        merged, thr = ops.ties_merge(x, 0.2, -0.8, return_thresholds=True)
+        merged_all, thr_all = ops.ties_merge(x, 1.0, 1.0, return_thresholds=True)
+        merged_q, thr_q = ops.ties_merge(xq, 0.3, 1.5, return_thresholds=True)
+        merged_strided = ops.ties_merge(wide[:, ::2], 0.1)
+        merged_dare, thr_dare = ops.ties_merge(x, 0.2, 0.7, dare_p=p, seed=seed, module=module, tasks=tasks,
+                                               elem_offset=offset, return_thresholds=True)
+        ta = ops.task_arithmetic(x, 0.9, weights=weights)
+        ta_dare = ops.task_arithmetic(x, 0.9, weights=weights, dare_p=p, seed=seed, module=module, tasks=tasks,
+                                      elem_offset=offset)
+        dared = [ops.dare(x[r], p, seed, task=tasks[r], module=module, elem_offset=offset) for r in range(4)]
+        dared_chunk = ops.dare(x[1, 1001:], p, seed, task=tasks[1], module=module, elem_offset=offset + 1001)
+        mt = ops.magnitude_threshold(x, 0.05)
+        mt_dare = ops.magnitude_threshold(x, 0.05, dare_p=p, seed=seed, module=module, elem_offset=offset)
+        applied, sign_sum, positions = ops.ties_apply(xq, thr_q, 1.5)
+        applied = applied.clone()
+        fixed = ops.ties_fix_majority(xq, applied.clone(), thr_q, positions, sign_sum, 1.5)
+    stream.synchronize()
+
+    for out in (merged, merged_all, merged_q, merged_strided, merged_dare, ta, ta_dare, *dared, fixed):
+        assert out.device == dev and out.dtype == dtype
+
+    # TIES: thresholds exactly (== CPU == float64 reference), values to float32 rounding
+    ref = ref_ties(x_cpu, 0.2, -0.8)
+    cpu_out, cpu_thr = ops.ties_merge(x_cpu, 0.2, -0.8, return_thresholds=True)
+    assert_thresholds_equal(thr, ref.thresholds)
+    assert_thresholds_equal(thr, cpu_thr, "CUDA vs CPU thresholds")
+    assert_ties_matches(merged.cpu(), ref, dtype, "CUDA ties_merge")
+    assert_thresholds_equal(thr_all, [0.0] * 4)
+    assert_ties_matches(merged_all.cpu(), ref_ties(x_cpu, 1.0), dtype, "CUDA ties_merge top_k=1")
+    ref_q = ref_ties(xq_cpu, 0.3, 1.5)
+    assert ref_q.majority == -1 and int(ref_q.zero_sum.sum()) > 0
+    assert_thresholds_equal(thr_q, ref_q.thresholds)
+    assert_ties_matches(merged_q.cpu(), ref_q, dtype, "CUDA ties_merge zero sums")
+    assert_ties_matches(merged_strided.cpu(), ref_ties(wide_cpu[:, ::2], 0.1), dtype, "CUDA strided")
+
+    # ties_apply / ties_fix_majority
+    assert sign_sum == ref_q.sign_sum
+    assert sorted(positions) == torch.nonzero(ref_q.zero_sum).reshape(-1).tolist()
+    assert bool((applied.cpu()[ref_q.zero_sum] == 0).all())
+    assert_ties_matches(fixed.cpu(), ref_q, dtype, "CUDA ties_apply + fix")
+
+    # DARE: masks bit for bit against the CPU op and the independent mask
+    x32 = x_cpu.to(torch.float32)
+    for r in range(4):
+        expected = dare_ref32(x_cpu[r], p, seed, tasks[r], module, offset)
+        cpu = ops.dare(x_cpu[r], p, seed, task=tasks[r], module=module, elem_offset=offset)
+        if dtype == torch.float32:
+            np.testing.assert_array_equal(bits32(dared[r].cpu()), bits32(expected))
+        assert torch.equal(dared[r].cpu(), cpu)
+        assert torch.equal(dared[r].cpu(), expected.to(dtype))
+    assert torch.equal(dared_chunk.cpu(), dared[1].cpu()[1001:])
+    dared_rows = torch.stack([dare_ref32(x_cpu[r], p, seed, tasks[r], module, offset) for r in range(4)])
+    ref_d = ref_ties(dared_rows, 0.2, 0.7)
+    assert_thresholds_equal(thr_dare, ref_d.thresholds)
+    assert_ties_matches(merged_dare.cpu(), ref_d, dtype, "CUDA DARE-TIES")
+
+    # Task Arithmetic
+    w = 0.9 * torch.tensor(weights, dtype=F64)[:, None]
+    assert_ta_matches(ta.cpu(), w * x32.to(F64), dtype)
+    assert_ta_matches(ta_dare.cpu(), w * dared_rows.to(F64), dtype)
+
+    # magnitude thresholds
+    assert_thresholds_equal(mt, [ref_threshold(x_cpu[r].to(F64), 0.05) for r in range(4)])
+    assert_thresholds_equal(mt, ops.magnitude_threshold(x_cpu, 0.05), "CUDA vs CPU magnitude_threshold")
+    assert_thresholds_equal(
+        mt_dare, [ref_threshold(dare_ref32(x_cpu[r], p, seed, r, module, offset).to(F64), 0.05) for r in range(4)])
+
+
+def test_cuda_many_zero_sum_positions():
+    """More zero-sum positions than the first list capacity of the CUDA ties_apply (2^20)."""
+    dev = torch_cuda()
+    P = 1_400_000
+    g = gen(5)
+    x = -(torch.round(torch.rand(3, P, generator=g, dtype=F64) * 1024 + 1) / 256)
+    a = 64 + torch.randint(0, 512, (P,), generator=g).to(F64) / 8
+    z = torch.arange(P) % 5 != 0
+    x[:, z] = 0.0
+    x[0, z], x[1, z] = a[z], -a[z]
+    x = x.to(torch.float32)
+    ref = ref_ties(x, 0.9)  # keeps every +-a
+    assert int(ref.zero_sum.sum()) > 2 ** 20 and ref.majority == -1
+    stream = torch.cuda.Stream(device=dev)
+    with torch.cuda.stream(stream):
+        xd = x.to(dev)
+        out, thr = ops.ties_merge(xd, 0.9, return_thresholds=True)
+        applied, sign_sum, positions = ops.ties_apply(xd, thr, 1.0)
+    stream.synchronize()
+    assert_thresholds_equal(thr, ref.thresholds)
+    assert_ties_matches(out.cpu(), ref, torch.float32, "CUDA ties_merge, many zero sums")
+    assert sign_sum == ref.sign_sum
+    assert sorted(positions) == torch.nonzero(ref.zero_sum).reshape(-1).tolist()
+
+
+def test_cuda_streaming_thresholds_and_errors():
+    dev = torch_cuda()
+    g = gen(6)
+    chunks = [(t, (torch.randn(s, generator=g) * 10.0 ** t).to(torch.float16))
+              for t in range(3) for s in (1, 4097, 70_000, 333)]
+    stream = torch.cuda.Stream(device=dev)
+    sel = ops.MagnitudeThreshold(3, 0.15)
+    rounds = 0
+    with torch.cuda.stream(stream):
+        dchunks = [(t, a.to(dev)) for t, a in chunks]
+        while not sel.done:
+            for t, a in reversed(dchunks) if rounds else dchunks:
+                sel.update(t, a)
+            sel.finish_round()
+            rounds += 1
+    stream.synchronize()
+    assert rounds == 2
+    cat = [torch.cat([a.to(F64) for t, a in chunks if t == task]) for task in range(3)]
+    assert_thresholds_equal(sel.thresholds(), [ref_threshold(c, 0.15) for c in cat])
+    y = torch.randn(3, 50_000, device=dev)
+    y[1, 777] = math.nan
+    with pytest.raises(ValueError, match="NaN|Inf"):
+        ops.ties_merge(y, 0.2)
+    with pytest.raises(ValueError, match="NaN|Inf"):
+        ops.task_arithmetic(y)
+    with pytest.raises(ValueError, match="NaN|Inf"):
+        ops.magnitude_threshold(y, 0.2)
+
+
+@pytest.mark.parametrize("np_dtype,t_dtype", [(np.float32, torch.float32), (np.float16, torch.float16)])
+def test_cuda_cupy_matches_cpu(np_dtype, t_dtype):
+    try:
+        import cupy
+    except ImportError:
+        pytest.skip("cupy is not installed")
+    rng = np.random.default_rng(7)
+    x_np = rng.standard_normal((3, 150_001)).astype(np_dtype)
+    p, seed, module = 0.5, 12, "cupy.module"
+    with cupy.cuda.Device(0):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            x = cupy.asarray(x_np)
+            merged, thr = ops.ties_merge(x, 0.25, 1.2, return_thresholds=True)
+            ta = ops.task_arithmetic(x, 0.5)
+            dared = ops.dare(x[2], p, seed, task=2, module=module, elem_offset=3)
+            mt = ops.magnitude_threshold(x, 0.25)
+        stream.synchronize()
+    assert isinstance(merged, cupy.ndarray) and merged.dtype == np_dtype
+    ref = ref_ties(x_np, 0.25, 1.2)
+    assert_thresholds_equal(thr, ref.thresholds)
+    assert_thresholds_equal(mt, ref.thresholds)
+    assert_ties_matches(cupy.asnumpy(merged), ref, t_dtype, "CuPy ties_merge")
+    assert_ta_matches(cupy.asnumpy(ta), 0.5 * torch.from_numpy(x_np).to(F64), t_dtype)
+    expected = dare_ref32(x_np[2], p, seed, 2, module, 3)
+    assert torch.equal(torch.from_numpy(cupy.asnumpy(dared)), expected.to(t_dtype))
+    assert np.array_equal(cupy.asnumpy(dared), ops.dare(x_np[2], p, seed, task=2, module=module, elem_offset=3))
