@@ -1,10 +1,9 @@
 """The merge engine and its result: knots_ext.merge(adapters, method=...) -> MergeResult.
 
 Modules are processed one at a time (factors loaded lazily), so memory stays bounded by one
-module's working set, the output, and an optional cache of task rows between passes."""
+module's working set plus the output (for KnOTS, each module's SVD is part of the output)."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +28,7 @@ class MergeResult:
     params: dict
     base_model: str | None = None
     fan_in_fan_out: bool = False
+    task_type: str | None = None
     extra: dict = field(default_factory=dict)  # merged non-LoRA tensors (extra="average")
     dropped_extra: list = field(default_factory=list)  # non-LoRA tensors left out
 
@@ -55,7 +55,8 @@ class MergeResult:
     def save(self, out_dir, rank: int | None = None, dtype=torch.float32) -> None:
         """Writes a PEFT LoRA adapter (safetensors + adapter_config.json) that PEFT loads as is."""
         io.save_adapter(out_dir, self.factors(rank), base_model=self.base_model,
-                        fan_in_fan_out=self.fan_in_fan_out, extra=self.extra or None, dtype=dtype)
+                        fan_in_fan_out=self.fan_in_fan_out, extra=self.extra or None, dtype=dtype,
+                        task_type=self.task_type)
 
     def fold_into(self, target, scale: float = 1.0):
         """Adds the merged updates to base weights: `target` is a torch.nn.Module (changed in place)
@@ -81,27 +82,6 @@ class MergeResult:
         return target if is_module else weights
 
 
-class _RowCache:
-    """Task rows of recent modules, kept between passes within a byte budget."""
-
-    def __init__(self, compute, budget_bytes: int):
-        self.compute, self.budget, self.used, self.items = compute, budget_bytes, 0, OrderedDict()
-
-    def __call__(self, m: ModuleTasks):
-        if m.name in self.items:
-            self.items.move_to_end(m.name)
-            return self.items[m.name]
-        value = self.compute(m)
-        size = sum(r.numel() * r.element_size() for r in value[0])
-        if size <= self.budget:
-            while self.used + size > self.budget:
-                _, (old, _) = self.items.popitem(last=False)
-                self.used -= sum(r.numel() * r.element_size() for r in old)
-            self.items[m.name] = value
-            self.used += size
-        return value
-
-
 def _load(adapters, alpha):
     loaded = []
     for a in adapters:
@@ -111,8 +91,7 @@ def _load(adapters, alpha):
 
 def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float = 1.0, dare_p: float = 0.0,
           seed: int = 0, device="cpu", *, top_k_scope: str = "task", tol: float = DEFAULT_TOL,
-          alpha: float | None = None, force: bool = False, extra: str = "drop", quiet: bool = True,
-          cache_bytes: int = 1 << 30) -> MergeResult:
+          alpha: float | None = None, force: bool = False, extra: str = "drop", quiet: bool = True) -> MergeResult:
     """Merges n LoRA adapters (paths or loaded io.Adapter objects) into one, with `method` one
     of knots_ext.methods.METHODS (DESIGN.md §1 defines each exactly):
 
@@ -156,37 +135,23 @@ def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float =
             out[ref.name] = factored_ta(module_tasks(ref), lam)
     else:
         space = KnotsSpace(tol) if spec.space == "knots" else DenseSpace()
-        rows_of = _RowCache(lambda ref: space.rows_and_state(module_tasks(ref)), cache_bytes)
         p = dare_p if spec.dare else 0.0
-        if spec.rule == "ta":
+        if spec.rule == "ta" or top_k_scope == "module":
             for ref in progress(modules, method):
-                rows, state = rows_of(ref)
-                out[ref.name] = space.update(ref, _merge_rows(rows, lambda r: ta_rows(r, ref, lam, p, seed)), state)
-        elif top_k_scope == "module":
-            for ref in progress(modules, method):
-                rows, state = rows_of(ref)
-                merged = _merge_rows(rows, lambda r: ties_per_module(r, ref, top_k, lam, p, seed))
+                m = module_tasks(ref)
+                state = space.prepare(m)
+                rows = space.rows(m, state)
+                if spec.rule == "ta":
+                    merged = _merge_rows(rows, lambda r: ta_rows(r, ref, lam, p, seed))
+                else:
+                    merged = _merge_rows(rows, lambda r: ties_per_module(r, ref, top_k, lam, p, seed))
                 out[ref.name] = space.update(ref, merged, state)
         else:
-            thresholds = global_thresholds(modules, rows_of, len(adapters), top_k, p, seed, progress)
-            sign_sum, pending = 0, []
-            for ref in progress(modules, f"{method} merge"):
-                rows, state = rows_of(ref)
-                if rows[0].numel() == 0:
-                    merged = rows[0].new_zeros(0)
-                else:
-                    merged, signs, zero_sum = ties_module(rows, ref, thresholds, lam, p, seed)
-                    sign_sum += signs
-                    if zero_sum:
-                        pending.append((ref, merged, zero_sum))
-                out[ref.name] = space.update(ref, merged, state)
-            majority = (sign_sum > 0) - (sign_sum < 0)
-            for ref, merged, zero_sum in pending:
-                fix_majority(rows_of(ref)[0], ref, merged, thresholds, zero_sum, majority, lam, p, seed)
+            out = _global_ties(modules, module_tasks, space, len(adapters), top_k, lam, p, seed, progress, method)
 
     result = MergeResult(out, method, dict(top_k=top_k, lam=lam, dare_p=dare_p, seed=seed, top_k_scope=top_k_scope,
                                            tol=tol), base_model=adapters[0].base_model,
-                         fan_in_fan_out=adapters[0].fan_in_fan_out)
+                         fan_in_fan_out=adapters[0].fan_in_fan_out, task_type=adapters[0].config.get("task_type"))
     _merge_extra(adapters, extra, result)
     return result
 
@@ -199,6 +164,36 @@ class _ModuleRef:
     name: str
     tasks: list
     shape: tuple
+
+
+def _global_ties(modules, module_tasks, space, n_tasks, top_k, lam, dare_p, seed, progress, method):
+    """TIES with per-task thresholds over all modules: a threshold pass (one or two rounds),
+    then a merge pass; each module's space state (its KnOTS SVD) is computed once and kept, as
+    it is part of the output anyway."""
+    states = {}
+
+    def rows_of(ref):
+        m = module_tasks(ref)
+        if ref.name not in states:
+            states[ref.name] = space.prepare(m)
+        return space.rows(m, states[ref.name]), states[ref.name]
+
+    thresholds = global_thresholds(modules, rows_of, n_tasks, top_k, dare_p, seed, progress)
+    out, sign_sum, pending = {}, 0, []
+    for ref in progress(modules, f"{method} merge"):
+        rows, state = rows_of(ref)
+        if rows[0].numel() == 0:
+            merged = rows[0].new_zeros(0)
+        else:
+            merged, signs, zero_sum = ties_module(rows, ref, thresholds, lam, dare_p, seed)
+            sign_sum += signs
+            if zero_sum:
+                pending.append((ref, merged, zero_sum))
+        out[ref.name] = space.update(ref, merged, state)
+    majority = (sign_sum > 0) - (sign_sum < 0)
+    for ref, merged, zero_sum in pending:
+        fix_majority(rows_of(ref)[0], ref, merged, thresholds, zero_sum, majority, lam, dare_p, seed)
+    return out
 
 
 def _merge_rows(rows, rule):

@@ -13,45 +13,56 @@ DEFAULT_TOL = 1e-5
 
 @dataclass
 class KnotsSVD:
-    """[dW_1 | ... | dW_n] = U diag(S) [V_1^T | ... | V_n^T], singular values > tol only.
-    U: (d_out, k), S: (k,), vt[i]: (k, d_in) — all float64."""
+    """[dW_1 | ... | dW_n] = U diag(S) [V_1^T | ... | V_n^T], singular values > tol only, in
+    float64. Task i's representation diag(S) V_i^T equals coef[i] @ A_i (coef[i]: k x r_i), so
+    it is rebuilt from the adapter's own A_i with one small product whenever it is needed."""
 
-    U: torch.Tensor
-    S: torch.Tensor
-    vt: list
+    U: torch.Tensor  # (d_out, k)
+    S: torch.Tensor  # (k,)
+    coef: list  # (k, r_i) per task
+    A: list  # (r_i, d_in) per task, float64
 
     def representation(self, i: int) -> torch.Tensor:
         """Task i's KnOTS representation diag(S) V_i^T (k x d_in)."""
-        return self.S[:, None] * self.vt[i]
+        return self.coef[i] @ self.A[i]
+
+    @property
+    def vt(self) -> list:
+        return [self.representation(i) / self.S[:, None] for i in range(len(self.A))]
 
 
 def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None) -> KnotsSVD:
     """The SVD of the concatenation of s_i * B_i @ A_i (B_i: d_out x r_i, A_i: r_i x d_in) along
     the input dimension, in float64, from the factors: QR of B_cat = [s_1 B_1 .. s_n B_n] and of
-    each A_i^T, SVD of the k x k core R_B blockdiag(R_1^T .. R_n^T), k = sum r_i."""
+    each A_i^T, SVD of the core K = R_B blockdiag(R_1^T .. R_n^T) (at most k x k, k = sum r_i).
+
+    With A_i^T = Q_i R_i, V_i^T = W_i^T Q_i^T, where W_i is task i's block of K's right singular
+    vectors. Those lie in range(R_i), so V_i^T = W_i^T pinv(R_i^T) A_i: the d_in-sized Q_i is never
+    kept, and rank-deficient A_i (pinv) and B_cat (Householder QR) need no special case."""
     if not (len(Bs) == len(As) == len(scales)) or not Bs:
         raise ValueError("knots_svd needs one B, A and scale per task, and at least one task")
     f64 = dict(dtype=torch.float64, device=device if device is not None else Bs[0].device)
     B_cat = torch.cat([float(s) * B.to(**f64) for B, s in zip(Bs, scales)], dim=1)
     Q_B, R_B = torch.linalg.qr(B_cat)  # (d_out, m), (m, k), m = min(d_out, k)
-    Q_A, core_cols = [], []
-    col = 0
-    for A in As:
-        Q_i, R_i = torch.linalg.qr(A.to(**f64).T)  # (d_in, q_i), (q_i, r_i)
-        r = A.shape[0]
-        Q_A.append(Q_i)
-        core_cols.append(R_B[:, col:col + r] @ R_i.T)  # block column i of the core: (m, q_i)
-        col += r
-    core = torch.cat(core_cols, dim=1)
+    A64 = [A.to(**f64) for A in As]
+    R_A = [torch.linalg.qr(A.T, mode="r")[1] for A in A64]  # (q_i, r_i), q_i = min(d_in, r_i)
+    core = torch.cat([R_B[:, c0:c0 + A.shape[0]] @ R.T for A, R, c0 in
+                      zip(A64, R_A, _offsets([A.shape[0] for A in A64]))], dim=1)
     U_K, S, W_t = torch.linalg.svd(core, full_matrices=False)
     keep = S > tol
     U_K, S, W_t = U_K[:, keep], S[keep], W_t[keep]
-    vt, col = [], 0
-    for Q_i in Q_A:
-        q = Q_i.shape[1]
-        vt.append(W_t[:, col:col + q] @ Q_i.T)
-        col += q
-    return KnotsSVD(U=Q_B @ U_K, S=S, vt=vt)
+    coef = []
+    for R, c0 in zip(R_A, _offsets([R.shape[0] for R in R_A])):
+        coef.append(S[:, None] * (W_t[:, c0:c0 + R.shape[0]] @ torch.linalg.pinv(R.T)))
+    return KnotsSVD(U=Q_B @ U_K, S=S, coef=coef, A=A64)
+
+
+def _offsets(sizes):
+    out, c = [], 0
+    for n in sizes:
+        out.append(c)
+        c += n
+    return out
 
 
 def truncated_factors(P: torch.Tensor, Q: torch.Tensor, rank: int | None = None, tol: float = 0.0):

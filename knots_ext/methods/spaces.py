@@ -47,27 +47,34 @@ class DenseSpace:
 
     name = "dense"
 
-    def rows_and_state(self, m: ModuleTasks):
-        return [(s * (B @ A)).reshape(-1) for (B, A), s in zip(m.factors, m.scales)], None
+    def prepare(self, m: ModuleTasks):
+        return None
 
-    def update(self, m: ModuleTasks, merged_row: torch.Tensor, state) -> DenseUpdate:
+    def rows(self, m: ModuleTasks, state) -> list:
+        return [(s * (B @ A)).reshape(-1) for (B, A), s in zip(m.factors, m.scales)]
+
+    def update(self, m, merged_row: torch.Tensor, state) -> DenseUpdate:
         return DenseUpdate(merged_row.reshape(m.shape))
 
 
 class KnotsSpace:
     """KnOTS: row i is task i's representation diag(S) V_i^T (k x d_in, flattened) in the SVD of
-    the module's concatenated updates; the merged row M maps back as U @ M."""
+    the module's concatenated updates; the merged row M maps back as U @ M. The SVD is computed
+    once per module (prepare); the rows are rebuilt from A_i on every pass (coef_i @ A_i)."""
 
     name = "knots"
 
     def __init__(self, tol: float = DEFAULT_TOL):
         self.tol = tol
 
-    def rows_and_state(self, m: ModuleTasks):
+    def prepare(self, m: ModuleTasks):
         svd = knots_svd([B for B, _ in m.factors], [A for _, A in m.factors], m.scales, tol=self.tol)
-        rows = [svd.representation(i).to(torch.float32).reshape(-1) for i in range(len(m.tasks))]
-        return rows, svd.U.to(torch.float32)
+        return svd.U.to(torch.float32), svd.coef
 
-    def update(self, m: ModuleTasks, merged_row: torch.Tensor, state) -> FactoredUpdate:
-        U = state
+    def rows(self, m: ModuleTasks, state) -> list:
+        _, coef = state
+        return [(c @ A.to(c.dtype)).to(torch.float32).reshape(-1) for c, (_, A) in zip(coef, m.factors)]
+
+    def update(self, m, merged_row: torch.Tensor, state) -> FactoredUpdate:
+        U = state[0]
         return FactoredUpdate(U, merged_row.reshape(U.shape[1], m.shape[1]))
