@@ -97,19 +97,21 @@ void ties_pass(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange
     SetAside mine;
     std::vector<TileAccum> storage(1);
     TileAccum& acc = storage[0];
+    std::vector<float> tile_rows(size_t(n) * kTile);  // every row's tile, for setting positions aside
     float buf[kTile];
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t j0 = tile * kTile, len = std::min(kTile, x.P - j0);
       acc.clear(len);
       for (int64_t r = 0; r < n; ++r) {
-        finite = load_tile(x, r, d, j0, len, buf) && finite;
+        float* row = tile_rows.data() + r * kTile;
+        finite = load_tile(x, r, d, j0, len, row) && finite;
         const TrimRange range = ranges[r];
         int64_t under = 0;
         for (int64_t t = 0; t < len; ++t) {
           ties_add(acc.sum[t], acc.pos_sum[t], acc.neg_sum[t], acc.pos_count[t], acc.neg_count[t],
-                   acc.undecided[t], buf[t], range);
-          under += magnitude_key(buf[t]) < range.undecided_from;
+                   acc.undecided[t], row[t], range);
+          under += magnitude_key(row[t]) < range.undecided_from;
         }
         my_below[r] += under;
       }
@@ -135,10 +137,9 @@ void ties_pass(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange
         }
         store_tile(buf, len, x.dtype, out, j0);
         if (!in_tile.empty()) {
-          // Keep the set-aside positions' values: the tile's rows are still in cache.
           for (int64_t t : in_tile) {
             mine.positions.push_back(j0 + t);
-            for (int64_t r = 0; r < n; ++r) mine.values.push_back(load_element(x, r, d, j0 + t));
+            for (int64_t r = 0; r < n; ++r) mine.values.push_back(tile_rows[size_t(r) * kTile + size_t(t)]);
           }
         }
         continue;
@@ -162,7 +163,8 @@ constexpr int64_t kSampleStride = 2048;   // ... in every 2048 (1/32 of the row)
 constexpr int64_t kSampleAll = 32768;     // rows this short are histogrammed whole
 
 // Per row, a key range that holds the threshold with high probability: the sample's
-// quantile +- 5 binomial standard deviations (plus slack), widened to whole histogram bins.
+// quantile +- 4.5 binomial standard deviations (plus slack; a miss costs the exact fallback),
+// widened to whole histogram bins.
 // Rows histogrammed whole get the exact bin, so only that bin is undecided.
 std::vector<TrimRange> sample_brackets(const TaskRows& x, const DareSpec& d, double top_k) {
   const int64_t n = x.n();
@@ -187,7 +189,7 @@ std::vector<TrimRange> sample_brackets(const TaskRows& x, const DareSpec& d, dou
         m += uint64_t(len);
       }
       const double q = (double(k) - 0.5) / double(x.P);
-      const double margin = whole ? 0.0 : 5.0 * std::sqrt(double(m) * q * (1.0 - q)) + 8.0;
+      const double margin = whole ? 0.0 : 4.5 * std::sqrt(double(m) * q * (1.0 - q)) + 8.0;
       const double lo_rank = whole ? double(k) : std::ceil(q * double(m) - margin);
       const double hi_rank = whole ? double(k) : std::ceil(q * double(m) + margin);
       // The bins holding the 1-based ranks lo_rank and hi_rank; outside [1, m] the bracket is open.
@@ -269,20 +271,32 @@ std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k
   const size_t count = aside.positions.size(), nn = size_t(n);
 
   // A row's entries inside its bracket all lie at set-aside positions: its threshold is the
-  // (k - below)-th smallest of them, if the bracket holds rank k at all.
+  // (k - below)-th smallest of them, if the bracket holds rank k at all. One sweep over the
+  // set-aside values sorts the in-bracket keys by row.
+  std::vector<std::vector<uint32_t>> keys(nn);
+#pragma omp parallel
+  {
+    std::vector<std::vector<uint32_t>> mine(nn);
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < int64_t(count); ++q) {
+      const float* v = aside.values.data() + size_t(q) * nn;
+      for (size_t r = 0; r < nn; ++r) {
+        const uint32_t key = magnitude_key(v[r]);
+        if (key >= ranges[r].undecided_from && key < ranges[r].keep_from) mine[r].push_back(key);
+      }
+    }
+#pragma omp critical
+    for (size_t r = 0; r < nn; ++r) keys[r].insert(keys[r].end(), mine[r].begin(), mine[r].end());
+  }
   bool all_found = true;
 #pragma omp parallel for schedule(dynamic) reduction(&& : all_found)
   for (int64_t r = 0; r < n; ++r) {
-    std::vector<uint32_t> keys;
-    for (size_t q = 0; q < count; ++q) {
-      const uint32_t key = magnitude_key(aside.values[q * nn + size_t(r)]);
-      if (key >= ranges[r].undecided_from && key < ranges[r].keep_from) keys.push_back(key);
-    }
     const uint64_t under = uint64_t(below[r]);
-    if (under < k && k <= under + keys.size()) {
-      const size_t nth = size_t(k - under - 1);
-      std::nth_element(keys.begin(), keys.begin() + nth, keys.end());
-      thresholds[r] = bits_float(keys[nth]);
+    std::vector<uint32_t>& row_keys = keys[size_t(r)];
+    if (under < k && k <= under + row_keys.size()) {
+      const auto nth = row_keys.begin() + int64_t(k - under - 1);
+      std::nth_element(row_keys.begin(), nth, row_keys.end());
+      thresholds[r] = bits_float(*nth);
     } else {
       all_found = false;
     }
