@@ -57,30 +57,43 @@ def _kernel_input(rows: list[Flat], dare_p: float, seed: int, tasks, module, ele
                     int(elem_offset))
 
 
-def _rows_and_out(x, what="x"):
+def _output(ref: Flat, out):
+    """`out` checked against the rows (contiguous, P elements, same dtype and device), or a new
+    array. Passing out= saves the allocation, which on some machines costs as much as the kernel
+    (first-touch page faults of a fresh buffer)."""
+    if out is None:
+        return empty_like_rows(ref, (ref.numel,))
+    o = flat(out, "out")
+    if o.numel != ref.numel or o.stride != 1 or o.dtype != ref.dtype or o.device != ref.device:
+        raise ValueError(f"out must be a contiguous array of {ref.numel} elements with the input's dtype and device")
+    return out
+
+
+def _rows_and_out(x, out=None, what="x"):
     rows = rows_of(x, what)
-    return rows, empty_like_rows(rows[0], (rows[0].numel,))
+    return rows, _output(rows[0], out)
 
 
 def ties_merge(x, top_k: float, lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *,
                module: str | int = "", tasks: Sequence[int] | None = None, elem_offset: int = 0,
-               stream: int | None = None, return_thresholds: bool = False):
+               stream: int | None = None, return_thresholds: bool = False, out=None):
     """Fused TIES over the n task rows of x: per-row trim to the top_k fraction by magnitude,
     sign election, disjoint mean, times lam; with dare_p > 0, DARE is applied first.
-    Returns the merged (P,) array (and the per-row thresholds if asked)."""
-    rows, out = _rows_and_out(x)
+    Returns the merged (P,) array, written into `out` if given (and the per-row thresholds if
+    asked)."""
+    rows, out = _rows_and_out(x, out)
     inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
     thresholds = _C.ties_merge(inp, _check_unit("top_k", top_k, False), float(lam), data_ptr(out))
     return (out, thresholds) if return_thresholds else out
 
 
 def ties_apply(x, thresholds: Sequence[float], lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *,
-               module: str | int = "", tasks=None, elem_offset: int = 0, stream=None):
+               module: str | int = "", tasks=None, elem_offset: int = 0, stream=None, out=None):
     """TIES with given per-row thresholds (e.g. global over many arrays, from
     MagnitudeThreshold). Positions whose trimmed sum is exactly 0 need the majority sign,
     which may span many arrays: they are written 0 and returned for ties_fix_majority.
     Returns (out, sign_sum, zero_sum_positions)."""
-    rows, out = _rows_and_out(x)
+    rows, out = _rows_and_out(x, out)
     inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
     sign_sum, positions = _C.ties_apply(inp, [float(t) for t in thresholds], float(lam), data_ptr(out))
     return out, sign_sum, positions
@@ -169,8 +182,8 @@ def magnitude_threshold(x, top_k: float, dare_p: float = 0.0, seed: int = 0, *, 
     return sel.thresholds()
 
 
-def _weighted_sum(rows, weights, dare_p, seed, tasks, module, elem_offset, stream):
-    out = empty_like_rows(rows[0], (rows[0].numel,))
+def _weighted_sum(rows, weights, dare_p, seed, tasks, module, elem_offset, stream, out=None):
+    out = _output(rows[0], out)
     inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
     if not _C.weighted_sum(inp, [float(w) for w in weights], data_ptr(out)):
         raise ValueError("input contains NaN or Inf")
@@ -178,15 +191,16 @@ def _weighted_sum(rows, weights, dare_p, seed, tasks, module, elem_offset, strea
 
 
 def task_arithmetic(x, lam: float = 1.0, weights: Sequence[float] | None = None, dare_p: float = 0.0,
-                    seed: int = 0, *, module: str | int = "", tasks=None, elem_offset: int = 0, stream=None):
+                    seed: int = 0, *, module: str | int = "", tasks=None, elem_offset: int = 0, stream=None,
+                    out=None):
     """lam * sum_r weights[r] * dare(x[r]) (weights default to 1): Task Arithmetic, and
-    DARE-TA with dare_p > 0. Returns the (P,) result."""
+    DARE-TA with dare_p > 0. Returns the (P,) result (written into `out` if given)."""
     rows = rows_of(x)
     weights = [1.0] * len(rows) if weights is None else list(weights)
     if len(weights) != len(rows):
         raise ValueError(f"weights has {len(weights)} entries for {len(rows)} rows")
     return _weighted_sum(rows, [float(lam) * w for w in weights], dare_p, seed, tasks, module,
-                         elem_offset, stream)
+                         elem_offset, stream, out)
 
 
 def dare(x, p: float, seed: int = 0, *, task: int = 0, module: str | int = "", elem_offset: int = 0,
