@@ -15,7 +15,8 @@ Measured per n, each in a fresh child process (writing the synthetic inputs is n
             n*r, --out-dtype): the save's wall time and that child's peak RSS.
 
 The merge time reported is the better of the two children's merges. Goals: merge <= 30 s and peak
-RSS <= 3 GB (n = 8); reported, not asserted. Each child also reports its RSS after importing torch
+RSS <= 3 GB (n = 8); reported, not asserted. A child still running after --timeout seconds is
+stopped and reported as not finished, with its peak RSS so far. Each child also reports its RSS after importing torch
 and knots_ext (part of every peak). The saved adapter is checked (every module, shapes, rank,
 finite). Results: printed, and written to benchmarks/results_llama_full.json."""
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -161,11 +163,15 @@ def main(argv=None):
                     help="dtype of the saved adapter (default float32)")
     ap.add_argument("--no-save", action="store_true", help="skip the merge + save child")
     ap.add_argument("--out", default=str(HERE / "results_llama_full.json"))
+    ap.add_argument("--timeout", type=float, default=1200.0,
+                    help="stop a child after this many seconds and report it as not finished (default 1200)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(args.child)
 
+    # a TERM (e.g. from a job runner) unwinds like Ctrl-C: the child is stopped, temp files removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.path.insert(0, str(HERE))
     from synthetic import LLAMA3_8B, write_adapters
 
@@ -196,27 +202,39 @@ def main(argv=None):
             print(f"n={n}: wrote the inputs ({in_bytes / 2**20:.0f} MiB) in {write_s:.1f} s (not timed); merging ...",
                   flush=True)
             spec = dict(paths=[str(p) for p in paths], method=args.method, top_k=args.top_k)
-            merge_only = run_child(spec, tmp)
+            run = dict(n=n, k=n * args.rank, input_mib=in_bytes / 2**20, write_inputs_seconds=write_s)
+            results["runs"].append(run)
+            merge_only = run_child(spec, tmp, args.timeout)
+            run.update(merge_child=merge_only, merge_peak_rss_mb=merge_only["child_peak_rss_mb"],
+                       getrusage_children_maxrss_mb=_maxrss_mb(resource.RUSAGE_CHILDREN))
+            if merge_only.get("timed_out"):
+                run.update(timed_out=True, meets_time_goal=False,
+                           meets_rss_goal=(merge_only["child_peak_rss_mb"] or 0) <= GOAL_RSS_GB * 1024)
+                peak = merge_only["child_peak_rss_mb"]
+                print(f"  merge: NOT FINISHED after {args.timeout:.0f} s (stopped); child peak RSS so far "
+                      f"{peak if peak is None else round(peak)} MiB", flush=True)
+                rows.append([n, n * args.rank, f"> {args.timeout:.0f} (stopped)", f">= {peak if peak is None else round(peak)}",
+                             "-", "-", "-", "MISSED / " + ("ok so far" if run["meets_rss_goal"] else "MISSED")])
+                continue
             print(f"  merge: {merge_only['merge_seconds']:.2f} s, child peak RSS "
                   f"{merge_only['child_peak_rss_mb']:.0f} MiB", flush=True)
-            run = dict(n=n, k=n * args.rank, input_mib=in_bytes / 2**20, write_inputs_seconds=write_s,
-                       merge_child=merge_only, merge_seconds=merge_only["merge_seconds"],
-                       merge_peak_rss_mb=merge_only["child_peak_rss_mb"],
-                       getrusage_children_maxrss_mb=_maxrss_mb(resource.RUSAGE_CHILDREN))
+            run["merge_seconds"] = merge_only["merge_seconds"]
             if not args.no_save:
                 save_dir = tmp / "merged"
-                with_save = run_child(dict(spec, save_dir=str(save_dir), out_dtype=args.out_dtype), tmp)
-                saved = check_saved(save_dir, n_modules, n * args.rank, LLAMA3_8B)
-                print(f"  merge + save: merge {with_save['merge_seconds']:.2f} s, save {with_save['save_seconds']:.2f} s "
-                      f"({saved['bytes'] / 2**20:.0f} MiB, ranks {saved['ranks']}), child peak RSS "
-                      f"{with_save['child_peak_rss_mb']:.0f} MiB", flush=True)
-                run.update(save_child=with_save, save_seconds=with_save["save_seconds"],
-                           save_peak_rss_mb=with_save["child_peak_rss_mb"], saved=saved,
-                           merge_seconds=min(merge_only["merge_seconds"], with_save["merge_seconds"]),
-                           getrusage_children_maxrss_mb=_maxrss_mb(resource.RUSAGE_CHILDREN))
+                with_save = run_child(dict(spec, save_dir=str(save_dir), out_dtype=args.out_dtype), tmp,
+                                      args.timeout)
+                run.update(save_child=with_save, getrusage_children_maxrss_mb=_maxrss_mb(resource.RUSAGE_CHILDREN))
+                if with_save.get("timed_out"):
+                    print(f"  merge + save: NOT FINISHED after {args.timeout:.0f} s (stopped)", flush=True)
+                else:
+                    saved = check_saved(save_dir, n_modules, n * args.rank, LLAMA3_8B)
+                    print(f"  merge + save: merge {with_save['merge_seconds']:.2f} s, save "
+                          f"{with_save['save_seconds']:.2f} s ({saved['bytes'] / 2**20:.0f} MiB, ranks "
+                          f"{saved['ranks']}), child peak RSS {with_save['child_peak_rss_mb']:.0f} MiB", flush=True)
+                    run.update(save_seconds=with_save["save_seconds"], save_peak_rss_mb=with_save["child_peak_rss_mb"],
+                               saved=saved, merge_seconds=min(merge_only["merge_seconds"], with_save["merge_seconds"]))
             run["meets_time_goal"] = run["merge_seconds"] <= GOAL_SECONDS
             run["meets_rss_goal"] = run["merge_peak_rss_mb"] <= GOAL_RSS_GB * 1024
-            results["runs"].append(run)
             rows.append([n, n * args.rank, f"{run['merge_seconds']:.2f}", f"{run['merge_peak_rss_mb']:.0f}",
                          f"{run['save_seconds']:.2f}" if "save_seconds" in run else "-",
                          f"{run['save_peak_rss_mb']:.0f}" if "save_peak_rss_mb" in run else "-",

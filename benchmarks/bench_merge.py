@@ -1,8 +1,10 @@
 """End-to-end merge benchmark: knots_ext against the dense KnOTS algorithm and PEFT, on the same
 synthetic LoRA adapters (Llama-3-8B attention shapes, benchmarks/synthetic.py), in one run.
 
-    python benchmarks/bench_merge.py            # n=8, r=16, 2 layers (slow: PEFT and the dense
-                                                # baseline run full dense SVDs, tens of minutes)
+    python benchmarks/bench_merge.py            # n=8, r=16, 2 layers: ~15 min on 2 cores (PEFT and
+                                                # the dense baseline run dense SVDs; the dense one
+                                                # of a 4096 x 32768 q_proj alone takes ~6 min)
+    python benchmarks/bench_merge.py --layers 1 --peft-modules q_proj,k_proj   # ~8 min
     python benchmarks/bench_merge.py --quick    # tiny shapes, < 1 minute: checks that it all works
 
 Timed, each method in a fresh child process (so that its peak memory is its own):
