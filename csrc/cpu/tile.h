@@ -31,14 +31,21 @@ inline bool load_tile(const TaskRows& x, int64_t r, const DareSpec& d, int64_t j
   uint32_t nonfinite = 0;
   for (int64_t t = 0; t < len; ++t) nonfinite |= magnitude_key(buf[t]) >= kNonFiniteKey;
   if (d.enabled) {
+    // The tile's mask words, one Philox block per 4 elements, laid out so that element t's word
+    // is words[t + lead]: both loops vectorise (Philox on 8 counters at a time with AVX2).
     const PhiloxKey key = x.dare_keys[r];
-    int64_t index = d.elem_offset + j0;
-    int64_t t = 0;
-    while (t < len) {
-      Philox4 w = dare_words(key, uint64_t(index) >> 2);
-      for (int lane = int(index & 3); lane < 4 && t < len; ++lane, ++t, ++index)
-        buf[t] = dare_apply(buf[t], w.w[lane], d);
+    const uint64_t first = uint64_t(d.elem_offset + j0), g0 = first >> 2;
+    const int64_t lead = int64_t(first & 3), groups = (lead + len + 3) / 4;
+    uint32_t words[kTile + 8];
+    for (int64_t i = 0; i < groups; ++i) {
+      const Philox4 w = dare_words(key, g0 + uint64_t(i));
+      words[4 * i] = w.w[0];
+      words[4 * i + 1] = w.w[1];
+      words[4 * i + 2] = w.w[2];
+      words[4 * i + 3] = w.w[3];
     }
+    const DareSpec dare = d;
+    for (int64_t t = 0; t < len; ++t) buf[t] = dare_apply(buf[t], words[t + lead], dare);
   }
   return nonfinite == 0;
 }
