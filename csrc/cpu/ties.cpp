@@ -93,7 +93,7 @@ void ties_pass(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange
   below.assign(size_t(n), 0);
 #pragma omp parallel if (x.P > 4 * kTile) reduction(+ : sign_sum) reduction(&& : finite)
   {
-    std::vector<int64_t> my_zero, my_below(size_t(n), 0), in_tile;
+    std::vector<int64_t> my_zero, my_below(size_t(n), 0), in_tile(kTile);
     SetAside mine;
     std::vector<TileAccum> storage(1);
     TileAccum& acc = storage[0];
@@ -115,36 +115,37 @@ void ties_pass(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange
         }
         my_below[r] += under;
       }
-      // Every position as if decided, vectorised; then the rare undecided or zero-sum ones.
-      int32_t special = 0;
+      // Every position as if decided, vectorised (undecided ones are not counted in the sign
+      // sum: they are counted once decided); then the rare undecided or zero-sum ones.
+      int32_t any_undecided = 0, any_zero_sum = 0;
       for (int64_t t = 0; t < len; ++t) {
         const TiesAccum a = acc.at(t);
         const int sign = ties_sign(a);
         buf[t] = ties_mean(a, sign, lam);
-        sign_sum += sign;
-        special |= a.undecided | int32_t(ties_needs_majority(a));
-      }
-      if (special) {
-        in_tile.clear();
-        for (int64_t t = 0; t < len; ++t) {
-          const TiesAccum a = acc.at(t);
-          if (a.undecided) {
-            sign_sum -= ties_sign(a);  // counted once it is decided
-            in_tile.push_back(t);
-          } else if (ties_needs_majority(a)) {
-            my_zero.push_back(j0 + t);  // its mean was computed with sign 0: written 0 for now
-          }
-        }
-        store_tile(buf, len, x.dtype, out, j0);
-        if (!in_tile.empty()) {
-          for (int64_t t : in_tile) {
-            mine.positions.push_back(j0 + t);
-            for (int64_t r = 0; r < n; ++r) mine.values.push_back(tile_rows[size_t(r) * kTile + size_t(t)]);
-          }
-        }
-        continue;
+        sign_sum += a.undecided ? 0 : sign;
+        any_undecided |= a.undecided;
+        any_zero_sum |= int32_t(ties_needs_majority(a)) & (a.undecided ^ 1);
       }
       store_tile(buf, len, x.dtype, out, j0);
+      if (any_zero_sum) {
+        for (int64_t t = 0; t < len; ++t)  // written 0 (sign 0) for now
+          if (!acc.undecided[t] && ties_needs_majority(acc.at(t))) my_zero.push_back(j0 + t);
+      }
+      if (any_undecided) {
+        // Branch-free compaction of the undecided positions, then their values from the tile.
+        int64_t count = 0;
+        for (int64_t t = 0; t < len; ++t) {
+          in_tile[count] = t;
+          count += acc.undecided[t] != 0;
+        }
+        const size_t base = mine.values.size();
+        mine.values.resize(base + size_t(count) * size_t(n));
+        float* dst = mine.values.data() + base;
+        for (int64_t q = 0; q < count; ++q) {
+          mine.positions.push_back(j0 + in_tile[q]);
+          for (int64_t r = 0; r < n; ++r) dst[q * n + r] = tile_rows[size_t(r) * kTile + size_t(in_tile[q])];
+        }
+      }
     }
 #pragma omp critical
     {
@@ -159,13 +160,13 @@ void ties_pass(const TaskRows& x, const DareSpec& d, const std::vector<TrimRange
 }
 
 constexpr int64_t kSampleBlock = 64;      // the sample: 64 elements ...
-constexpr int64_t kSampleStride = 2048;   // ... in every 2048 (1/32 of the row)
+constexpr int64_t kSampleStride = 1024;   // ... in every 1024 (1/16 of the row)
 constexpr int64_t kSampleAll = 32768;     // rows this short are histogrammed whole
 
-// Per row, a key range that holds the threshold with high probability: the sample's
-// quantile +- 4.5 binomial standard deviations (plus slack; a miss costs the exact fallback),
-// widened to whole histogram bins.
-// Rows histogrammed whole get the exact bin, so only that bin is undecided.
+// Per row, a key range that holds the threshold with high probability: the sample's order
+// statistics at its expected rank +- 4.5 binomial standard deviations (plus slack; a miss
+// costs the exact fallback). A histogram of the sample finds their bins, a selection among
+// the sample keys in those bins the exact keys. Rows histogrammed whole get the exact key.
 std::vector<TrimRange> sample_brackets(const TaskRows& x, const DareSpec& d, double top_k) {
   const int64_t n = x.n();
   const bool whole = x.P <= kSampleAll;
@@ -174,40 +175,55 @@ std::vector<TrimRange> sample_brackets(const TaskRows& x, const DareSpec& d, dou
   std::vector<TrimRange> ranges(static_cast<size_t>(n));
 #pragma omp parallel
   {
-    std::vector<uint32_t> hist(static_cast<size_t>(kRound0Bins));
+    std::vector<uint32_t> hist(static_cast<size_t>(kRound0Bins)), keys, near;
     float buf[kTile];
 #pragma omp for schedule(dynamic)
     for (int64_t r = 0; r < n; ++r) {
       std::fill(hist.begin(), hist.end(), 0);
-      uint64_t m = 0;
+      keys.clear();
       for (int64_t start = 0, i = 0; start < x.P; start += stride, ++i) {
         // A different offset in each stride, so the sample does not alias with row lengths.
         const int64_t j0 = whole ? start : start + (i * 5 * kSampleBlock) % kSampleStride;
         const int64_t len = std::max<int64_t>(0, std::min(block, x.P - j0));
         load_tile(x, r, d, j0, len, buf);  // non-finite values are reported by the full pass
-        for (int64_t t = 0; t < len; ++t) ++hist[std::min(magnitude_key(buf[t]), kNonFiniteKey) >> kRound0Shift];
-        m += uint64_t(len);
-      }
-      const double q = (double(k) - 0.5) / double(x.P);
-      const double margin = whole ? 0.0 : 4.5 * std::sqrt(double(m) * q * (1.0 - q)) + 8.0;
-      const double lo_rank = whole ? double(k) : std::ceil(q * double(m) - margin);
-      const double hi_rank = whole ? double(k) : std::ceil(q * double(m) + margin);
-      // The bins holding the 1-based ranks lo_rank and hi_rank; outside [1, m] the bracket is open.
-      uint32_t lo = 0, hi = kNonFiniteKey;
-      uint64_t seen = 0;
-      bool lo_set = lo_rank < 1.0;
-      for (int64_t b = 0; b < kRound0Bins; ++b) {
-        seen += hist[b];
-        if (!lo_set && double(seen) >= lo_rank) {
-          lo = uint32_t(b) << kRound0Shift;
-          lo_set = true;
+        for (int64_t t = 0; t < len; ++t) {
+          const uint32_t key = std::min(magnitude_key(buf[t]), kNonFiniteKey);
+          ++hist[key >> kRound0Shift];
+          keys.push_back(key);
         }
+      }
+      const double m = double(keys.size()), q = (double(k) - 0.5) / double(x.P);
+      const double margin = whole ? 0.0 : 4.5 * std::sqrt(m * q * (1.0 - q)) + 8.0;
+      // 1-based ranks in the sample; outside [1, m] the bracket is open on that side.
+      const double lo_rank = whole ? double(k) : std::ceil(q * m - margin);
+      const double hi_rank = whole ? double(k) : std::ceil(q * m + margin);
+      // The bins of both ranks, and the rank of the first sample key in the lower one.
+      int64_t lo_bin = -1, hi_bin = kRound0Bins - 1;
+      uint64_t seen = 0, before_lo = 0;
+      for (int64_t b = 0; b < kRound0Bins; ++b) {
+        if (lo_bin < 0 && double(seen + hist[b]) >= lo_rank) {
+          lo_bin = b;
+          before_lo = seen;
+        }
+        seen += hist[b];
         if (double(seen) >= hi_rank) {
-          hi = std::min<uint32_t>(uint32_t(b + 1) << kRound0Shift, kNonFiniteKey);
+          hi_bin = b;
           break;
         }
       }
-      ranges[r] = TrimRange{lo, hi};
+      near.clear();  // the sample keys in bins lo_bin .. hi_bin, where both order statistics lie
+      const uint32_t near_lo = uint32_t(std::max<int64_t>(lo_bin, 0)) << kRound0Shift;
+      const uint32_t near_hi = uint32_t(hi_bin + 1) << kRound0Shift;
+      for (uint32_t key : keys)
+        if (key >= near_lo && key < near_hi) near.push_back(key);
+      auto key_at = [&](double rank) {  // the rank-th smallest sample key (1-based)
+        auto it = near.begin() + (int64_t(rank) - 1 - int64_t(before_lo));
+        std::nth_element(near.begin(), it, near.end());
+        return *it;
+      };
+      const uint32_t lo = lo_rank < 1.0 ? 0u : key_at(lo_rank);
+      const uint32_t hi = hi_rank > m ? kNonFiniteKey : std::min(key_at(hi_rank) + 1u, kNonFiniteKey);
+      ranges[r] = whole ? TrimRange{lo, lo} : TrimRange{lo, hi};
     }
   }
   return ranges;
@@ -293,7 +309,9 @@ std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k
   for (int64_t r = 0; r < n; ++r) {
     const uint64_t under = uint64_t(below[r]);
     std::vector<uint32_t>& row_keys = keys[size_t(r)];
-    if (under < k && k <= under + row_keys.size()) {
+    if (ranges[r].undecided_from == ranges[r].keep_from) {  // histogrammed whole: exact already
+      thresholds[r] = bits_float(ranges[r].keep_from);
+    } else if (under < k && k <= under + row_keys.size()) {
       const auto nth = row_keys.begin() + int64_t(k - under - 1);
       std::nth_element(row_keys.begin(), nth, row_keys.end());
       thresholds[r] = bits_float(*nth);
