@@ -143,14 +143,6 @@ def check_saved(out_dir: Path, n_modules: int, max_rank: int, shapes: dict) -> d
     return dict(modules=n_modules, ranks=sorted(ranks), bytes=size, peft_type=cfg.get("peft_type"))
 
 
-def fmt_table(headers, rows) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,7 +165,7 @@ def main(argv=None):
     # a TERM (e.g. from a job runner) unwinds like Ctrl-C: the child is stopped, temp files removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.path.insert(0, str(HERE))
-    from synthetic import LLAMA3_8B, write_adapters
+    from synthetic import LLAMA3_8B, fmt_table, write_adapters
 
     import knots_ext
     import torch

@@ -66,7 +66,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-from synthetic import LLAMA3_8B, write_adapters  # noqa: E402
+from synthetic import LLAMA3_8B, fmt_table, write_adapters  # noqa: E402
 
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
@@ -355,14 +355,6 @@ def layer_of(module: str) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # output
-
-def fmt_table(headers, rows) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
 
 _T0 = time.perf_counter()
 

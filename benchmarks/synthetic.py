@@ -1,5 +1,6 @@
 """Synthetic PEFT LoRA adapters with Llama-3-8B attention shapes, for the end-to-end benchmarks
-(random factors; merge speed and memory do not depend on what the adapters learned)."""
+(random factors; merge speed and memory do not depend on what the adapters learned), and the
+plain-text table the benchmarks print."""
 from __future__ import annotations
 
 import json
@@ -34,3 +35,11 @@ def write_adapters(root: Path, n: int, rank: int, layers: int, shapes=LLAMA3_8B,
             "fan_in_fan_out": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}))
         paths.append(path)
     return paths
+
+
+def fmt_table(headers, rows) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

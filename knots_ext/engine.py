@@ -12,7 +12,7 @@ from . import io
 from ._progress import make_progress
 from .linalg import DEFAULT_TOL, dense_factors, truncated_factors
 from .methods import get_method
-from .methods.spaces import DenseSpace, DenseUpdate, FactoredUpdate, KnotsSpace, ModuleTasks
+from .methods.spaces import DenseSpace, FactoredUpdate, KnotsSpace, ModuleTasks
 from .methods.ta import factored_ta, ta_rows
 from .methods.ties import fix_majority, global_thresholds, ties_module, ties_per_module
 

@@ -68,18 +68,9 @@ def read_updates(path, rslora=False):
     return out
 
 
-def flat_tasks(updates, names):
-    """Each task's vector over `names` (zeros where it lacks the module) and per-task masks."""
-    rows, present = [], []
-    for u in updates:
-        rows.append(torch.cat([u[n].reshape(-1) if n in u else torch.zeros(0, dtype=F64) for n in names]))
-    return rows
-
-
 def ref_global_ties(reps, names, shapes, top_k, lam):
     """TIES with per-task thresholds over all of the task's modules and one majority sign over
     every position of every module (the KnOTS reference flattens all modules into one vector)."""
-    n = len(reps)
     thresholds = []
     for r in reps:
         v = torch.cat([r[n_].reshape(-1) for n_ in names if n_ in r])
