@@ -259,3 +259,30 @@ def test_cli(adapters, tmp_path):
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "missing" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_non_lora_tensors_dropped_or_averaged(tmp_path):
+    from safetensors.torch import load_file
+
+    paths = []
+    heads = []
+    for i in range(2):
+        p = write_adapter(tmp_path / f"h{i}", 4, 8, seed=i)
+        t = load_file(str(p / "adapter_model.safetensors"))
+        head = torch.randn(10, 16, generator=torch.Generator().manual_seed(10 + i))
+        t["base_model.model.score.weight"] = head
+        save_file(t, str(p / "adapter_model.safetensors"))
+        cfg = json.loads((p / "adapter_config.json").read_text())
+        cfg["modules_to_save"] = ["score"]
+        (p / "adapter_config.json").write_text(json.dumps(cfg))
+        paths.append(p)
+        heads.append(head)
+    dropped = knots_ext.merge(paths, method="ta")
+    assert dropped.dropped_extra == ["base_model.model.score.weight"] and not dropped.extra
+    averaged = knots_ext.merge(paths, method="ta", extra="average")
+    torch.testing.assert_close(averaged.extra["base_model.model.score.weight"], (heads[0] + heads[1]) / 2)
+    averaged.save(tmp_path / "with-head")
+    saved = load_file(str(tmp_path / "with-head" / "adapter_model.safetensors"))
+    torch.testing.assert_close(saved["base_model.model.score.weight"], (heads[0] + heads[1]) / 2)
+    dropped.save(tmp_path / "no-head")
+    assert "base_model.model.score.weight" not in load_file(str(tmp_path / "no-head" / "adapter_model.safetensors"))
