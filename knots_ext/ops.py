@@ -150,12 +150,14 @@ class MagnitudeThreshold:
         self._sel.histogram(inp, [int(task)])
 
     def update_rows(self, x, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "", tasks=None,
-                    elem_offset: int = 0, stream=None):
-        """Adds every row of x, row r to task tasks[r] (default r)."""
+                    elem_offset: int = 0, stream=None, slots=None):
+        """Adds every row of x, row r to task slots[r]; slots default to tasks (the rows' DARE
+        task indices), which default to 0..n-1."""
         rows = rows_of(x)
         inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
-        task_of_row = list(range(len(rows))) if tasks is None else [int(t) for t in tasks]
-        self._sel.histogram(inp, task_of_row)
+        if slots is None:
+            slots = range(len(rows)) if tasks is None else tasks
+        self._sel.histogram(inp, [int(t) for t in slots])
 
     def finish_round(self):
         """Closes the round; raises ValueError if any value sent was NaN or Inf."""
@@ -172,12 +174,11 @@ class MagnitudeThreshold:
 def magnitude_threshold(x, top_k: float, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "",
                         tasks=None, elem_offset: int = 0, stream=None) -> list[float]:
     """Per-row TIES thresholds of an in-memory (n, P) input (MagnitudeThreshold, all rounds)."""
-    rows = rows_of(x)
-    sel = MagnitudeThreshold(len(rows), top_k)
-    # Row r is threshold slot r; `tasks` only names the rows' DARE streams.
-    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
-    while not sel.done:
-        sel._sel.histogram(inp, list(range(len(rows))))
+    n = len(rows_of(x))
+    sel = MagnitudeThreshold(n, top_k)
+    while not sel.done:  # row r is threshold slot r; `tasks` only names the rows' DARE streams
+        sel.update_rows(x, dare_p, seed, module=module, tasks=tasks, elem_offset=elem_offset, stream=stream,
+                        slots=range(n))
         sel.finish_round()
     return sel.thresholds()
 
