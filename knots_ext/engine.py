@@ -12,6 +12,7 @@ from . import io
 from ._progress import make_progress
 from .linalg import DEFAULT_TOL, dense_factors, truncated_factors
 from .methods import get_method
+from .methods.core_space import CoreSpace
 from .methods.spaces import DenseSpace, FactoredUpdate, KnotsSpace, ModuleTasks
 from .methods.ta import factored_ta, ta_rows
 from .methods.ties import fix_majority, global_thresholds, ties_module, ties_per_module
@@ -134,7 +135,7 @@ def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float =
         for ref in progress(modules, method):
             out[ref.name] = factored_ta(module_tasks(ref), lam)
     else:
-        space = KnotsSpace(tol) if spec.space == "knots" else DenseSpace()
+        space = {"knots": lambda: KnotsSpace(tol), "core": CoreSpace, "dense": DenseSpace}[spec.space]()
         p = dare_p if spec.dare else 0.0
         if spec.rule == "ta" or top_k_scope == "module":
             for ref in progress(modules, method):

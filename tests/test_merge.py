@@ -286,3 +286,60 @@ def test_non_lora_tensors_dropped_or_averaged(tmp_path):
     torch.testing.assert_close(saved["base_model.model.score.weight"], (heads[0] + heads[1]) / 2)
     dropped.save(tmp_path / "no-head")
     assert "base_model.model.score.weight" not in load_file(str(tmp_path / "no-head" / "adapter_model.safetensors"))
+
+
+def ref_core(updates, factors, names):
+    """Core Space reference: bases from dense SVDs of [s_i B_i] and [A_i] (float64), cores
+    U_B^T dW_i V_A computed on the materialised dW_i."""
+    bases, cores = {}, [dict() for _ in updates]
+    for name in names:
+        B_cat = torch.cat([f[name][0] for f in factors], dim=1)
+        A_cat = torch.cat([f[name][1] for f in factors], dim=0)
+        U_B = torch.linalg.svd(B_cat, full_matrices=False)[0]
+        V_A = torch.linalg.svd(A_cat, full_matrices=False)[2].T
+        bases[name] = (U_B, V_A)
+        for i, u in enumerate(updates):
+            cores[i][name] = U_B.T @ u[name] @ V_A
+    return bases, cores
+
+
+def read_scaled_factors(path):
+    """(s * B, A) per module in float64, from the file (the test's own reader)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    t = load_file(str(path / "adapter_model.safetensors"))
+    out = {}
+    for key in t:
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            A, B = t[key].to(F64), t[name + ".lora_B.weight"].to(F64)
+            r = A.shape[0]
+            s = cfg["lora_alpha"] / (math.sqrt(r) if cfg["use_rslora"] else r)
+            out[name] = (s * B, A)
+    return out
+
+
+def test_core_ta_equals_ta(adapters):
+    a = knots_ext.merge(adapters, method="ta", lam=0.6)
+    b = knots_ext.merge(adapters, method="core-ta", lam=0.6)
+    for name in a.modules:
+        close(b.delta(name), a.delta(name).double(), 1e-5, name)
+
+
+@pytest.mark.parametrize("method,top_k,p", [("core-ties", 0.3, 0.0), ("core-ties", 1.0, 0.0),
+                                            ("core-dare-ties", 0.5, 0.3)])
+def test_core_space_ties(adapters, method, top_k, p):
+    updates = [read_updates(q) for q in adapters]
+    factors = [read_scaled_factors(q) for q in adapters]
+    names = sorted(updates[0])
+    bases, cores = ref_core(updates, factors, names)
+    if p:
+        cores = [{n: ops.dare(c[n].float(), p, 5, task=i, module=n).double() for n in names}
+                 for i, c in enumerate(cores)]
+    shapes = {n: tuple(cores[0][n].shape) for n in names}
+    merged = ref_global_ties(cores, names, shapes, top_k, 1.0)
+    res = knots_ext.merge(adapters, method=method, top_k=top_k, dare_p=p, seed=5)
+    for name in names:
+        U_B, V_A = bases[name]
+        close(res.delta(name), U_B @ merged[name] @ V_A.T, 1e-4, name)

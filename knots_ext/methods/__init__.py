@@ -1,6 +1,6 @@
 """The merge methods (DESIGN.md §1), by name: each is a space (where the task vectors live:
-dense updates, KnOTS representations, or LoRA factors) and a merge rule on it (TA or TIES),
-optionally after DARE."""
+dense updates, KnOTS representations, Core Space cores, or LoRA factors) and a merge rule on it
+(TA or TIES), optionally after DARE."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Method:
     name: str
-    space: str  # "factors" (exact TA on LoRA factors), "dense" or "knots"
+    space: str  # "factors" (exact TA on LoRA factors), "dense", "knots" or "core"
     rule: str  # "ta" or "ties"
     dare: bool  # DARE before the rule (needs dare_p > 0)
 
@@ -23,6 +23,10 @@ METHODS = {m.name: m for m in [
     Method("knots-ties", "knots", "ties", False),
     Method("knots-dare-ta", "knots", "ta", True),
     Method("knots-dare-ties", "knots", "ties", True),
+    Method("core-ta", "core", "ta", False),
+    Method("core-ties", "core", "ties", False),
+    Method("core-dare-ta", "core", "ta", True),
+    Method("core-dare-ties", "core", "ties", True),
 ]}
 
 

@@ -1,0 +1,46 @@
+"""Core Space merging (Panariello et al., NeurIPS 2025): every task's update is expressed in
+shared bases — the left singular vectors U_B of [s_1 B_1 .. s_n B_n] and the right singular
+vectors V_A of [A_1; ..; A_n] — as a small k x k core M_i = U_B^T s_i B_i A_i V_A (k = sum r_i).
+TA / TIES / DARE merge the cores; the update is U_B M V_A^T. Since every B_i lies in span(U_B)
+and every A_i in span(V_A), TA in core space equals TA exactly.
+
+From the factors: B_cat = Q_B R_B and A_cat^T = Q_A R_A (QR), R_B = U S W^T and R_A = U' S' W'^T
+(small SVDs) give U_B = Q_B U and V_A = Q_A U', and U_B^T s_i B_i = (U^T R_B)[:, block i],
+A_i V_A = (U'^T R_A)[:, block i]^T: the cores need no d-sized product."""
+from __future__ import annotations
+
+import torch
+
+from .spaces import FactoredUpdate, ModuleTasks
+
+
+def _basis_and_coords(mat: torch.Tensor):
+    """Orthonormal left singular vectors of a tall mat (d x k) and mat's coordinates in them."""
+    Q, R = torch.linalg.qr(mat)
+    U, _, _ = torch.linalg.svd(R, full_matrices=False)
+    return Q @ U, U.T @ R
+
+
+class CoreSpace:
+    name = "core"
+
+    def prepare(self, m: ModuleTasks):
+        f64 = torch.float64
+        B_cat = torch.cat([s * B.to(f64) for (B, _), s in zip(m.factors, m.scales)], dim=1)
+        A_cat_t = torch.cat([A.to(f64) for _, A in m.factors], dim=0).T
+        U_B, b_coords = _basis_and_coords(B_cat)  # b_coords[:, block i] = U_B^T s_i B_i
+        V_A, a_coords = _basis_and_coords(A_cat_t)  # a_coords[:, block i] = V_A^T A_i^T
+        cores, c0 = [], 0
+        for B, _ in m.factors:
+            r = B.shape[1]
+            cores.append((b_coords[:, c0:c0 + r] @ a_coords[:, c0:c0 + r].T).to(torch.float32))
+            c0 += r
+        return U_B.to(torch.float32), V_A.to(torch.float32), cores
+
+    def rows(self, m: ModuleTasks, state) -> list:
+        return [core.reshape(-1) for core in state[2]]
+
+    def update(self, m, merged_row: torch.Tensor, state) -> FactoredUpdate:
+        U_B, V_A, _ = state
+        M = merged_row.reshape(U_B.shape[1], V_A.shape[1])
+        return FactoredUpdate(U_B, M @ V_A.T)
