@@ -13,6 +13,7 @@ from ._progress import make_progress
 from .linalg import DEFAULT_TOL, dense_factors, truncated_factors
 from .methods import get_method
 from .methods.core_space import CoreSpace
+from .methods.iso import iso_c
 from .methods.spaces import DenseSpace, FactoredUpdate, KnotsSpace, ModuleTasks
 from .methods.ta import factored_ta, ta_rows
 from .methods.ties import fix_majority, global_thresholds, ties_module, ties_per_module
@@ -133,7 +134,8 @@ def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float =
     out = {}
     if spec.space == "factors":
         for ref in progress(modules, method):
-            out[ref.name] = factored_ta(module_tasks(ref), lam)
+            m = module_tasks(ref)
+            out[ref.name] = factored_ta(m, lam) if spec.rule == "ta" else iso_c(m, lam, tol)
     else:
         space = {"knots": lambda: KnotsSpace(tol), "core": CoreSpace, "dense": DenseSpace}[spec.space]()
         p = dare_p if spec.dare else 0.0

@@ -343,3 +343,16 @@ def test_core_space_ties(adapters, method, top_k, p):
     for name in names:
         U_B, V_A = bases[name]
         close(res.delta(name), U_B @ merged[name] @ V_A.T, 1e-4, name)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.4])
+def test_iso_c(adapters, lam):
+    updates = [read_updates(q) for q in adapters]
+    res = knots_ext.merge(adapters, method="iso-c", lam=lam)
+    for name in updates[0]:
+        total = sum(u[name] for u in updates)
+        U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+        keep = S > 1e-5  # the numerical rank: a rank-k sum of d x d has d - k zero singular values
+        want = lam * S[keep].mean() * U[:, keep] @ Vh[keep]
+        close(res.delta(name), want, 1e-5, name)
+        assert res.modules[name].B.shape[1] == int(keep.sum())
