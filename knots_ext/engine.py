@@ -14,6 +14,7 @@ from .linalg import DEFAULT_TOL, dense_factors, truncated_factors
 from .methods import get_method
 from .methods.core_space import CoreSpace
 from .methods.iso import iso_c
+from .methods.tsv import tsv_m
 from .methods.spaces import DenseSpace, FactoredUpdate, KnotsSpace, ModuleTasks
 from .methods.ta import factored_ta, ta_rows
 from .methods.ties import fix_majority, global_thresholds, ties_module, ties_per_module
@@ -135,7 +136,8 @@ def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float =
     if spec.space == "factors":
         for ref in progress(modules, method):
             m = module_tasks(ref)
-            out[ref.name] = factored_ta(m, lam) if spec.rule == "ta" else iso_c(m, lam, tol)
+            rule = {"ta": lambda: factored_ta(m, lam), "iso-c": lambda: iso_c(m, lam, tol), "tsv-m": lambda: tsv_m(m, lam)}
+            out[ref.name] = rule[spec.rule]()
     else:
         space = {"knots": lambda: KnotsSpace(tol), "core": CoreSpace, "dense": DenseSpace}[spec.space]()
         p = dare_p if spec.dare else 0.0

@@ -356,3 +356,27 @@ def test_iso_c(adapters, lam):
         want = lam * S[keep].mean() * U[:, keep] @ Vh[keep]
         close(res.delta(name), want, 1e-5, name)
         assert res.modules[name].B.shape[1] == int(keep.sum())
+
+
+def _polar64(M):
+    P, _, Qt = torch.linalg.svd(M, full_matrices=False)
+    return P @ Qt
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.7])
+def test_tsv_m(adapters, tmp_path, lam):
+    # a fourth adapter of rank 8 makes 4 * per-task ranks exceed min(d)/n for the v_proj (12 x 16)
+    paths = [*adapters, write_adapter(tmp_path / "a3", 8, 8, seed=4)]
+    updates = [read_updates(q) for q in paths]
+    res = knots_ext.merge(paths, method="tsv-m", lam=lam)
+    for name in updates[0]:
+        d = min(updates[0][name].shape)
+        per_task = max(1, d // len(updates))
+        Us, Ss, Vs = [], [], []
+        for u in updates:
+            U, S, Vh = torch.linalg.svd(u[name], full_matrices=False)
+            r = int((S > 1e-9 * S[0]).sum())  # the task's LoRA rank
+            keep = min(r, per_task)
+            Us.append(U[:, :keep]), Ss.append(S[:keep]), Vs.append(Vh[:keep].T)
+        want = lam * _polar64(torch.cat(Us, 1)) @ torch.diag(torch.cat(Ss)) @ _polar64(torch.cat(Vs, 1)).T
+        close(res.delta(name), want, 1e-4, name)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class Method:
     name: str
     space: str  # "factors" (exact TA on LoRA factors), "dense", "knots" or "core"
-    rule: str  # "ta" or "ties"; "iso-c" on factors
+    rule: str  # "ta" or "ties"; "iso-c" or "tsv-m" on factors
     dare: bool  # DARE before the rule (needs dare_p > 0)
 
 
@@ -24,6 +24,7 @@ METHODS = {m.name: m for m in [
     Method("knots-dare-ta", "knots", "ta", True),
     Method("knots-dare-ties", "knots", "ties", True),
     Method("iso-c", "factors", "iso-c", False),
+    Method("tsv-m", "factors", "tsv-m", False),
     Method("core-ta", "core", "ta", False),
     Method("core-ties", "core", "ties", False),
     Method("core-dare-ta", "core", "ta", True),
