@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tol", type=float, default=1e-5, help="KnOTS: drop singular values <= tol")
     ap.add_argument("--extra", choices=["drop", "average"], default="drop",
                     help="non-LoRA tensors (modules_to_save): leave out (default) or average")
+    ap.add_argument("--grams", nargs="+", default=None,
+                    help="regmean: one Gram file (knots_ext.grams.save_grams) per adapter, in the same order")
+    ap.add_argument("--regmean-alpha", type=float, default=0.9, help="regmean: scale of the Grams' off-diagonals")
+    ap.add_argument("--common-fraction", type=float, default=None,
+                    help="iso-cts: share of the rank kept for the common subspace (default: the paper's)")
     ap.add_argument("--force", action="store_true", help="merge adapters of different base models")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
@@ -48,7 +53,8 @@ def main(argv=None) -> int:
     try:
         result = merge(args.adapters, method=args.method, top_k=args.top_k, lam=args.lam, dare_p=args.dare_p,
                        seed=args.seed, device=args.device, top_k_scope=args.top_k_scope, tol=args.tol,
-                       alpha=args.alpha, force=args.force, extra=args.extra, quiet=args.quiet)
+                       alpha=args.alpha, force=args.force, extra=args.extra, quiet=args.quiet,
+                       grams=args.grams, regmean_alpha=args.regmean_alpha, common_fraction=args.common_fraction)
         result.save(args.output, rank=args.rank)
     except (io.AdapterError, ValueError, FileNotFoundError, KeyError) as e:
         return fail(str(e).strip("'\""))

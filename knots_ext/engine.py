@@ -94,15 +94,19 @@ def _load(adapters, alpha):
 
 def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float = 1.0, dare_p: float = 0.0,
           seed: int = 0, device="cpu", *, top_k_scope: str = "task", tol: float = DEFAULT_TOL,
-          alpha: float | None = None, force: bool = False, extra: str = "drop", quiet: bool = True) -> MergeResult:
+          alpha: float | None = None, force: bool = False, extra: str = "drop", quiet: bool = True,
+          grams=None, regmean_alpha: float = 0.9, common_fraction: float | None = None) -> MergeResult:
     """Merges n LoRA adapters (paths or loaded io.Adapter objects) into one, with `method` one
     of knots_ext.methods.METHODS (DESIGN.md §1 defines each exactly):
 
     top_k: TIES keeps this fraction of each task's entries (threshold global per task over all
     modules with top_k_scope="task", per module with "module"); lam scales the merged update;
     dare_p, seed: DARE's drop probability (dare-* methods only) and mask seed; tol: KnOTS drops
-    singular values <= tol; alpha: lora_alpha for bare .safetensors files; force: merge adapters
-    of different base models; extra: "drop" or "average" the non-LoRA tensors (modules_to_save).
+    singular values <= tol (and the numerical rank of iso-c / iso-cts); alpha: lora_alpha for
+    bare .safetensors files; force: merge adapters of different base models; extra: "drop" or
+    "average" the non-LoRA tensors (modules_to_save). regmean: grams, one Gram file (or loaded
+    knots_ext.grams.Grams) per adapter, and regmean_alpha, the off-diagonal scale; iso-cts:
+    common_fraction, the share of the rank given to the common subspace (None: the paper's).
     """
     spec = get_method(method)
     if spec.dare and not 0.0 < dare_p < 1.0:
@@ -134,10 +138,15 @@ def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float =
         modules.append(_ModuleRef(name, tasks, tuple(adapters[tasks[0]].shape(name))))
     out = {}
     if spec.space == "factors":
+        if spec.rule == "regmean":
+            rule = _regmean_rule(grams, len(adapters), regmean_alpha, lam)
+        elif spec.rule == "iso-cts":
+            rule = _iso_cts_rule(lam, tol, common_fraction)
+        else:
+            rule = {"ta": lambda m: factored_ta(m, lam), "iso-c": lambda m: iso_c(m, lam, tol),
+                    "tsv-m": lambda m: tsv_m(m, lam)}[spec.rule]
         for ref in progress(modules, method):
-            m = module_tasks(ref)
-            rule = {"ta": lambda: factored_ta(m, lam), "iso-c": lambda: iso_c(m, lam, tol), "tsv-m": lambda: tsv_m(m, lam)}
-            out[ref.name] = rule[spec.rule]()
+            out[ref.name] = rule(module_tasks(ref))
     else:
         space = {"knots": lambda: KnotsSpace(tol), "core": CoreSpace, "dense": DenseSpace}[spec.space]()
         p = dare_p if spec.dare else 0.0
@@ -159,6 +168,28 @@ def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float =
                          fan_in_fan_out=adapters[0].fan_in_fan_out, task_type=adapters[0].config.get("task_type"))
     _merge_extra(adapters, extra, result)
     return result
+
+
+def _iso_cts_rule(lam, tol, common_fraction):
+    from .methods.iso import iso_cts
+
+    if common_fraction is None:
+        return lambda m: iso_cts(m, lam, tol)
+    return lambda m: iso_cts(m, lam, tol, common_fraction=common_fraction)
+
+
+def _regmean_rule(grams, n_adapters: int, alpha: float, lam: float):
+    """RegMean per module, with each task's Gram of that module's inputs from its Gram file."""
+    from .grams import Grams, load_grams
+    from .methods.regmean import regmean
+
+    if grams is None or len(grams) != n_adapters:
+        raise ValueError(f"regmean needs one Gram file per adapter (--grams): got "
+                         f"{0 if grams is None else len(grams)} for {n_adapters} adapters")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"regmean_alpha must be in [0, 1], got {alpha}")
+    loaded = [g if isinstance(g, Grams) else load_grams(g) for g in grams]
+    return lambda m: regmean(m, [loaded[t].get(m.name, m.shape[1]) for t in m.tasks], alpha, lam)
 
 
 @dataclass

@@ -380,3 +380,49 @@ def test_tsv_m(adapters, tmp_path, lam):
             Us.append(U[:, :keep]), Ss.append(S[:keep]), Vs.append(Vh[:keep].T)
         want = lam * _polar64(torch.cat(Us, 1)) @ torch.diag(torch.cat(Ss)) @ _polar64(torch.cat(Vs, 1)).T
         close(res.delta(name), want, 1e-4, name)
+
+
+def _random_grams(path, layers, modules, seed):
+    from knots_ext.grams import save_grams
+
+    gen = torch.Generator().manual_seed(seed)
+    grams = {}
+    for layer in range(layers):
+        for mod, (_, d_in) in modules.items():
+            X = torch.randn(3 * d_in, d_in, generator=gen, dtype=F64)
+            grams[f"model.layers.{layer}.{mod}"] = X.T @ X
+    save_grams(path, grams)
+    return grams
+
+
+@pytest.mark.parametrize("alpha", [0.9, 1.0])
+def test_regmean_end_to_end(adapters, tmp_path, alpha):
+    updates = [read_updates(q) for q in adapters]
+    grams = [_random_grams(tmp_path / f"g{i}.safetensors", 2, SHAPES, 20 + i) for i in range(len(adapters))]
+    res = knots_ext.merge(adapters, method="regmean", grams=[tmp_path / f"g{i}.safetensors" for i in range(3)],
+                          regmean_alpha=alpha, lam=1.0)
+    for name in updates[0]:
+        key = name.removeprefix("base_model.model.")
+        shrunk = [alpha * g[key] + (1 - alpha) * torch.diag(torch.diag(g[key])) for g in grams]
+        want = sum(u[name] @ g for u, g in zip(updates, shrunk)) @ torch.linalg.inv(sum(shrunk))
+        close(res.delta(name), want, 1e-4, name)
+    # from the CLI, and refused without Grams
+    out = tmp_path / "rm"
+    ok = subprocess.run([sys.executable, "-m", "knots_ext.cli", *map(str, adapters), "-o", str(out), "--method",
+                         "regmean", "--regmean-alpha", str(alpha), "--quiet", "--grams",
+                         *[str(tmp_path / f"g{i}.safetensors") for i in range(3)]], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "knots_ext.cli", *map(str, adapters), "-o", str(tmp_path / "no"),
+                          "--method", "regmean", "--grams", str(tmp_path / "g0.safetensors")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Gram" in bad.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_iso_cts_through_merge(adapters):
+    c = knots_ext.merge(adapters, method="iso-c", lam=0.8)
+    full = knots_ext.merge(adapters, method="iso-cts", lam=0.8, common_fraction=1.0)
+    for name in c.modules:  # all of the rank common: Iso-CTS is Iso-C
+        close(full.delta(name), c.delta(name).double(), 1e-5, name)
+    default = knots_ext.merge(adapters, method="iso-cts", lam=0.8)
+    assert sorted(default.modules) == sorted(c.modules)

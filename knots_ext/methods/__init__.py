@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class Method:
     name: str
     space: str  # "factors" (exact TA on LoRA factors), "dense", "knots" or "core"
-    rule: str  # "ta" or "ties"; "iso-c" or "tsv-m" on factors
+    rule: str  # "ta" or "ties"; on factors also "iso-c", "iso-cts", "tsv-m", "regmean"
     dare: bool  # DARE before the rule (needs dare_p > 0)
 
 
@@ -24,7 +24,9 @@ METHODS = {m.name: m for m in [
     Method("knots-dare-ta", "knots", "ta", True),
     Method("knots-dare-ties", "knots", "ties", True),
     Method("iso-c", "factors", "iso-c", False),
+    Method("iso-cts", "factors", "iso-cts", False),
     Method("tsv-m", "factors", "tsv-m", False),
+    Method("regmean", "factors", "regmean", False),
     Method("core-ta", "core", "ta", False),
     Method("core-ties", "core", "ties", False),
     Method("core-dare-ta", "core", "ta", True),
