@@ -47,8 +47,8 @@ def write_adapter(path, ranks, alpha, *, layers=2, modules=SHAPES, rslora=False,
     return path
 
 
-def read_updates(path, rslora=False):
-    """Float64 dense updates s * B @ A of a hand-written adapter (the test's own reader)."""
+def read_scaled_factors(path):
+    """(s * B, A) per module in float64, from a hand-written adapter (the test's own reader)."""
     from safetensors.torch import load_file
 
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -64,8 +64,13 @@ def read_updates(path, rslora=False):
                 if name.endswith("." + pat):
                     alpha = a
             s = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
-            out[name] = s * B @ A
+            out[name] = (s * B, A)
     return out
+
+
+def read_updates(path):
+    """Float64 dense updates s * B @ A of a hand-written adapter."""
+    return {name: sB @ A for name, (sB, A) in read_scaled_factors(path).items()}
 
 
 def ref_global_ties(reps, names, shapes, top_k, lam):
@@ -301,23 +306,6 @@ def ref_core(updates, factors, names):
         for i, u in enumerate(updates):
             cores[i][name] = U_B.T @ u[name] @ V_A
     return bases, cores
-
-
-def read_scaled_factors(path):
-    """(s * B, A) per module in float64, from the file (the test's own reader)."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    t = load_file(str(path / "adapter_model.safetensors"))
-    out = {}
-    for key in t:
-        if key.endswith(".lora_A.weight"):
-            name = key[: -len(".lora_A.weight")]
-            A, B = t[key].to(F64), t[name + ".lora_B.weight"].to(F64)
-            r = A.shape[0]
-            s = cfg["lora_alpha"] / (math.sqrt(r) if cfg["use_rslora"] else r)
-            out[name] = (s * B, A)
-    return out
 
 
 def test_core_ta_equals_ta(adapters):
