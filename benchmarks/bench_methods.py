@@ -1,6 +1,6 @@
 """Methods benchmark: knots_ext.merge (from the LoRA factors) against dense versions of the same
 methods written here (every dW_i materialised in float32, dense torch.linalg SVDs), for iso-c,
-tsv-m and core-ties (optionally iso-cts), on the same synthetic adapters (synthetic.write_adapters:
+tsv-m and core-ties (optionally iso-cts and regmean, with synthetic Grams), on the same synthetic adapters (synthetic.write_adapters:
 n = 8, r = 16, Llama-3-8B attention shapes 4096 x 4096 / 1024 x 4096, 1 layer by default).
 
 Each run is in a fresh child process; its time is the best of --repeats, its memory the child's
@@ -117,11 +117,41 @@ def dense_core_ties(dWs, facs, top_k, lam, tol=TOL):
     return U_B @ M @ V_A.T
 
 
+GRAMS = "grams.safetensors"  # RegMean's Gram file, written into each adapter's directory
+REGMEAN_ALPHA = 0.9
+
+
+def write_grams(paths, seed: int = 100):
+    """A Gram per module and adapter, I + U U^T with U d_in x 64 (positive definite, cheap):
+    written untimed, beside each adapter, as knots_ext.grams files."""
+    from knots_ext.grams import save_grams
+    for i, p in enumerate(paths):
+        gen = torch.Generator().manual_seed(seed + i)
+        grams = {}
+        for name, (_, A, _) in load_lora(p).items():
+            U = torch.randn(A.shape[1], 64, generator=gen, dtype=torch.float64) / 8
+            grams[name.removeprefix("base_model.model.")] = torch.eye(A.shape[1], dtype=torch.float64) + U @ U.T
+        save_grams(Path(p) / GRAMS, grams)
+
+
+def dense_regmean(dWs, grams, lam, alpha=REGMEAN_ALPHA):
+    """(sum_i dW_i G~_i)(sum_i G~_i)^-1 on the dense dW_i (float32 products, float64 solve)."""
+    shrunk = [(alpha * G + (1 - alpha) * torch.diag(torch.diag(G))).float() for G in grams]
+    num = sum(dW @ G for dW, G in zip(dWs, shrunk))
+    return lam * torch.linalg.solve(sum(shrunk).double(), num.double().T).T.float()  # G~ symmetric
+
+
 def dense_merge(paths, method, top_k, lam):
     dWs, facs = _load_dense(paths)
+    if method == "regmean":
+        from safetensors.torch import load_file
+        gram_files = [load_file(str(Path(p) / GRAMS)) for p in paths]
     out = {}
     for name in dWs:
-        if method == "iso-c":
+        if method == "regmean":
+            key = name.removeprefix("base_model.model.")
+            out[name] = dense_regmean(dWs[name], [g[key] for g in gram_files], lam)
+        elif method == "iso-c":
             out[name] = dense_iso_c(dWs[name], lam)
         elif method == "iso-cts":
             out[name] = dense_iso_cts(dWs[name], lam)
@@ -148,6 +178,8 @@ def job(paths, method, impl, top_k, lam, repeats, budget):
     else:
         def run():  # the merge only: its result stays factored (res.delta is taken after)
             kw = dict(top_k=top_k, top_k_scope="module") if method == "core-ties" else {}
+            if method == "regmean":
+                kw = dict(grams=[Path(p) / GRAMS for p in paths], regmean_alpha=REGMEAN_ALPHA)
             return knots_ext.merge([str(p) for p in paths], method=method, lam=lam, **kw)
 
     times, out = timed(run, repeats, budget)
@@ -176,7 +208,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=float, default=0.2, help="core-ties top_k (default 0.2)")
     ap.add_argument("--lam", type=float, default=1.0, help="lam (default 1.0)")
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"comma list of {', '.join(METHODS + ('iso-cts',))} (default {','.join(METHODS)})")
+                    help=f"comma list of {', '.join(METHODS + ('iso-cts', 'regmean'))} (default {','.join(METHODS)})")
     ap.add_argument("--repeats", type=int, default=3, help="best of this many runs (default 3)")
     ap.add_argument("--repeat-budget", type=float, default=20.0,
                     help="repeat only while a method's total time stays under this (default 20 s)")
@@ -192,6 +224,8 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="bench_methods_"))
     try:
         paths = write_adapters(tmp / "adapters", args.n, args.rank, args.layers, shapes=shapes)
+        if "regmean" in methods:
+            write_grams(paths)
         rows, results = [], {}
         for method in methods:
             r = {}
