@@ -181,7 +181,7 @@ def _iso_cts_rule(lam, tol, common_fraction):
 def _regmean_rule(grams, n_adapters: int, alpha: float, lam: float):
     """RegMean per module, with each task's Gram of that module's inputs from its Gram file."""
     from .grams import Grams, load_grams
-    from .methods.regmean import regmean
+    from .methods.regmean import module_grams, regmean
 
     if grams is None or len(grams) != n_adapters:
         raise ValueError(f"regmean needs one Gram file per adapter (--grams): got "
@@ -189,7 +189,7 @@ def _regmean_rule(grams, n_adapters: int, alpha: float, lam: float):
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"regmean_alpha must be in [0, 1], got {alpha}")
     loaded = [g if isinstance(g, Grams) else load_grams(g) for g in grams]
-    return lambda m: regmean(m, [loaded[t].get(m.name, m.shape[1]) for t in m.tasks], alpha, lam)
+    return lambda m: regmean(m, module_grams(loaded, m), alpha, lam)
 
 
 @dataclass
