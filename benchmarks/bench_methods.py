@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from bench_merge import _child_setup, in_child, load_lora, peak_rss_mb, timed  # noqa: E402
+from bench_merge import _child_setup, in_child, load_lora, peak_rss_mb, rel_err, timed  # noqa: E402
 from synthetic import LLAMA3_8B, fmt_table, write_adapters  # noqa: E402
 
 TOL = 1e-5
@@ -190,13 +190,9 @@ def job(paths, method, impl, top_k, lam, repeats, budget):
 
 
 def rel_errs(got: dict, want: dict) -> tuple[float, float]:
-    """(max |got - want| / max |want|, ||got - want||_F / ||want||_F) over all modules."""
+    """bench_merge.rel_err over all modules together (max and Frobenius relative errors)."""
     assert set(got) == set(want), (sorted(got), sorted(want))
-    num = max(float((got[k].double() - want[k].double()).abs().max()) for k in want)
-    den = max(float(want[k].double().abs().max()) for k in want)
-    fnum = math.sqrt(sum(float((got[k].double() - want[k].double()).norm()) ** 2 for k in want))
-    fden = math.sqrt(sum(float(want[k].double().norm()) ** 2 for k in want))
-    return num / den, fnum / fden
+    return rel_err(torch.cat([got[k].reshape(-1) for k in want]), torch.cat([want[k].reshape(-1) for k in want]))
 
 
 def main(argv=None):
