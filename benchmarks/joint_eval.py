@@ -127,8 +127,9 @@ class Bench:
     """The base model, its weights, the heads and the adapters; embeds splits with a merged update
     folded into the base weights (merges cached by method and hyperparameters)."""
 
-    def __init__(self, tasks, adapter_dir: Path):
+    def __init__(self, tasks, adapter_dir: Path, top_k_scope: str = "task"):
         self.tasks = tasks
+        self.top_k_scope = top_k_scope
         self.tokenizer, self.model = jt.load_base_model()
         self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.heads = jt.class_embeddings(self.model, self.tokenizer)
@@ -159,7 +160,8 @@ class Bench:
     def merged(self, method: str, params: dict):
         extra = {"grams": self.regmean_grams()} if METHODS[method].rule == "regmean" else {}
         return knots_ext.merge(self.adapters, method, lam=params.get("lam", 1.0), top_k=params.get("top_k", 1.0),
-                               dare_p=params.get("dare_p", 0.0), seed=DARE_SEED, **extra)
+                               dare_p=params.get("dare_p", 0.0), seed=DARE_SEED, top_k_scope=self.top_k_scope,
+                               **extra)
 
     def evaluate(self, method: str, params: dict, split: str) -> dict:
         key = (method, tuple(sorted(params.items())), split)
@@ -211,13 +213,13 @@ class Bench:
 
 # ---- search -------------------------------------------------------------------------------------
 
-def linear_search(evaluate, params: list, criterion) -> dict:
+def linear_search(evaluate, params: list, criterion, grid: dict = GRID) -> dict:
     """The KnOTS reference code's linear search: each parameter in SEARCH_ORDER swept over its
     grid with the others held at their current best (first best wins a tie)."""
     best = {p: DEFAULTS[p] for p in params}
     for p in SEARCH_ORDER:
         if p in params:
-            values = [(criterion(evaluate({**best, p: v})), v) for v in GRID[p]]
+            values = [(criterion(evaluate({**best, p: v})), v) for v in grid[p]]
             best[p] = max(values, key=lambda sv: sv[0])[1]
     return best
 
@@ -333,10 +335,11 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     tasks = jt.load_tasks(args.tasks.split(",") if args.tasks else None)
-    bench = Bench(tasks, Path(args.adapters))
+    bench = Bench(tasks, Path(args.adapters), args.top_k_scope)
     names = [t.name for t in tasks]
     methods = args.methods.split(",") if args.methods else list(METHODS)
     log = print if not args.silent else (lambda *a, **k: None)
+    grid = {**GRID, "lam": [round(0.1 * i, 1) for i in range(1, round(10 * args.lam_max) + 1)]}
 
     # Finetuned models: each adapter alone, on every input of the split (the Ensemble needs them
     # all); on val only for the search.
@@ -368,7 +371,7 @@ def run(args) -> dict:
         if args.quick:
             chosen = shipped.get(method) or {s: {p: DEFAULTS[p] for p in params} for s in SETTINGS}
         else:
-            chosen = {s: linear_search(lambda cfg: bench.evaluate(method, cfg, "val"), params, criteria[s])
+            chosen = {s: linear_search(lambda cfg: bench.evaluate(method, cfg, "val"), params, criteria[s], grid)
                       for s in SETTINGS}
         test = {s: bench.evaluate(method, chosen[s], "test") for s in SETTINGS}
         add_row(method, test["per_task"], test["joint"], chosen)
@@ -378,11 +381,11 @@ def run(args) -> dict:
             f"[{time.perf_counter() - t0:.0f} s]", flush=True)
 
     results = {
-        "mode": "quick" if args.quick else "full",
+        "mode": "quick" if args.quick else "full", "top_k_scope": args.top_k_scope,
         "model": jt.BASE_MODEL_NAME, "tasks": names,
         "sizes": {t.name: {s: len(t.splits[s].texts) for s in ("train", "val", "test")} for t in tasks},
         "joint_labels": jt.JOINT_LABELS,
-        "search": {"grid": GRID, "defaults": DEFAULTS, "order": SEARCH_ORDER, "dare_seed": DARE_SEED,
+        "search": {"grid": grid, "defaults": DEFAULTS, "order": SEARCH_ORDER, "dare_seed": DARE_SEED,
                    "criteria": {"per_task": "mean normalized val accuracy", "joint": "val Hits@1"}},
         "finetuned_val_acc": ft_acc.get("val"),
         "rows": rows,
@@ -405,6 +408,9 @@ def main(argv=None):
     ap.add_argument("--adapters", default=str(ADAPTERS))
     ap.add_argument("--tasks", default="", help="comma-separated subset of " + ",".join(jt.TASK_NAMES))
     ap.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    ap.add_argument("--top-k-scope", choices=("task", "module"), default="task",
+                    help="TIES thresholds per task over all modules (the KnOTS reference) or per module")
+    ap.add_argument("--lam-max", type=float, default=1.0, help="lam grid 0.1..LAM_MAX (the paper's: 1.0)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--silent", action="store_true")
     args = ap.parse_args(argv)
