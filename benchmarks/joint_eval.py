@@ -137,6 +137,7 @@ class Bench:
         for path in self.adapters:
             if not Path(path).is_dir():
                 raise SystemExit(f"error: {path}: no adapter (train them: python benchmarks/train_joint_adapters.py)")
+        self.modules = knots_ext.io.load_adapter(self.adapters[0]).modules  # the adapted modules
         self.inputs = {s: Inputs(tasks, s) for s in ("val", "test")}
         self.grams = None
         self.cache = {}
@@ -178,7 +179,6 @@ class Bench:
         over GRAM_EXAMPLES training inputs fed one at a time (no padding counted)."""
         if self.grams is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="joint-grams-")
-            modules = knots_ext.io.load_adapter(self.adapters[0]).modules
             self.grams = []
             for i, task in enumerate(self.tasks):
                 self.reset()
@@ -186,14 +186,14 @@ class Bench:
                 texts = task.splits["train"].texts[:GRAM_EXAMPLES]
                 batches = (jt.tokenize(self.tokenizer, [t]) for t in texts)
                 path = Path(self._tmp.name) / f"{task.name}.safetensors"
-                save_grams(path, collect_grams(self.model, batches, module_names=modules))
+                save_grams(path, collect_grams(self.model, batches, module_names=self.modules))
                 self.grams.append(load_grams(path))
             self.reset()
         return self.grams
 
     def module_inputs(self, texts) -> dict:
         """Each adapted module's inputs in the base model (real tokens only), N x d_in."""
-        modules = knots_ext.io.load_adapter(self.adapters[0]).modules
+        modules = self.modules
         prefix = "base_model.model."
         named = dict(self.model.named_modules())
         seen = {m: [] for m in modules}
