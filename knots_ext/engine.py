@@ -4,18 +4,21 @@ Modules are processed one at a time (factors loaded lazily), so memory stays bou
 module's working set plus the output (for KnOTS, each module's SVD is part of the output)."""
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 
 import torch
 
-from . import io
+from . import _C, io
 from ._progress import make_progress
 from .linalg import DEFAULT_TOL, dense_factors, truncated_factors
 from .methods import get_method
 from .methods.core_space import CoreSpace
 from .methods.iso import iso_c
 from .methods.tsv import tsv_m
-from .methods.spaces import DenseSpace, FactoredUpdate, KnotsSpace, ModuleTasks
+from .methods.spaces import DenseSpace, FactoredUpdate, KnotsSpace, ModuleTasks, drop_zero_updates, zero_update
 from .methods.ta import factored_ta, ta_rows
 from .methods.ties import fix_majority, global_thresholds, ties_module, ties_per_module
 
@@ -57,6 +60,7 @@ class MergeResult:
 
     def save(self, out_dir, rank: int | None = None, dtype=torch.float32) -> None:
         """Writes a PEFT LoRA adapter (safetensors + adapter_config.json) that PEFT loads as is."""
+        check_rank(rank)
         io.save_adapter(out_dir, self.factors(rank), base_model=self.base_model,
                         fan_in_fan_out=self.fan_in_fan_out, extra=self.extra or None, dtype=dtype,
                         task_type=self.task_type)
@@ -85,7 +89,19 @@ class MergeResult:
         return target if is_module else weights
 
 
+def check_rank(rank) -> None:
+    """An output rank is None (lossless) or an integer >= 1."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
+        raise ValueError(f"rank must be an integer >= 1 (or None for the lossless rank), got {rank!r}")
+
+
 def _load(adapters, alpha):
+    if isinstance(adapters, (str, bytes, os.PathLike, io.Adapter)):
+        raise ValueError(f"adapters must be a list of adapter paths (or loaded adapters), got one "
+                         f"{type(adapters).__name__}: wrap it in a list")
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("no adapters to merge")
     loaded = []
     for a in adapters:
         loaded.append(a if isinstance(a, io.Adapter) else io.load_adapter(a, alpha=alpha))
@@ -109,19 +125,9 @@ def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float =
     common_fraction, the share of the rank given to the common subspace (None: the paper's).
     """
     spec = get_method(method)
-    if spec.dare and not 0.0 < dare_p < 1.0:
-        raise ValueError(f"{method} needs dare_p in (0, 1), got {dare_p}")
-    if not spec.dare and dare_p != 0.0:
-        raise ValueError(f"dare_p applies to the dare methods only, not {method}")
-    if top_k_scope not in ("task", "module"):
-        raise ValueError(f"top_k_scope must be 'task' or 'module', got {top_k_scope!r}")
-    if not top_k >= 0.0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if extra not in ("drop", "average"):
-        raise ValueError(f"extra must be 'drop' or 'average', got {extra!r}")
-    if not adapters:
-        raise ValueError("no adapters to merge")
-    device = torch.device(device)
+    _check_params(spec, top_k=top_k, lam=lam, dare_p=dare_p, seed=seed, top_k_scope=top_k_scope, tol=tol,
+                  extra=extra, regmean_alpha=regmean_alpha, common_fraction=common_fraction)
+    device = _check_device(device, needs_kernels=spec.space != "factors")
     adapters = _load(adapters, alpha)
     io.check_compatible(adapters, force=force)
     progress = make_progress(quiet)
@@ -129,8 +135,10 @@ def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float =
     names = sorted(set().union(*(a.modules for a in adapters)))
 
     def module_tasks(ref: "_ModuleRef") -> ModuleTasks:
+        """The module's tasks with a non-zero update (factors loaded now, on the merge device)."""
         factors = [tuple(t.to(device) for t in adapters[i].factors(ref.name)) for i in ref.tasks]
-        return ModuleTasks(ref.name, ref.tasks, factors, [adapters[i].scale(ref.name) for i in ref.tasks], ref.shape)
+        scales = [adapters[i].scale(ref.name) for i in ref.tasks]
+        return drop_zero_updates(ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape))
 
     modules = []
     for name in names:
@@ -146,28 +154,126 @@ def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float =
             rule = {"ta": lambda m: factored_ta(m, lam), "iso-c": lambda m: iso_c(m, lam, tol),
                     "tsv-m": lambda m: tsv_m(m, lam)}[spec.rule]
         for ref in progress(modules, method):
-            out[ref.name] = rule(module_tasks(ref))
+            m = module_tasks(ref)
+            out[ref.name] = rule(m) if m.tasks else zero_update(m)
     else:
         space = {"knots": lambda: KnotsSpace(tol), "core": CoreSpace, "dense": DenseSpace}[spec.space]()
-        p = dare_p if spec.dare else 0.0
-        if spec.rule == "ta" or top_k_scope == "module":
-            for ref in progress(modules, method):
-                m = module_tasks(ref)
-                state = space.prepare(m)
-                rows = space.rows(m, state)
-                if spec.rule == "ta":
-                    merged = _merge_rows(rows, lambda r: ta_rows(r, ref, lam, p, seed))
-                else:
-                    merged = _merge_rows(rows, lambda r: ties_per_module(r, ref, top_k, lam, p, seed))
-                out[ref.name] = space.update(ref, merged, state)
-        else:
-            out = _global_ties(modules, module_tasks, space, len(adapters), top_k, lam, p, seed, progress, method)
+        try:
+            out = _merge_in_space(space, spec, modules, module_tasks, len(adapters), top_k, top_k_scope, lam,
+                                  dare_p if spec.dare else 0.0, seed, progress)
+        except ValueError as e:
+            if "NaN or Inf" not in str(e):
+                raise
+            _blame_nonfinite(modules, module_tasks, space, adapters, e)
+    for ref in modules:
+        _check_finite(ref, out[ref.name], adapters, lam)
 
     result = MergeResult(out, method, dict(top_k=top_k, lam=lam, dare_p=dare_p, seed=seed, top_k_scope=top_k_scope,
                                            tol=tol), base_model=adapters[0].base_model,
                          fan_in_fan_out=adapters[0].fan_in_fan_out, task_type=adapters[0].config.get("task_type"))
     _merge_extra(adapters, extra, result)
     return result
+
+
+def _merge_in_space(space, spec, modules, module_tasks, n_tasks, top_k, top_k_scope, lam, dare_p, seed,
+                    progress) -> dict:
+    """TA or TIES on task rows in a space (dense, KnOTS, Core): per module, or with TIES's
+    thresholds global per task."""
+    if spec.rule == "ties" and top_k_scope == "task":
+        return _global_ties(modules, module_tasks, space, n_tasks, top_k, lam, dare_p, seed, progress, spec.name)
+    out = {}
+    for ref in progress(modules, spec.name):
+        m = module_tasks(ref)
+        if not m.tasks:
+            out[ref.name] = zero_update(m)
+            continue
+        state = space.prepare(m)
+        rows = space.rows(m, state)
+        if spec.rule == "ta":
+            merged = _merge_rows(rows, lambda r: ta_rows(r, m, lam, dare_p, seed))
+        else:
+            merged = _merge_rows(rows, lambda r: ties_per_module(r, m, top_k, lam, dare_p, seed))
+        out[ref.name] = space.update(m, merged, state)
+    return out
+
+
+def _check_finite(ref, update, adapters, lam) -> None:
+    """Refuses a merged update that overflowed float32, naming the module, its inputs and lam
+    (the inputs are known to be finite: the reader refuses NaN and Inf)."""
+    parts = (update.B, update.A) if isinstance(update, FactoredUpdate) else (update.W,)
+    if all(bool(torch.isfinite(t).all()) for t in parts):
+        return
+    paths = ", ".join(str(adapters[i].path) for i in ref.tasks)
+    raise ValueError(f"module {ref.name}: the merged update overflows float32 with lam={lam}; the inputs "
+                     f"({paths}) are finite, so their updates times lam are too large: lower lam or check "
+                     "those adapters' lora_alpha")
+
+
+def _blame_nonfinite(modules, module_tasks, space, adapters, error) -> None:
+    """A kernel saw NaN or Inf in the task rows: finite factors whose update overflows float32.
+    Finds the module and adapter and says so (only on this error path: it reads every module)."""
+    for ref in modules:
+        m = module_tasks(ref)
+        if not m.tasks:
+            continue
+        for row, t, s in zip(space.rows(m, space.prepare(m)), m.tasks, m.scales):
+            if not bool(torch.isfinite(row).all()):
+                raise ValueError(f"{adapters[t].path}: module {ref.name}: its update (scale {s} x lora_B x "
+                                 f"lora_A) overflows float32 in the {space.name} space") from None
+    raise ValueError(f"the task updates overflow float32 after DARE's rescaling 1/(1-dare_p) ({error})") from None
+
+
+def _check_params(spec, *, top_k, lam, dare_p, seed, top_k_scope, tol, extra, regmean_alpha,
+                  common_fraction) -> None:
+    """Refuses, with one line naming the parameter, every value that would silently mean
+    something else (a percent for top_k, a NaN lam, ...)."""
+    def number(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return float(value)
+
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not 0.0 < top_k <= 1.0:
+        raise ValueError(f"top_k must be in (0, 1], got {top_k} (top_k is a fraction: 20% is 0.2)")
+    number("lam", lam)
+    if spec.dare and not 0.0 < number("dare_p", dare_p) < 1.0:
+        raise ValueError(f"{spec.name} needs dare_p in (0, 1), got {dare_p}")
+    if not spec.dare and dare_p != 0.0:
+        raise ValueError(f"dare_p applies to the dare methods only, not {spec.name}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    if number("tol", tol) < 0.0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    if top_k_scope not in ("task", "module"):
+        raise ValueError(f"top_k_scope must be 'task' or 'module', got {top_k_scope!r}")
+    if extra not in ("drop", "average"):
+        raise ValueError(f"extra must be 'drop' or 'average', got {extra!r}")
+    if not 0.0 <= number("regmean_alpha", regmean_alpha) <= 1.0:
+        raise ValueError(f"regmean_alpha must be in [0, 1], got {regmean_alpha}")
+    if common_fraction is not None and not 0.0 <= number("common_fraction", common_fraction) <= 1.0:
+        raise ValueError(f"common_fraction must be in [0, 1], got {common_fraction}")
+
+
+def _check_device(device, needs_kernels: bool) -> torch.device:
+    """The merge device, or a one-line ValueError: unknown names, CUDA without a device or
+    without the CUDA build of the kernels."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:N): {e}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r} is not supported (cpu or cuda)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA device on this machine")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    if needs_kernels and not _C.build_info()["cuda_compiled"]:
+        raise ValueError(f"device {device!r}: knots_ext was built without its CUDA kernels "
+                         "(reinstall with KNOTS_EXT_CUDA=1 where nvcc is available)")
+    return dev
 
 
 def _iso_cts_rule(lam, tol, common_fraction):
@@ -186,8 +292,6 @@ def _regmean_rule(grams, n_adapters: int, alpha: float, lam: float):
     if grams is None or len(grams) != n_adapters:
         raise ValueError(f"regmean needs one Gram file per adapter (--grams): got "
                          f"{0 if grams is None else len(grams)} for {n_adapters} adapters")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"regmean_alpha must be in [0, 1], got {alpha}")
     loaded = [g if isinstance(g, Grams) else load_grams(g) for g in grams]
     return lambda m: regmean(m, module_grams(loaded, m), alpha, lam)
 
@@ -204,31 +308,40 @@ class _ModuleRef:
 
 def _global_ties(modules, module_tasks, space, n_tasks, top_k, lam, dare_p, seed, progress, method):
     """TIES with per-task thresholds over all modules: a threshold pass (one or two rounds),
-    then a merge pass; each module's space state (its KnOTS SVD) is computed once and kept, as
-    it is part of the output anyway."""
+    then a merge pass, then the global majority sign at the positions whose trimmed sum was
+    exactly 0; only then are the merged rows mapped back (space.update), so the fix reaches
+    every space. Each module's space state (its KnOTS SVD) is computed once and kept, as it is
+    part of the output anyway."""
     states = {}
 
     def rows_of(ref):
         m = module_tasks(ref)
+        if not m.tasks:
+            return m, [], None
         if ref.name not in states:
             states[ref.name] = space.prepare(m)
-        return space.rows(m, states[ref.name]), states[ref.name]
+        return m, space.rows(m, states[ref.name]), states[ref.name]
 
     thresholds = global_thresholds(modules, rows_of, n_tasks, top_k, dare_p, seed, progress)
-    out, sign_sum, pending = {}, 0, []
+    merged_rows, sign_sum, pending = {}, 0, []
     for ref in progress(modules, f"{method} merge"):
-        rows, state = rows_of(ref)
-        if rows[0].numel() == 0:
-            merged = rows[0].new_zeros(0)
-        else:
-            merged, signs, zero_sum = ties_module(rows, ref, thresholds, lam, dare_p, seed)
-            sign_sum += signs
-            if zero_sum:
-                pending.append((ref, merged, zero_sum))
-        out[ref.name] = space.update(ref, merged, state)
+        m, rows, _ = rows_of(ref)
+        if not rows or rows[0].numel() == 0:
+            merged_rows[ref.name] = None if not rows else rows[0].new_zeros(0)
+            continue
+        merged, signs, zero_sum = ties_module(rows, m, thresholds, lam, dare_p, seed)
+        sign_sum += signs
+        merged_rows[ref.name] = merged
+        if zero_sum:
+            pending.append((ref, zero_sum))
     majority = (sign_sum > 0) - (sign_sum < 0)
-    for ref, merged, zero_sum in pending:
-        fix_majority(rows_of(ref)[0], ref, merged, thresholds, zero_sum, majority, lam, dare_p, seed)
+    for ref, zero_sum in pending:
+        m, rows, _ = rows_of(ref)
+        fix_majority(rows, m, merged_rows[ref.name], thresholds, zero_sum, majority, lam, dare_p, seed)
+    out = {}
+    for ref in modules:
+        merged = merged_rows[ref.name]
+        out[ref.name] = zero_update(ref) if merged is None else space.update(ref, merged, states[ref.name])
     return out
 
 
@@ -243,4 +356,9 @@ def _merge_extra(adapters, extra: str, result: MergeResult) -> None:
         return
     for key in keys:
         having = [a for a in adapters if key in a.extra_tensors]
-        result.extra[key] = torch.stack([a.extra(key, dtype=torch.float32) for a in having]).mean(0)
+        tensors = [a.extra(key, dtype=torch.float32) for a in having]
+        for a, t in zip(having, tensors):
+            if t.shape != tensors[0].shape:
+                raise io.AdapterError(a.path, f"extra tensor {key}: shape {list(t.shape)} differs from "
+                                              f"{list(tensors[0].shape)} in {having[0].path}; cannot average them")
+        result.extra[key] = torch.stack(tensors).mean(0)

@@ -11,6 +11,20 @@ import torch
 DEFAULT_TOL = 1e-5
 
 
+def fix_signs(U: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sign convention of every basis the package computes (DESIGN.md §1): singular pair j
+    (column j of U, row j of `rows`) is negated where needed so that the largest-magnitude entry
+    of U's column j is positive, the lowest index winning ties. An SVD fixes its vectors only up
+    to sign, and TIES's majority rule is not sign-equivariant: without this, a merge could change
+    with the thread count, the BLAS or the memory layout."""
+    if U.numel() == 0:
+        return U, rows
+    idx = U.abs().argmax(dim=0)  # the first maximal index
+    sign = torch.sign(U.gather(0, idx[None, :]))[0]
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign, rows * sign[:, None]
+
+
 @dataclass
 class KnotsSVD:
     """[dW_1 | ... | dW_n] = U diag(S) [V_1^T | ... | V_n^T], singular values > tol only, in
@@ -50,11 +64,12 @@ def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None) -> KnotsSVD
                       zip(A64, R_A, _offsets([A.shape[0] for A in A64]))], dim=1)
     U_K, S, W_t = torch.linalg.svd(core, full_matrices=False)
     keep = S > tol
-    U_K, S, W_t = U_K[:, keep], S[keep], W_t[keep]
+    U, W_t = fix_signs(Q_B @ U_K[:, keep], W_t[keep])
+    S = S[keep]
     coef = []
     for R, c0 in zip(R_A, _offsets([R.shape[0] for R in R_A])):
         coef.append(S[:, None] * (W_t[:, c0:c0 + R.shape[0]] @ torch.linalg.pinv(R.T)))
-    return KnotsSVD(U=Q_B @ U_K, S=S, coef=coef, A=A64)
+    return KnotsSVD(U=U, S=S, coef=coef, A=A64)
 
 
 def _offsets(sizes):
@@ -74,11 +89,13 @@ def truncated_factors(P: torch.Tensor, Q: torch.Tensor, rank: int | None = None,
     Q_Q, R_Q = torch.linalg.qr(Q64.T)
     U, S, Vt = torch.linalg.svd(R_P @ R_Q.T, full_matrices=False)
     keep = int((S > tol).sum()) if rank is None else min(int(rank), S.numel())
-    return (Q_P @ U[:, :keep]) * S[:keep], Vt[:keep] @ Q_Q.T
+    U, Vt = fix_signs(Q_P @ U[:, :keep], Vt[:keep])
+    return U * S[:keep], Vt @ Q_Q.T
 
 
 def dense_factors(dW: torch.Tensor, rank: int | None = None, tol: float = 0.0):
     """Factors (B, A) of a dense update, truncated to `rank` (None: its numerical rank)."""
     U, S, Vt = torch.linalg.svd(dW.to(torch.float64), full_matrices=False)
     keep = int((S > tol * max(1.0, float(S[0]) if S.numel() else 1.0)).sum()) if rank is None else min(int(rank), S.numel())
-    return U[:, :keep] * S[:keep], Vt[:keep]
+    U, Vt = fix_signs(U[:, :keep], Vt[:keep])
+    return U * S[:keep], Vt

@@ -1,10 +1,9 @@
-"""The merge engine (knots_ext.merge) against float64 references written here on materialised
-matrices: every method, several shapes, mixed ranks, rslora, bf16 storage, a zero adapter,
+"""The merge engine (knots_ext.merge) against the float64 references of merge_refs.py (materialised
+matrices): every method, several shapes, mixed ranks, rslora, bf16 storage, a zero adapter,
 duplicated adapters, n = 1, modules only some adapters have, and the CLI."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -14,97 +13,9 @@ from safetensors.torch import save_file
 
 import knots_ext
 from knots_ext import ops
-from conftest import ref_threshold, ref_ties
-
-F64 = torch.float64
-PREFIX = "base_model.model.model.layers"
-# (module, d_out, d_in): non-square shapes on purpose
-SHAPES = {"self_attn.q_proj": (24, 16), "self_attn.v_proj": (12, 16), "mlp.down_proj": (16, 40)}
-
-
-def write_adapter(path, ranks, alpha, *, layers=2, modules=SHAPES, rslora=False, dtype=torch.float32,
-                  seed=0, zero=False, rank_pattern=None, alpha_pattern=None):
-    """A PEFT-format LoRA adapter written by hand (safetensors + adapter_config.json)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(layers):
-        for mod, (d_out, d_in) in modules.items():
-            r = ranks[mod] if isinstance(ranks, dict) else ranks
-            name = f"{PREFIX}.{layer}.{mod}"
-            A = torch.randn(r, d_in, generator=gen) / math.sqrt(d_in)
-            B = torch.randn(d_out, r, generator=gen) * (0.0 if zero else 1.0)
-            tensors[f"{name}.lora_A.weight"] = A.to(dtype)
-            tensors[f"{name}.lora_B.weight"] = B.to(dtype)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    if not isinstance(ranks, int):  # per-module ranks are declared as PEFT does, by rank_pattern
-        rank_pattern = {**{m: r for m, r in ranks.items()}, **(rank_pattern or {})}
-    config = {"peft_type": "LORA", "r": ranks if isinstance(ranks, int) else max(ranks.values()),
-              "lora_alpha": alpha, "use_rslora": rslora, "target_modules": sorted({m.split(".")[-1] for m in modules}),
-              "base_model_name_or_path": "tiny-base", "fan_in_fan_out": False, "task_type": "CAUSAL_LM",
-              "rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {}}
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    return path
-
-
-def read_scaled_factors(path):
-    """(s * B, A) per module in float64, from a hand-written adapter (the test's own reader)."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    t = load_file(str(path / "adapter_model.safetensors"))
-    out = {}
-    for key in t:
-        if key.endswith(".lora_A.weight"):
-            name = key[: -len(".lora_A.weight")]
-            A, B = t[key].to(F64), t[name + ".lora_B.weight"].to(F64)
-            r = A.shape[0]
-            alpha = cfg["lora_alpha"]
-            for pat, a in cfg.get("alpha_pattern", {}).items():
-                if name.endswith("." + pat):
-                    alpha = a
-            s = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
-            out[name] = (s * B, A)
-    return out
-
-
-def read_updates(path):
-    """Float64 dense updates s * B @ A of a hand-written adapter."""
-    return {name: sB @ A for name, (sB, A) in read_scaled_factors(path).items()}
-
-
-def ref_global_ties(reps, names, shapes, top_k, lam):
-    """TIES with per-task thresholds over all of the task's modules and one majority sign over
-    every position of every module (the KnOTS reference flattens all modules into one vector)."""
-    thresholds = []
-    for r in reps:
-        v = torch.cat([r[n_].reshape(-1) for n_ in names if n_ in r])
-        thresholds.append(ref_threshold(v, top_k))
-    big = torch.stack([torch.cat([r[n_].reshape(-1) if n_ in r else torch.zeros(math.prod(shapes[n_]), dtype=F64)
-                                  for n_ in names]) for r in reps])
-    ref = ref_ties(big, lam=lam, thresholds=thresholds)
-    out, off = {}, 0
-    for n_ in names:
-        size = math.prod(shapes[n_])
-        out[n_] = ref.out[off:off + size].reshape(shapes[n_])
-        off += size
-    return out
-
-
-def ref_knots(updates, names, tol=1e-5):
-    """Dense float64 SVD of each module's concatenated updates: (U, per-task reps)."""
-    U_of, reps = {}, [dict() for _ in updates]
-    for name in names:
-        tasks = [i for i, u in enumerate(updates) if name in u]
-        cat = torch.cat([updates[i][name] for i in tasks], dim=1)
-        U, S, Vh = torch.linalg.svd(cat, full_matrices=False)
-        keep = S > tol
-        U, S, Vh = U[:, keep], S[keep], Vh[keep]
-        d_in = updates[tasks[0]][name].shape[1]
-        U_of[name] = U
-        for j, i in enumerate(tasks):
-            reps[i][name] = S[:, None] * Vh[:, j * d_in:(j + 1) * d_in]
-    return U_of, reps
+from conftest import ref_ties
+from merge_refs import (F64, SHAPES, close, read_scaled_factors, read_updates, ref_core, ref_global_ties, ref_knots,
+                        ref_tsv_m, write_adapter)
 
 
 @pytest.fixture
@@ -114,12 +25,6 @@ def adapters(tmp_path):
                            seed=2, rslora=True),
              write_adapter(tmp_path / "a2", 8, 8, seed=3, dtype=torch.bfloat16)]
     return paths
-
-
-def close(got, want, rtol=1e-4, what=""):
-    err = (got.double() - want).abs().max().item()
-    scale = want.abs().max().item() + 1e-12
-    assert err <= rtol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
 def test_ta_is_exact_sum(adapters):
@@ -293,21 +198,6 @@ def test_non_lora_tensors_dropped_or_averaged(tmp_path):
     assert "base_model.model.score.weight" not in load_file(str(tmp_path / "no-head" / "adapter_model.safetensors"))
 
 
-def ref_core(updates, factors, names):
-    """Core Space reference: bases from dense SVDs of [s_i B_i] and [A_i] (float64), cores
-    U_B^T dW_i V_A computed on the materialised dW_i."""
-    bases, cores = {}, [dict() for _ in updates]
-    for name in names:
-        B_cat = torch.cat([f[name][0] for f in factors], dim=1)
-        A_cat = torch.cat([f[name][1] for f in factors], dim=0)
-        U_B = torch.linalg.svd(B_cat, full_matrices=False)[0]
-        V_A = torch.linalg.svd(A_cat, full_matrices=False)[2].T
-        bases[name] = (U_B, V_A)
-        for i, u in enumerate(updates):
-            cores[i][name] = U_B.T @ u[name] @ V_A
-    return bases, cores
-
-
 def test_core_ta_equals_ta(adapters):
     a = knots_ext.merge(adapters, method="ta", lam=0.6)
     b = knots_ext.merge(adapters, method="core-ta", lam=0.6)
@@ -346,11 +236,6 @@ def test_iso_c(adapters, lam):
         assert res.modules[name].B.shape[1] == int(keep.sum())
 
 
-def _polar64(M):
-    P, _, Qt = torch.linalg.svd(M, full_matrices=False)
-    return P @ Qt
-
-
 @pytest.mark.parametrize("lam", [1.0, 0.7])
 def test_tsv_m(adapters, tmp_path, lam):
     # a fourth adapter of rank 8 makes 4 * per-task ranks exceed min(d)/n for the v_proj (12 x 16)
@@ -358,16 +243,7 @@ def test_tsv_m(adapters, tmp_path, lam):
     updates = [read_updates(q) for q in paths]
     res = knots_ext.merge(paths, method="tsv-m", lam=lam)
     for name in updates[0]:
-        d = min(updates[0][name].shape)
-        per_task = max(1, d // len(updates))
-        Us, Ss, Vs = [], [], []
-        for u in updates:
-            U, S, Vh = torch.linalg.svd(u[name], full_matrices=False)
-            r = int((S > 1e-9 * S[0]).sum())  # the task's LoRA rank
-            keep = min(r, per_task)
-            Us.append(U[:, :keep]), Ss.append(S[:keep]), Vs.append(Vh[:keep].T)
-        want = lam * _polar64(torch.cat(Us, 1)) @ torch.diag(torch.cat(Ss)) @ _polar64(torch.cat(Vs, 1)).T
-        close(res.delta(name), want, 1e-4, name)
+        close(res.delta(name), ref_tsv_m([u[name] for u in updates], lam), 1e-4, name)
 
 
 def _random_grams(path, layers, modules, seed):

@@ -1,6 +1,7 @@
 """Core Space merging (Panariello et al., NeurIPS 2025): every task's update is expressed in
 shared bases — the left singular vectors U_B of [s_1 B_1 .. s_n B_n] and the right singular
-vectors V_A of [A_1; ..; A_n] — as a small k x k core M_i = U_B^T s_i B_i A_i V_A (k = sum r_i).
+vectors V_A of [A_1; ..; A_n], each over its numerical rank (at most k = sum r_i) — as a small
+core M_i = U_B^T s_i B_i A_i V_A.
 TA / TIES / DARE merge the cores; the update is U_B M V_A^T. Since every B_i lies in span(U_B)
 and every A_i in span(V_A), TA in core space equals TA exactly.
 
@@ -11,14 +12,20 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg import fix_signs
 from .spaces import FactoredUpdate, ModuleTasks
 
 
 def _basis_and_coords(mat: torch.Tensor):
-    """Orthonormal left singular vectors of a tall mat (d x k) and mat's coordinates in them."""
+    """Orthonormal left singular vectors of a tall mat (d x k) over its numerical rank (singular
+    values above S_max * max(d, k) * eps, as numpy's matrix_rank), signs fixed, and mat's
+    coordinates in them. Directions of zero singular value (duplicated or opposite adapters)
+    would carry only rounding noise, which TIES would count as votes."""
     Q, R = torch.linalg.qr(mat)
-    U, _, _ = torch.linalg.svd(R, full_matrices=False)
-    return Q @ U, U.T @ R
+    U, S, _ = torch.linalg.svd(R, full_matrices=False)
+    keep = S > (S[0] if S.numel() else 0.0) * max(mat.shape) * torch.finfo(mat.dtype).eps
+    U = U[:, keep]
+    return fix_signs(Q @ U, U.T @ R)
 
 
 class CoreSpace:

@@ -42,6 +42,28 @@ class ModuleTasks:
     shape: tuple
 
 
+def drop_zero_updates(m: ModuleTasks) -> ModuleTasks:
+    """m without the tasks whose update s_i B_i A_i is exactly zero (DESIGN.md §1: a zero update
+    is an absent one; no votes, no count, no basis directions, no budget in any method). A rank
+    component whose column of B_i or row of A_i is all zero contributes nothing either and is
+    dropped, so an untrained LoRA (B_i = 0, A_i random) leaves no trace in any basis."""
+    tasks, factors, scales = [], [], []
+    for t, (B, A), s in zip(m.tasks, m.factors, m.scales):
+        live = (B != 0).any(dim=0) & (A != 0).any(dim=1)
+        if s == 0 or not bool(live.any()):
+            continue
+        if not bool(live.all()):
+            B, A = B[:, live], A[live]
+        tasks.append(t), factors.append((B, A)), scales.append(s)
+    return ModuleTasks(m.name, tasks, factors, scales, m.shape)
+
+
+def zero_update(m) -> "FactoredUpdate":
+    """The update of a module (anything with a .shape) that no task changes: rank 0."""
+    d_out, d_in = m.shape
+    return FactoredUpdate(torch.zeros(d_out, 0), torch.zeros(0, d_in))
+
+
 class DenseSpace:
     """The plain task vectors: row i is the flattened s_i * B_i @ A_i (for TIES, DARE on dW)."""
 

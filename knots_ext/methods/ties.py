@@ -13,8 +13,8 @@ from .. import ops
 def global_thresholds(modules, rows_of, n_tasks: int, top_k: float, dare_p: float, seed: int, progress):
     sel = ops.MagnitudeThreshold(n_tasks, top_k)
     while not sel.done:
-        for m in progress(modules, f"TIES thresholds, round {sel.round + 1}"):
-            rows, _ = rows_of(m)
+        for ref in progress(modules, f"TIES thresholds, round {sel.round + 1}"):
+            m, rows, _ = rows_of(ref)
             if rows and rows[0].numel():
                 sel.update_rows(rows, dare_p, seed, module=m.name, tasks=m.tasks)
         sel.finish_round()
