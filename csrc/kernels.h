@@ -3,6 +3,7 @@
 // cuda:: on device memory, on the caller's stream.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/dare_math.h"
@@ -34,32 +35,19 @@ struct TiesPending {
 namespace cpu {
 int num_threads();
 void set_num_threads(int n);
-// Adds row r's magnitudes to task task_of_row[r]'s histogram of sel's current round.
-void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector<int64_t>& task_of_row,
-                         MagnitudeSelect& sel);
-// TIES with exact thresholds (one per row): writes out (P elements, x's dtype).
-void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds, float lam,
-                void* out, TiesPending& pending);
-// Rewrites the listed positions with the elected sign `majority` (+1, -1 or 0).
-void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds,
-                       float lam, int majority, const std::vector<int64_t>& positions, void* out);
-// The whole in-memory TIES merge of one array, thresholds per row; returns them.
-std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k, float lam, void* out);
-// out = sum_r weights[r] * dare(row r). Returns false if the input had NaN or Inf.
-bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>& weights, void* out);
+// The kernels below run on the selected instruction-set path (cpu/dispatch.cpp): "baseline"
+// (the build's -march) or "avx2" (AVX2, chosen at run time where the CPU has it).
+std::vector<std::string> paths();  // the paths this build has and this CPU can run
+std::string path();                // the one that runs
+void set_path(const std::string& name);
+std::string arch();                // the -march the baseline path was built for
+#include "kernel_api.h"
 }  // namespace cpu
 
 namespace cuda {
 bool compiled();
 int device_count();  // 0 when not compiled or no driver/device
-void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector<int64_t>& task_of_row,
-                         MagnitudeSelect& sel);
-void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds, float lam,
-                void* out, TiesPending& pending);
-void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds,
-                       float lam, int majority, const std::vector<int64_t>& positions, void* out);
-std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k, float lam, void* out);
-bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>& weights, void* out);
+#include "kernel_api.h"
 }  // namespace cuda
 
 }  // namespace kx

@@ -55,15 +55,22 @@ PYBIND11_MODULE(_C, m) {
            py::arg("device"), py::arg("stream"), py::arg("dare_p"), py::arg("seed"), py::arg("tasks"),
            py::arg("module_id"), py::arg("elem_offset"));
 
+  cpu::path();  // reads KNOTS_EXT_CPU_PATH now: a bad value fails the import, not a later call
+
   m.def("build_info", [] {
     py::dict d;
     d["cpu"] = true;
+    d["cpu_arch"] = cpu::arch();
+    d["cpu_path"] = cpu::path();
+    d["cpu_paths"] = cpu::paths();
     d["openmp_threads"] = cpu::num_threads();
     d["cuda_compiled"] = cuda::compiled();
     d["cuda_devices"] = cuda::device_count();
     return d;
   });
   m.def("set_num_threads", &cpu::set_num_threads);
+  m.def("set_cpu_path", &cpu::set_path, py::arg("name"),
+        "Runs the CPU kernels on this path (one of build_info()['cpu_paths']); results do not change");
   m.def("num_threads", &cpu::num_threads);
   m.def("module_id", [](const std::string& name) { return fnv1a64(name.data(), name.size()); },
         "64-bit FNV-1a of a module name: the module part of DARE's stream");
@@ -77,6 +84,7 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("ties_merge", [](const Input& in, double top_k, float lam, uintptr_t out) {
+    check_top_k(top_k);
     py::gil_scoped_release nogil;
     return in.on_cuda() ? cuda::ties_merge(in.rows, in.dare, top_k, lam, out_ptr(out))
                         : cpu::ties_merge(in.rows, in.dare, top_k, lam, out_ptr(out));

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "philox.h"
+#include "rounding.h"
 
 namespace kx {
 
@@ -38,7 +39,7 @@ KX_HD Philox4 dare_words(PhiloxKey key, uint64_t group) {
 }
 
 KX_HD float dare_apply(float v, uint32_t word, const DareSpec& d) {
-  return word >= d.drop_below ? v * d.scale : 0.0f;
+  return word >= d.drop_below ? mul_rn(v, d.scale) : 0.0f;
 }
 
 // One element, computing its own Philox block (the GPU path; the CPU path shares a block

@@ -28,6 +28,11 @@ inline uint64_t threshold_rank(uint64_t n, double top_k) {
   return n - uint64_t(std::floor(double(n) * top_k));
 }
 
+inline void check_top_k(double top_k) {
+  if (!(top_k > 0.0 && top_k <= 1.0))  // NaN too
+    throw std::invalid_argument("top_k must be in (0, 1] (top_k is a fraction: 20% is 0.2)");
+}
+
 class MagnitudeSelect {
  public:
   static constexpr uint32_t kNoPrefix = 0xffffffffu;
@@ -37,7 +42,7 @@ class MagnitudeSelect {
         total_(n_tasks, 0), low_or_(n_tasks, 0), prefix_(n_tasks, kNoPrefix),
         rank_(n_tasks, 0), key_(n_tasks, 0), exact_(n_tasks, false) {
     if (n_tasks < 1) throw std::invalid_argument("magnitude threshold needs at least one task");
-    if (!(top_k >= 0.0)) throw std::invalid_argument("top_k must be >= 0");
+    check_top_k(top_k);
   }
 
   int64_t n_tasks() const { return n_; }

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "dtype.h"
+#include "rounding.h"
 
 namespace kx {
 
@@ -37,9 +38,9 @@ KX_HD void ties_add(float& sum, float& pos_sum, float& neg_sum, int32_t& pos_cou
   int32_t keep = key >= r.keep_from;
   undecided |= int32_t(key >= r.undecided_from) & (keep ^ 1);
   float t = keep ? v : 0.0f;
-  sum += t;
-  pos_sum += t > 0.0f ? t : 0.0f;
-  neg_sum += t < 0.0f ? t : 0.0f;
+  sum = add_rn(sum, t);
+  pos_sum = add_rn(pos_sum, t > 0.0f ? t : 0.0f);
+  neg_sum = add_rn(neg_sum, t < 0.0f ? t : 0.0f);
   pos_count += t > 0.0f;
   neg_count += t < 0.0f;
 }
@@ -60,9 +61,9 @@ KX_HD bool ties_needs_majority(const TiesAccum& a) {
 // Disjoint mean for a given elected sign (0 gives 0: no entry has sign 0 and is nonzero).
 // Both means are computed (denominators >= 1), so the CPU loop over a tile has no branch.
 KX_HD float ties_mean(const TiesAccum& a, int sign, float lam) {
-  const float pos_mean = a.pos_sum / float(a.pos_count > 0 ? a.pos_count : 1);
-  const float neg_mean = a.neg_sum / float(a.neg_count > 0 ? a.neg_count : 1);
-  return lam * (sign > 0 ? pos_mean : (sign < 0 ? neg_mean : 0.0f));
+  const float pos_mean = div_rn(a.pos_sum, float(a.pos_count > 0 ? a.pos_count : 1));
+  const float neg_mean = div_rn(a.neg_sum, float(a.neg_count > 0 ? a.neg_count : 1));
+  return mul_rn(lam, sign > 0 ? pos_mean : (sign < 0 ? neg_mean : 0.0f));
 }
 
 }  // namespace kx

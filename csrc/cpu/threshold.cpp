@@ -1,15 +1,11 @@
 // Magnitude histograms for the radix-select threshold (see common/magnitude_select.h).
-#include <omp.h>
-
 #include <stdexcept>
 #include <vector>
 
 #include "tile.h"
+#include "path.h"  // last
 
-namespace kx::cpu {
-
-int num_threads() { return omp_get_max_threads(); }
-void set_num_threads(int n) { omp_set_num_threads(n < 1 ? 1 : n); }
+namespace kx::cpu::KX_CPU_PATH {
 
 void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector<int64_t>& task_of_row,
                          MagnitudeSelect& sel) {
@@ -54,4 +50,4 @@ void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector
   }
 }
 
-}  // namespace kx::cpu
+}  // namespace kx::cpu::KX_CPU_PATH

@@ -16,8 +16,9 @@
 #include <vector>
 
 #include "tile.h"
+#include "path.h"  // last
 
-namespace kx::cpu {
+namespace kx::cpu::KX_CPU_PATH {
 namespace {
 
 // A tile's per-position accumulators, one array per field so the loops vectorise.
@@ -255,7 +256,11 @@ void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& 
                 void* out, TiesPending& pending) {
   SetAside aside;  // stays empty: exact thresholds decide every entry
   std::vector<int64_t> below;
+  const size_t listed_before = pending.zero_sum_positions.size();
   ties_pass(x, d, exact_ranges(thresholds), lam, out, pending, aside, below);
+  // Threads list their positions in no fixed order: sorted, the list is the same for any
+  // thread count (and the same as on the GPU).
+  std::sort(pending.zero_sum_positions.begin() + int64_t(listed_before), pending.zero_sum_positions.end());
 }
 
 void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds,
@@ -348,4 +353,4 @@ std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k
   return thresholds;
 }
 
-}  // namespace kx::cpu
+}  // namespace kx::cpu::KX_CPU_PATH

@@ -4,8 +4,9 @@
 #include <vector>
 
 #include "tile.h"
+#include "path.h"  // last
 
-namespace kx::cpu {
+namespace kx::cpu::KX_CPU_PATH {
 
 bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>& weights, void* out) {
   const int64_t tiles = (x.P + kTile - 1) / kTile;
@@ -20,7 +21,7 @@ bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>
       for (int64_t r = 0; r < x.n(); ++r) {
         finite = load_tile(x, r, d, j0, len, buf) && finite;
         const float w = weights[r];
-        for (int64_t t = 0; t < len; ++t) acc[t] += w * buf[t];
+        for (int64_t t = 0; t < len; ++t) acc[t] = weighted_add(acc[t], w, buf[t]);
       }
       store_tile(acc, len, x.dtype, out, j0);
     }
@@ -28,4 +29,4 @@ bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>
   return finite;
 }
 
-}  // namespace kx::cpu
+}  // namespace kx::cpu::KX_CPU_PATH

@@ -11,8 +11,8 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t nonfinite = 0;
   for (int64_t j = global_thread(); j < P; j += grid_threads()) {
     float acc = 0.0f;
-    // Separate multiply and add (no FMA contraction), in row order: the CPU's exact rounding.
-    for (int64_t r = 0; r < n; ++r) acc = __fadd_rn(acc, __fmul_rn(weights[r], load_row_value<T>(v, r, j, nonfinite)));
+    // In row order, rounded as on the CPU (common/rounding.h).
+    for (int64_t r = 0; r < n; ++r) acc = weighted_add(acc, weights[r], load_row_value<T>(v, r, j, nonfinite));
     store(out + j, acc);
   }
   warp_flag_nonfinite(nonfinite, nonfinite_flag);  // every lane gets here

@@ -1,0 +1,114 @@
+// Chooses which CPU path runs the kernels (csrc/cpu/path.h): the best one this CPU supports,
+// unless KNOTS_EXT_CPU_PATH or set_path() asks for another. Both paths round identically
+// (common/rounding.h), so the choice changes speed, never a result. Compiled once, for the
+// baseline.
+#include <omp.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+#include "../kernels.h"
+
+namespace kx::cpu::baseline {
+#include "../kernel_api.h"
+}  // namespace kx::cpu::baseline
+#if defined(KX_CPU_HAS_AVX2_PATH)
+namespace kx::cpu::avx2 {
+#include "../kernel_api.h"
+}  // namespace kx::cpu::avx2
+#endif
+
+namespace kx::cpu {
+namespace {
+
+struct Path {
+  const char* name;
+  bool (*supported)();
+  decltype(&baseline::magnitude_histogram) magnitude_histogram;
+  decltype(&baseline::ties_apply) ties_apply;
+  decltype(&baseline::ties_fix_majority) ties_fix_majority;
+  decltype(&baseline::ties_merge) ties_merge;
+  decltype(&baseline::weighted_sum) weighted_sum;
+};
+
+#define KX_PATH(ns, supported) \
+  Path { #ns, supported, &ns::magnitude_histogram, &ns::ties_apply, &ns::ties_fix_majority, &ns::ties_merge, &ns::weighted_sum }
+
+bool always() { return true; }
+#if defined(KX_CPU_HAS_AVX2_PATH)
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+         __builtin_cpu_supports("bmi2");
+}
+#endif
+
+// Best last.
+const Path kPaths[] = {
+    KX_PATH(baseline, always),
+#if defined(KX_CPU_HAS_AVX2_PATH)
+    KX_PATH(avx2, cpu_has_avx2),
+#endif
+};
+constexpr int kPathCount = int(sizeof(kPaths) / sizeof(kPaths[0]));
+
+int find(const std::string& name) {
+  for (int i = 0; i < kPathCount; ++i)
+    if (name == kPaths[i].name && kPaths[i].supported()) return i;
+  std::string known;
+  for (const std::string& p : paths()) known += (known.empty() ? "" : ", ") + p;
+  throw std::invalid_argument("CPU path '" + name + "' is not available here (available: " + known + ")");
+}
+
+int initial() {
+  const char* env = std::getenv("KNOTS_EXT_CPU_PATH");
+  if (env != nullptr && *env != '\0') return find(env);
+  int best = 0;
+  for (int i = 0; i < kPathCount; ++i)
+    if (kPaths[i].supported()) best = i;
+  return best;
+}
+
+std::atomic<int>& selected() {
+  static std::atomic<int> index{initial()};
+  return index;
+}
+
+const Path& active() { return kPaths[selected().load(std::memory_order_relaxed)]; }
+
+}  // namespace
+
+int num_threads() { return omp_get_max_threads(); }
+void set_num_threads(int n) { omp_set_num_threads(n < 1 ? 1 : n); }
+
+std::vector<std::string> paths() {
+  std::vector<std::string> names;
+  for (const Path& p : kPaths)
+    if (p.supported()) names.push_back(p.name);
+  return names;
+}
+std::string path() { return active().name; }
+void set_path(const std::string& name) { selected().store(find(name)); }
+std::string arch() { return KX_CPU_ARCH_NAME; }
+
+void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector<int64_t>& task_of_row,
+                         MagnitudeSelect& sel) {
+  active().magnitude_histogram(x, d, task_of_row, sel);
+}
+void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds, float lam,
+                void* out, TiesPending& pending) {
+  active().ties_apply(x, d, thresholds, lam, out, pending);
+}
+void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds,
+                       float lam, int majority, const std::vector<int64_t>& positions, void* out) {
+  active().ties_fix_majority(x, d, thresholds, lam, majority, positions, out);
+}
+std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k, float lam, void* out) {
+  return active().ties_merge(x, d, top_k, lam, out);
+}
+bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>& weights, void* out) {
+  return active().weighted_sum(x, d, weights, out);
+}
+
+}  // namespace kx::cpu
