@@ -97,6 +97,43 @@ def flat(x, what: str = "input") -> Flat:
     raise TypeError(f"{what}: expected a torch tensor, numpy array or CuPy array, got {type(x).__name__}")
 
 
+_DTYPE_NAMES = {F32: "float32", F16: "float16", BF16: "bfloat16"}
+
+
+def out_view(out, ref: Flat) -> Flat:
+    """`out` as the kernels write it: ref.numel elements of ref's dtype on ref's device, laid out
+    contiguously in row-major order (any shape). Checked on `out` itself and never copied: the
+    kernels write at its pointer, so a copy's layout would say nothing about where they write."""
+    if _is_torch(out):
+        lib, dtype, contiguous, writeable = "torch", str(out.dtype).replace("torch.", ""), out.is_contiguous(), True
+        device = {"cpu": -1, "cuda": out.device.index}.get(out.device.type, -2)  # -2: unsupported
+        numel, strides = out.numel(), tuple(out.stride())
+    elif _is_cupy(out) or isinstance(out, np.ndarray):
+        lib = "cupy" if _is_cupy(out) else "numpy"
+        dtype, contiguous, writeable = str(out.dtype), out.flags.c_contiguous, out.flags.writeable
+        device = out.device.id if lib == "cupy" else -1
+        numel, strides = out.size, tuple(s // out.itemsize for s in out.strides)
+    else:
+        raise TypeError(f"out: expected a torch tensor, numpy array or CuPy array, got {type(out).__name__}")
+    problems = [problem for problem, bad in [
+        (f"{numel} elements", numel != ref.numel),
+        (f"dtype {dtype}", dtype != _DTYPE_NAMES[ref.dtype]),
+        (f"on {_device_name(device, out)}", device != ref.device),
+        (f"not contiguous (element strides {strides})", not contiguous),
+        ("read-only", not writeable),
+    ] if bad]
+    if problems:
+        raise ValueError(f"out must be a contiguous (row-major) writable array of {ref.numel} elements, dtype "
+                         f"{_DTYPE_NAMES[ref.dtype]}, on {_device_name(ref.device)}; got: {', '.join(problems)}")
+    return Flat(out, data_ptr(out), numel, 1, ref.dtype, device, lib)
+
+
+def _device_name(device: int, array=None) -> str:
+    if device == -2:
+        return str(array.device)
+    return "cpu" if device < 0 else f"cuda:{device}"
+
+
 def rows_of(x, what: str = "x") -> list[Flat]:
     """The task rows of a 2-D (n, P) array, or of a sequence of arrays with equal numel."""
     if isinstance(x, (list, tuple)):

@@ -9,10 +9,13 @@ n arrays of P elements each (any shapes). DARE's mask for row r is a pure functi
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import numpy as np
+
 from . import _C
-from ._arrays import Flat, current_stream, data_ptr, empty_like_rows, flat, rows_of
+from ._arrays import Flat, current_stream, empty_like_rows, flat, out_view, rows_of
 
 __all__ = [
     "ties_merge", "ties_apply", "ties_fix_majority", "magnitude_threshold", "MagnitudeThreshold",
@@ -29,11 +32,26 @@ def module_id(module: str | int) -> int:
     raise TypeError(f"module must be a name or a 64-bit id, got {module!r}")
 
 
-def _check_unit(name: str, value: float, hi_open: bool) -> float:
+def _check_dare_p(value: float) -> float:
     value = float(value)
-    ok = 0.0 <= value < 1.0 if hi_open else value >= 0.0
-    if not ok:
-        raise ValueError(f"{name} must be in {'[0, 1)' if hi_open else '[0, inf)'}, got {value}")
+    if not 0.0 <= value < 1.0:  # NaN too
+        raise ValueError(f"dare_p must be in [0, 1), got {value}")
+    return value
+
+
+def _check_top_k(value: float) -> float:
+    top_k = float(value)
+    if not 0.0 < top_k <= 1.0:  # NaN too
+        raise ValueError(f"top_k must be in (0, 1], got {value!r} (top_k is a fraction: 20% is 0.2)")
+    return top_k
+
+
+def _check_scale(name: str, value: float) -> float:
+    """A multiplier the kernels take as float32: finite there too."""
+    value = float(value)
+    with np.errstate(over="ignore"):
+        if not (math.isfinite(value) and np.isfinite(np.float32(value))):
+            raise ValueError(f"{name} must be a finite float32 number, got {value}")
     return value
 
 
@@ -53,20 +71,15 @@ def _kernel_input(rows: list[Flat], dare_p: float, seed: int, tasks, module, ele
     if stream is None:
         stream = current_stream(ref)
     return _C.Input([r.ptr for r in rows], ref.numel, ref.stride, ref.dtype, ref.device, int(stream),
-                    _check_unit("dare_p", dare_p, True), int(seed), tasks, module_id(module),
+                    _check_dare_p(dare_p), int(seed), tasks, module_id(module),
                     int(elem_offset))
 
 
-def _output(ref: Flat, out):
-    """`out` checked against the rows (contiguous, P elements, same dtype and device), or a new
-    array. Passing out= saves the allocation, which on some machines costs as much as the kernel
-    (first-touch page faults of a fresh buffer)."""
-    if out is None:
-        return empty_like_rows(ref, (ref.numel,))
-    o = flat(out, "out")
-    if o.numel != ref.numel or o.stride != 1 or o.dtype != ref.dtype or o.device != ref.device:
-        raise ValueError(f"out must be a contiguous array of {ref.numel} elements with the input's dtype and device")
-    return out
+def _output(ref: Flat, out) -> Flat:
+    """`out` checked against the rows (_arrays.out_view), or a new array. Passing out= saves the
+    allocation, which on some machines costs as much as the kernel (first-touch page faults of a
+    fresh buffer)."""
+    return out_view(empty_like_rows(ref, (ref.numel,)) if out is None else out, ref)
 
 
 def _rows_and_out(x, out=None, what="x"):
@@ -81,10 +94,11 @@ def ties_merge(x, top_k: float, lam: float = 1.0, dare_p: float = 0.0, seed: int
     sign election, disjoint mean, times lam; with dare_p > 0, DARE is applied first.
     Returns the merged (P,) array, written into `out` if given (and the per-row thresholds if
     asked)."""
+    top_k, lam = _check_top_k(top_k), _check_scale("lam", lam)
     rows, out = _rows_and_out(x, out)
     inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
-    thresholds = _C.ties_merge(inp, _check_unit("top_k", top_k, False), float(lam), data_ptr(out))
-    return (out, thresholds) if return_thresholds else out
+    thresholds = _C.ties_merge(inp, top_k, lam, out.ptr)
+    return (out.array, thresholds) if return_thresholds else out.array
 
 
 def ties_apply(x, thresholds: Sequence[float], lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *,
@@ -93,23 +107,22 @@ def ties_apply(x, thresholds: Sequence[float], lam: float = 1.0, dare_p: float =
     MagnitudeThreshold). Positions whose trimmed sum is exactly 0 need the majority sign,
     which may span many arrays: they are written 0 and returned for ties_fix_majority.
     Returns (out, sign_sum, zero_sum_positions)."""
+    lam = _check_scale("lam", lam)
     rows, out = _rows_and_out(x, out)
     inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
-    sign_sum, positions = _C.ties_apply(inp, [float(t) for t in thresholds], float(lam), data_ptr(out))
-    return out, sign_sum, positions
+    sign_sum, positions = _C.ties_apply(inp, [float(t) for t in thresholds], lam, out.ptr)
+    return out.array, sign_sum, positions
 
 
 def ties_fix_majority(x, out, thresholds: Sequence[float], positions: Sequence[int], majority: int,
                       lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "",
                       tasks=None, elem_offset: int = 0, stream=None):
     """Rewrites out at `positions` (from ties_apply) with the elected sign `majority`."""
-    rows = rows_of(x)
-    o = flat(out, "out")
-    if o.numel != rows[0].numel or o.stride != 1 or o.dtype != rows[0].dtype:
-        raise ValueError("out must be the contiguous array ties_apply returned for these rows")
+    lam = _check_scale("lam", lam)
+    rows, o = _rows_and_out(x, out)
     inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
     majority = (majority > 0) - (majority < 0)
-    _C.ties_fix_majority(inp, [float(t) for t in thresholds], float(lam), majority, list(positions), o.ptr)
+    _C.ties_fix_majority(inp, [float(t) for t in thresholds], lam, majority, list(positions), o.ptr)
     return out
 
 
@@ -130,7 +143,7 @@ class MagnitudeThreshold:
     def __init__(self, n_tasks: int, top_k: float):
         if int(n_tasks) < 1:
             raise ValueError("n_tasks must be >= 1")
-        self._sel = _C.MagnitudeSelect(int(n_tasks), _check_unit("top_k", top_k, False))
+        self._sel = _C.MagnitudeSelect(int(n_tasks), _check_top_k(top_k))
         self.n_tasks = int(n_tasks)
 
     @property
@@ -186,9 +199,9 @@ def magnitude_threshold(x, top_k: float, dare_p: float = 0.0, seed: int = 0, *, 
 def _weighted_sum(rows, weights, dare_p, seed, tasks, module, elem_offset, stream, out=None):
     out = _output(rows[0], out)
     inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
-    if not _C.weighted_sum(inp, [float(w) for w in weights], data_ptr(out)):
+    if not _C.weighted_sum(inp, [float(w) for w in weights], out.ptr):
         raise ValueError("input contains NaN or Inf")
-    return out
+    return out.array
 
 
 def task_arithmetic(x, lam: float = 1.0, weights: Sequence[float] | None = None, dare_p: float = 0.0,
@@ -197,11 +210,13 @@ def task_arithmetic(x, lam: float = 1.0, weights: Sequence[float] | None = None,
     """lam * sum_r weights[r] * dare(x[r]) (weights default to 1): Task Arithmetic, and
     DARE-TA with dare_p > 0. Returns the (P,) result (written into `out` if given)."""
     rows = rows_of(x)
+    lam = _check_scale("lam", lam)
     weights = [1.0] * len(rows) if weights is None else list(weights)
     if len(weights) != len(rows):
         raise ValueError(f"weights has {len(weights)} entries for {len(rows)} rows")
-    return _weighted_sum(rows, [float(lam) * w for w in weights], dare_p, seed, tasks, module,
-                         elem_offset, stream, out)
+    scaled = [_check_scale(f"lam * weights[{i}]", lam * _check_scale(f"weights[{i}]", w))
+              for i, w in enumerate(weights)]
+    return _weighted_sum(rows, scaled, dare_p, seed, tasks, module, elem_offset, stream, out)
 
 
 def dare(x, p: float, seed: int = 0, *, task: int = 0, module: str | int = "", elem_offset: int = 0,

@@ -24,6 +24,15 @@ def torch_cuda():
     return torch.device("cuda", 0)
 
 
+def assert_same_bits(got, expected, what):
+    """CUDA and CPU results equal bit for bit (one rounding rule: csrc/common/rounding.h)."""
+    got, expected = got.cpu(), expected.cpu()
+    as_int = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    assert got.dtype == expected.dtype and got.shape == expected.shape, what
+    differ = int((got.view(as_int) != expected.view(as_int)).sum())
+    assert differ == 0, f"{what}: CUDA and CPU differ in the bits of {differ} positions"
+
+
 def test_cuda_build_info():
     info = knots_ext.build_info()
     assert info["cuda_compiled"] is True and info["cuda_devices"] >= 1
@@ -105,6 +114,15 @@ def test_cuda_torch_matches_cpu(dtype):
     assert_ta_matches(ta.cpu(), w * x32.to(F64), dtype)
     assert_ta_matches(ta_dare.cpu(), w * dared_rows.to(F64), dtype)
 
+    # the same bits as the CPU kernels
+    dare_kw = dict(dare_p=p, seed=seed, module=module, tasks=tasks, elem_offset=offset)
+    assert_same_bits(ta, ops.task_arithmetic(x_cpu, 0.9, weights=weights), "task_arithmetic")
+    assert_same_bits(ta_dare, ops.task_arithmetic(x_cpu, 0.9, weights=weights, **dare_kw), "DARE-TA")
+    assert_same_bits(merged, cpu_out, "ties_merge")
+    assert_same_bits(merged_dare, ops.ties_merge(x_cpu, 0.2, 0.7, **dare_kw), "DARE-TIES")
+    assert_same_bits(merged_q, ops.ties_merge(xq_cpu, 0.3, 1.5), "ties_merge zero sums")
+    assert_same_bits(merged_strided, ops.ties_merge(wide_cpu[:, ::2], 0.1), "ties_merge strided")
+
     # magnitude thresholds
     assert_thresholds_equal(mt, [ref_threshold(x_cpu[r].to(F64), 0.05) for r in range(4)])
     assert_thresholds_equal(mt, ops.magnitude_threshold(x_cpu, 0.05), "CUDA vs CPU magnitude_threshold")
@@ -166,6 +184,25 @@ def test_cuda_streaming_thresholds_and_errors():
         ops.magnitude_threshold(y, 0.2)
 
 
+def test_cuda_out_on_the_rows_device():
+    """out must be on the rows' device, contiguous: a CPU out for CUDA rows (or the reverse) and
+    a non-contiguous CUDA view are refused, by every op that takes one."""
+    dev = torch_cuda()
+    x = torch.randn(3, 1000, device=dev)
+    thr = [0.1, 0.2, 0.3]
+
+    def refused_by_every_op(bad):
+        for call in (lambda: ops.ties_merge(x, 0.5, out=bad), lambda: ops.task_arithmetic(x, out=bad),
+                     lambda: ops.ties_apply(x, thr, out=bad), lambda: ops.ties_fix_majority(x, bad, thr, [0], 1)):
+            with pytest.raises(ValueError, match="^out must be a contiguous"):
+                call()
+
+    for bad in (torch.zeros(1000), torch.zeros(100, 10, device=dev).T, torch.zeros(2000, device=dev)[::2]):
+        refused_by_every_op(bad)
+    with pytest.raises(ValueError, match="^out must be a contiguous"):
+        ops.ties_merge(x.cpu(), 0.5, out=torch.zeros(1000, device=dev))
+
+
 @pytest.mark.parametrize("np_dtype,t_dtype", [(np.float32, torch.float32), (np.float16, torch.float16)])
 def test_cuda_cupy_matches_cpu(np_dtype, t_dtype):
     try:
@@ -192,4 +229,12 @@ def test_cuda_cupy_matches_cpu(np_dtype, t_dtype):
     assert_ta_matches(cupy.asnumpy(ta), 0.5 * torch.from_numpy(x_np).to(F64), t_dtype)
     expected = dare_ref32(x_np[2], p, seed, 2, module, 3)
     assert torch.equal(torch.from_numpy(cupy.asnumpy(dared)), expected.to(t_dtype))
+    with cupy.cuda.Device(0):
+        x = cupy.asarray(x_np)
+        out = cupy.zeros((1, 150_001), dtype=np_dtype)  # contiguous, any shape: written in place
+        assert ops.task_arithmetic(x, 0.5, out=out) is out
+        assert cupy.array_equal(out.reshape(-1), ta)
+        for bad in (cupy.zeros(2 * 150_001, dtype=np_dtype)[::2], np.zeros(150_001, dtype=np_dtype)):
+            with pytest.raises(ValueError, match="^out must be a contiguous"):
+                ops.ties_merge(x, 0.25, out=bad)
     assert np.array_equal(cupy.asnumpy(dared), ops.dare(x_np[2], p, seed, task=2, module=module, elem_offset=3))

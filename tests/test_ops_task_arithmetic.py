@@ -101,6 +101,17 @@ def test_task_arithmetic_errors():
         ops.task_arithmetic(x, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="dare_p"):
         ops.task_arithmetic(x, dare_p=1.0)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match=r"^lam must be a finite"):
+            ops.task_arithmetic(x, lam=bad)
+        with pytest.raises(ValueError, match=r"^weights\[1\] must be a finite"):
+            ops.task_arithmetic(x, weights=[1.0, bad, 1.0])
+    with pytest.raises(ValueError, match=r"^lam \* weights\[0\] must be a finite float32"):
+        ops.task_arithmetic(x, lam=1e30, weights=[1e10, 1.0, 1.0])  # overflows float32
+    with pytest.raises(ValueError, match=r"dare_p must be in \[0, 1\), got nan"):
+        ops.task_arithmetic(x, dare_p=math.nan)
+    with pytest.raises(ValueError, match=r"^dare_p must be in \[0, 1\), got nan"):
+        ops.dare(x[0], math.nan)
     with pytest.raises(TypeError, match="dtype"):
         ops.task_arithmetic(x.double())
     with pytest.raises(ValueError, match="shape"):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import knots_ext
 from knots_ext import ops
 
 from conftest import F64, assert_thresholds_equal, dare_ref32, ref_threshold
@@ -66,7 +67,7 @@ def reference(chunks, n_tasks, top_k, rows=None, rows_tasks=None):
     return [ref_threshold(c, top_k) for c in cat], [c.numel() for c in cat]
 
 
-@pytest.mark.parametrize("top_k", [0.5, 0.2, 0.01, 0.0, 0.999])
+@pytest.mark.parametrize("top_k", [0.5, 0.2, 0.01, 1e-9, 0.999])
 def test_streaming_thresholds_fp32(top_k):
     n = 4
     chunks = make_chunks(n, torch.float32, seed=1)
@@ -93,7 +94,7 @@ def test_streaming_thresholds_fp16_two_rounds(top_k):
     assert [sel.total(t) for t in range(n)] == totals
 
 
-@pytest.mark.parametrize("top_k", [0.3, 0.05, 0.0])
+@pytest.mark.parametrize("top_k", [0.3, 0.05, 1e-9])
 def test_streaming_thresholds_bf16_one_round(top_k):
     n = 3
     chunks = make_chunks(n, torch.bfloat16, seed=7)
@@ -107,13 +108,25 @@ def test_streaming_thresholds_bf16_one_round(top_k):
     assert_thresholds_equal(sel.thresholds(), expected)
 
 
-@pytest.mark.parametrize("top_k", [1.0, 1.5])
-def test_streaming_top_k_ge_1_gives_zero(top_k):
+def test_streaming_top_k_1_gives_zero():
     chunks = make_chunks(2, torch.float32, seed=9)
-    sel = ops.MagnitudeThreshold(2, top_k)
+    sel = ops.MagnitudeThreshold(2, 1.0)
     progression = run_stream(sel, chunks, seed=10)
     assert progression == [(0, False), (2, True)]
     assert sel.thresholds() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, 20, math.nan, math.inf])
+def test_top_k_outside_0_1_refused(bad):
+    """top_k is a fraction in (0, 1]: a percent (20), 0 or NaN is refused with a one-line hint."""
+    x = torch.randn(2, 100)
+    for call in (lambda: ops.ties_merge(x, bad), lambda: ops.MagnitudeThreshold(2, bad),
+                 lambda: ops.magnitude_threshold(x, bad)):
+        with pytest.raises(ValueError, match=r"top_k is a fraction: 20% is 0\.2") as err:
+            call()
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="top_k is a fraction"):
+        knots_ext._C.MagnitudeSelect(2, bad)  # the extension refuses it too
 
 
 def test_streaming_thresholds_before_done_raise():
@@ -161,7 +174,7 @@ def test_streaming_nonfinite_raises_at_finish_round(bad, size):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,P", [(1, 100), (3, 4097), (4, 150_000)])
-@pytest.mark.parametrize("top_k", [0.5, 0.1, 0.0, 1.0])
+@pytest.mark.parametrize("top_k", [0.5, 0.1, 1e-9, 1.0])
 def test_magnitude_threshold_rows(dtype, n, P, top_k):
     g = gen(n * P)
     x = (torch.randn(n, P, generator=g, dtype=F64) * torch.exp(torch.randn(n, 1, generator=g, dtype=F64))).to(dtype)
@@ -174,7 +187,7 @@ def test_magnitude_threshold_heavy_ties_and_zeros():
     x = torch.randint(-3, 4, (3, 60_000), generator=g).to(torch.float32)
     x[1] = 0.0
     x[2, :59_000] = 0.0
-    for top_k in (0.5, 0.2, 0.01, 0.0):
+    for top_k in (0.5, 0.2, 0.01, 1e-9):
         got = ops.magnitude_threshold(x, top_k)
         assert_thresholds_equal(got, [ref_threshold(x[r].to(F64), top_k) for r in range(3)])
 
