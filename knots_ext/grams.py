@@ -191,7 +191,7 @@ class Grams:
         nv = metadata.get("num_vectors")
         try:
             self.num_vectors = None if nv is None else json.loads(nv)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise GramError(path, "metadata num_vectors is not valid JSON") from None
 
     @property

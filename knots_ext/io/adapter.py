@@ -22,7 +22,10 @@ from ._common import (
     SUPPORTED_DTYPES,
     AdapterError,
     lookup_pattern,
+    pattern_key_problem,
+    read_json,
     relative_name,
+    require_regular_file,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,6 +44,29 @@ _UNSUPPORTED_FLAGS = {
     "target_parameters": "LoRA on nn.Parameter targets (target_parameters) is not supported",
 }
 
+# JSON types of the config fields read (a wrong one, e.g. "use_rslora": "false", which is truthy,
+# is refused rather than guessed at); null stands for PEFT's default where PEFT accepts it.
+_BOOL_OR_NULL = ((bool, type(None)), "true, false or null")
+_LIST_OR_NULL = ((list, type(None)), "a list or null")
+_OBJECT_OR_NULL = ((dict, type(None)), "an object mapping module patterns to numbers, or null")
+_STRING_OR_NULL = ((str, type(None)), "a string or null")
+_FIELD_TYPES = {
+    "peft_type": ((str,), "a string"),
+    "task_type": _STRING_OR_NULL,
+    "base_model_name_or_path": _STRING_OR_NULL,
+    "r": ((int,), "a positive integer"),
+    "lora_alpha": ((int, float), "a finite number"),
+    "fan_in_fan_out": _BOOL_OR_NULL,
+    "use_rslora": _BOOL_OR_NULL,
+    "use_dora": _BOOL_OR_NULL,
+    "use_qalora": _BOOL_OR_NULL,
+    "lora_bias": _BOOL_OR_NULL,
+    "rank_pattern": _OBJECT_OR_NULL,
+    "alpha_pattern": _OBJECT_OR_NULL,
+    "alora_invocation_tokens": _LIST_OR_NULL,
+    "target_parameters": _LIST_OR_NULL,
+}
+
 
 def _safetensors_error_types():
     from safetensors import SafetensorError
@@ -51,6 +77,7 @@ def _safetensors_error_types():
 def _open_safetensors(path: str):
     from safetensors import safe_open
 
+    require_regular_file(path)  # a FIFO would block the open
     try:
         return safe_open(path, framework="pt", device="cpu")
     except _safetensors_error_types() as e:
@@ -107,10 +134,11 @@ class Adapter:
         if not isinstance(value, dict):
             raise AdapterError(where, f"{field} must be an object mapping module patterns to numbers")
         for key, v in value.items():
-            try:
-                re.compile(rf"(.*\.)?({key})$")
-            except re.error as e:
-                raise AdapterError(where, f"{field} key {key!r} is not a valid regular expression ({e})") from None
+            problem = pattern_key_problem(key)
+            if problem:
+                raise AdapterError(where, f"{field} key {key[:80]!r} {problem}")
+            if field == "rank_pattern" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise AdapterError(where, f"{field}[{key!r}] must be a positive integer, got {v!r}")
             self._number(where, f"{field}[{key!r}]", v)
         return dict(value)
 
@@ -295,20 +323,33 @@ def _refuse_pickle(path: str):
     raise AdapterError(path, PICKLE_MESSAGE)
 
 
+def _json_kind(value) -> str:
+    for types, kind in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "a list"),
+                        (dict, "an object"), (type(None), "null")):
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
+def _check_field_types(cfg_path: str, config: dict) -> None:
+    for field, (types, expected) in _FIELD_TYPES.items():
+        if field not in config:
+            continue
+        value = config[field]
+        wrong = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        if field == "r" and not wrong:
+            wrong = value < 1
+        if wrong:
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise AdapterError(cfg_path, f"{field} must be {expected}, got {shown} ({_json_kind(value)})")
+
+
 def _read_config(cfg_path: str) -> dict:
-    try:
-        with open(cfg_path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise AdapterError(cfg_path, f"cannot read: {e.strerror or e}") from None
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise AdapterError(cfg_path, f"invalid JSON (not UTF-8: {e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(cfg_path, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    config = read_json(cfg_path)
     if not isinstance(config, dict):
         raise AdapterError(cfg_path, "invalid adapter config: expected a JSON object")
+    _check_field_types(cfg_path, config)
     peft_type = config.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise AdapterError(cfg_path, f"peft_type is {peft_type!r}, not 'LORA': only LoRA adapters are supported")
@@ -355,7 +396,7 @@ def load_adapter(path, alpha: float | None = None, *, rank_hint=None) -> Adapter
     if os.path.isdir(path):
         cfg_path = os.path.join(path, CONFIG_NAME)
         weights = _find_weights(path)
-        if os.path.isfile(cfg_path):
+        if os.path.lexists(cfg_path):  # a FIFO or directory there is refused, not ignored
             config = _read_config(cfg_path)
         elif alpha is not None:
             config = {}
