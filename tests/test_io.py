@@ -242,6 +242,8 @@ def test_save_roundtrip_peft_llama(llama, tmp_path):
     save_adapter(out, factors, base_model="tiny-llama-test", extra={PFX + "lm_head.weight": head},
                  task_type="CAUSAL_LM")
     assert sorted(os.listdir(tmp_path)) == ["merged"]
+    # the manifest sits beside PEFT's two files; PEFT loads the folder regardless (below)
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "knots_merge.json"]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 3 and cfg["rank_pattern"] == cfg["alpha_pattern"]
     assert cfg["rank_pattern"] == {"model.layers.0.self_attn.k_proj": 2, "model.layers.1.self_attn.q_proj": 5,
@@ -272,8 +274,9 @@ def test_save_roundtrip_peft_llama(llama, tmp_path):
         assert a.scale(m) == 1.0 and a.rank(m) == factors[m][1].shape[0]
         torch.testing.assert_close(a.factors(m), factors[m])
 
-    # replacing an existing adapter directory, names without the prefix, bfloat16 output
-    save_adapter(out, {k[len(PFX):]: v for k, v in factors.items()}, base_model=None, dtype=torch.bfloat16)
+    # replacing an earlier output (overwrite), names without the prefix, bfloat16 output
+    save_adapter(out, {k[len(PFX):]: v for k, v in factors.items()}, base_model=None, dtype=torch.bfloat16,
+                 overwrite=True)
     b = load_adapter(out)
     assert b.modules == a.modules and b.extra_tensors == [] and b.stored_dtype(b.modules[0]) == torch.bfloat16
     assert sorted(os.listdir(tmp_path)) == ["merged"]
@@ -398,7 +401,7 @@ def test_save_failure_keeps_existing(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "save_file", broken)
     with pytest.raises(AdapterError, match=re.escape(str(out)) + ": cannot write the adapter: No space left"):
         save_adapter(out, _random_factors({"model.layers.0.self_attn.q_proj": (64, 64, 3)}, seed=9),
-                     base_model="m")
+                     base_model="m", overwrite=True)
     assert (out / "adapter_model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out"] and _leftovers(tmp_path) == []
 
@@ -407,7 +410,7 @@ def test_save_refuses_to_replace_other_dirs(tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("keep me")
     f = _random_factors({"model.layers.0.self_attn.q_proj": (64, 64, 2)}, seed=1)
-    with pytest.raises(AdapterError, match="has no adapter_config.json; refusing to replace it"):
+    with pytest.raises(AdapterError, match="not a knots-merge output .no knots_merge.json.; refusing to write"):
         save_adapter(tmp_path / "home", f, base_model=None)
     (tmp_path / "file").write_text("x")
     with pytest.raises(AdapterError, match="is not a directory"):

@@ -1,11 +1,14 @@
 """Adapter I/O: reading PEFT LoRA adapters (directories or bare safetensors files, lazily, one
 module at a time) and writing merged ones as PEFT LoRA adapters with scale 1.
 
-Pickle files (.bin/.pt/.pth) are never opened. Every problem with the input or the output is an
-AdapterError whose message is one line, "<path>: <problem>".
+Pickle files (.bin/.pt/.pth) are never opened, and only regular files are. Every problem with the
+input or the output is an AdapterError whose message is one line, "<path>: <problem>". The writer
+never replaces a folder it did not write (see _output.py; check_output tests an output path alone).
 """
 from ._common import AdapterError
+from ._output import MANIFEST_NAME, check_output
 from .adapter import Adapter, check_compatible, load_adapter
 from .save import save_adapter
 
-__all__ = ["AdapterError", "Adapter", "load_adapter", "check_compatible", "save_adapter"]
+__all__ = ["MANIFEST_NAME", "Adapter", "AdapterError", "check_compatible", "check_output", "load_adapter",
+           "save_adapter"]

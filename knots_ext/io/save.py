@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
+import stat
 from collections import Counter
-from typing import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -21,6 +21,15 @@ from ._common import (
     lookup_pattern,
     relative_name,
 )
+from ._output import (
+    MANIFEST_NAME,
+    fresh_temp_name,
+    fsync_path,
+    inspect_output,
+    install,
+    manifest_text,
+    remove_stale_temps,
+)
 from .adapter import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -29,10 +38,12 @@ def rank_config(ranks: Mapping[str, int]) -> tuple[int, dict, dict]:
     its rank and lora_alpha = rank, i.e. scale 1, under PEFT's get_pattern_key rule.
 
     r is the most common rank (the largest of those on a tie), so only the other modules get a
-    pattern entry. Entries are the plain module names, as PEFT's own LoRA conversion writes them;
-    if a plain name would also match another module (the key is a regex matched against a dotted
-    suffix of the name: "a.b" matches "x.a.b", and "." matches any character), every key is
-    written as "^" + re.escape(name) instead, which matches that module alone."""
+    pattern entry. Entries are the plain module names, as PEFT's own LoRA conversion writes them,
+    when every name is made of word characters and dots; if a name holds other characters (regex
+    metacharacters such as "(" or "+") or a plain name would also match another module (the key is
+    a regex matched against a dotted suffix of the name: "a.b" matches "x.a.b", and "." matches any
+    character), every key is written as "^" + re.escape(name) instead, which matches that module
+    alone."""
     counts = Counter(ranks.values())
     top = max(counts.values())
     r0 = max(r for r, c in counts.items() if c == top)
@@ -42,7 +53,7 @@ def rank_config(ranks: Mapping[str, int]) -> tuple[int, dict, dict]:
         return all(lookup_pattern(pattern, n, r0) == r for n, r in ranks.items())
 
     pattern = dict(differing)
-    if not resolves(pattern):
+    if not all(re.fullmatch(r"[\w.]+", n) for n in differing) or not resolves(pattern):
         pattern = {"^" + re.escape(n): r for n, r in differing.items()}
         if not resolves(pattern):  # cannot happen: the anchored keys match exactly one name each
             raise RuntimeError("internal error: rank_pattern does not resolve")
@@ -73,29 +84,10 @@ def _prepare(out_dir, tensors: dict, key: str, t, dtype, what: str) -> None:
     tensors[key] = t.contiguous()
 
 
-def _fsync(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fresh_name(parent: str, base: str, tag: str) -> str:
-    while True:
-        p = os.path.join(parent, f".{base}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
-        if not os.path.lexists(p):
-            return p
-
-
 def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | None,
                  target_modules=None, fan_in_fan_out: bool = False, extra: Mapping | None = None,
-                 dtype=torch.float32, task_type=None) -> None:
+                 dtype=torch.float32, task_type=None, overwrite: bool = False, inputs: Sequence = (),
+                 manifest: Mapping | None = None) -> None:
     """Writes a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose update
     for each module m is exactly `B @ A` with `(B, A) = factors[m]` (B: d_out x r, A: r x d_in;
     for fan_in_fan_out the base weight is its transpose).
@@ -108,11 +100,17 @@ def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | Non
     Adapter.extra_tensors, e.g. "base_model.model.score.weight"); the module owning each key is
     listed in modules_to_save, so that PEFT loads it. Floating tensors are written as `dtype`.
 
-    Everything is written into a fresh directory beside `out_dir`, which then replaces `out_dir`
-    (an existing out_dir is replaced only at the end, and only if it is empty or holds an
-    adapter_config.json). On any error nothing is left behind and an existing out_dir is intact.
+    A manifest, knots_merge.json, lists the files written and holds `manifest` (metadata such as
+    the method and its parameters, under "merge"); it marks the folder as a knots-merge output.
+    `out_dir` must not exist, or be an empty folder, or -- with `overwrite` -- an earlier
+    knots-merge output, whose own files are then replaced (other files there stay); it must not
+    be or hold any of `inputs` (the adapters merged). check_output runs these checks alone;
+    knots_ext.io._output says the rules in full. Everything is written into a fresh folder beside
+    `out_dir` first: on any error (or Ctrl-C) nothing is left behind and an existing out_dir is
+    intact. Files get the permissions 0o666 & ~umask, a new folder 0o777 & ~umask.
     PeftModel.from_pretrained(base, out_dir) loads the result as it is.
     """
+    target, _ = inspect_output(out_dir, inputs, overwrite)
     out_dir = os.fspath(out_dir)
     if dtype not in WRITABLE_DTYPES:
         raise AdapterError(out_dir, f"unsupported output dtype {dtype} (float32, float16, bfloat16, float64)")
@@ -120,18 +118,17 @@ def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | Non
         raise AdapterError(out_dir, "no modules to write")
     if task_type is not None and not isinstance(task_type, str):
         task_type = str(getattr(task_type, "value", task_type))
-    target = os.path.abspath(out_dir)
+    if manifest is not None and not isinstance(manifest, Mapping):
+        raise AdapterError(out_dir, f"manifest must be a dict, got {type(manifest).__name__}")
+    try:
+        manifest = manifest_text([CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME], manifest)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(out_dir, f"manifest metadata cannot be written as JSON: {e}") from None
     parent, base = os.path.dirname(target), os.path.basename(target)
-    if not base:
-        raise AdapterError(out_dir, "not a directory name")
-    if os.path.lexists(target):
-        if not os.path.isdir(target) or os.path.islink(target):
-            raise AdapterError(out_dir, "exists and is not a directory; refusing to replace it")
-        if os.listdir(target) and not os.path.isfile(os.path.join(target, CONFIG_NAME)):
-            raise AdapterError(out_dir, f"exists, is not empty and has no {CONFIG_NAME}; refusing to replace it")
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = _fresh_name(parent, base, "tmp")
+        remove_stale_temps(parent, base)
+        tmp = fresh_temp_name(parent, base)
         os.mkdir(tmp)
     except OSError as e:
         raise AdapterError(out_dir, f"cannot create a directory beside it: {e.strerror or e}") from None
@@ -139,7 +136,11 @@ def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | Non
     try:
         _write(out_dir, tmp, factors, base_model=base_model, target_modules=target_modules,
                fan_in_fan_out=fan_in_fan_out, extra=extra, dtype=dtype, task_type=task_type)
-        _replace(out_dir, target, parent, base, tmp)
+        _write_text(os.path.join(tmp, MANIFEST_NAME), manifest)
+        fsync_path(tmp)
+        # Checked again: the folder may have changed during a long write.
+        _, old_files = inspect_output(out_dir, inputs, overwrite)
+        install(tmp, target, old_files)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -239,23 +240,14 @@ def _write(out_dir, tmp, factors, *, base_model, target_modules, fan_in_fan_out,
     weights = os.path.join(tmp, WEIGHTS_NAME)
     save_file(tensors, weights, metadata={"format": "pt"})
     cfg = os.path.join(tmp, CONFIG_NAME)
-    with open(cfg, "w", encoding="utf-8") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _fsync(weights)
-    _fsync(cfg)
-    _fsync(tmp)
+    _write_text(cfg, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # safetensors creates its file 0600; give it the mode open() gave the config (0o666 & ~umask).
+    os.chmod(weights, stat.S_IMODE(os.stat(cfg).st_mode))
+    fsync_path(weights)
 
 
-def _replace(out_dir, target, parent, base, tmp):
-    if not os.path.lexists(target):
-        os.rename(tmp, target)
-    else:
-        old = _fresh_name(parent, base, "old")
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync(parent)
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
