@@ -5,6 +5,8 @@
 Group "ties": fused TIES (knots_ext.ops.ties_merge) on 8 tasks x 16M float32, top_k 0.2,
 against the same math in plain torch ops, and against one read pass over the input
 (torch.sum: the memory-bound floor). Group "dare-ta": DARE + task arithmetic, fused vs torch.
+The fused kernels run once on each CPU path of the build ([baseline] and [avx2]: the portable
+x86-64-v2 code and the AVX2 code chosen at run time), so the paths compare in one run.
 KNOTS_BENCH_P overrides the per-task size."""
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import os
 import pytest
 import torch
 
-from knots_ext import ops
+import knots_ext
+from knots_ext import _C, ops
 
 N_TASKS = 8
 P = int(os.environ.get("KNOTS_BENCH_P", 16 * 1024 * 1024))
@@ -23,6 +26,15 @@ TOP_K = 0.2
 @pytest.fixture(scope="module")
 def x():
     return torch.randn(N_TASKS, P, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(params=knots_ext.build_info()["cpu_paths"])
+def cpu_path(request):
+    """Runs the test's kernels on one CPU path (results are bit-identical on every path)."""
+    before = knots_ext.build_info()["cpu_path"]
+    _C.set_cpu_path(request.param)
+    yield request.param
+    _C.set_cpu_path(before)
 
 
 def torch_ties(x: torch.Tensor, top_k: float, lam: float = 1.0) -> torch.Tensor:
@@ -48,12 +60,12 @@ def test_read_pass(benchmark, x):
 
 
 @pytest.mark.benchmark(group="ties")
-def test_ties_fused(benchmark, x):
+def test_ties_fused(benchmark, x, cpu_path):
     benchmark(ops.ties_merge, x, TOP_K)
 
 
 @pytest.mark.benchmark(group="ties")
-def test_ties_fused_into_out(benchmark, x):
+def test_ties_fused_into_out(benchmark, x, cpu_path):
     """The same, writing into a preallocated output: on this VM a fresh 64 MB buffer costs
     ~30 ms of first-touch page faults, as much as a read pass."""
     out = torch.empty(P)
@@ -66,12 +78,23 @@ def test_ties_torch_ops(benchmark, x):
 
 
 @pytest.mark.benchmark(group="ties")
-def test_dare_ties_fused(benchmark, x):
+def test_dare_ties_fused(benchmark, x, cpu_path):
     benchmark(ops.ties_merge, x, TOP_K, dare_p=0.5, seed=1)
 
 
+@pytest.mark.benchmark(group="ties")
+def test_thresholds_fused(benchmark, x, cpu_path):
+    benchmark(ops.magnitude_threshold, x, TOP_K)
+
+
 @pytest.mark.benchmark(group="dare-ta")
-def test_dare_ta_fused(benchmark, x):
+def test_ta_fused(benchmark, x, cpu_path):
+    out = torch.empty(P)
+    benchmark(ops.task_arithmetic, x, 0.5, out=out)
+
+
+@pytest.mark.benchmark(group="dare-ta")
+def test_dare_ta_fused(benchmark, x, cpu_path):
     benchmark(ops.task_arithmetic, x, dare_p=0.5, seed=1)
 
 
