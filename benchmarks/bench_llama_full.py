@@ -61,7 +61,7 @@ def child(spec_path: str) -> None:
     if spec.get("save_dir"):
         dtype = getattr(torch, spec["out_dtype"])
         t0 = time.perf_counter()
-        res.save(spec["save_dir"], dtype=dtype)
+        res.save(spec["save_dir"], dtype=dtype, overwrite=True)
         out["save_seconds"] = time.perf_counter() - t0
         out["peak_rss_after_save_mb"] = _maxrss_mb()
     print("RESULT " + json.dumps(out), flush=True)

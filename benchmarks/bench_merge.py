@@ -235,7 +235,7 @@ def job_knots_ext(paths, method, top_k, repeats, budget, want, rank=None):
     before = peak_rss_mb()
 
     def run():
-        res = knots_ext.merge([str(p) for p in paths], method=method, top_k=top_k)
+        res = knots_ext.merge([str(p) for p in paths], method=method, **({} if method == "ta" else {"top_k": top_k}))
         return res, (res.factors(rank) if rank is not None else None)
 
     times, (res, fac) = timed(run, repeats, budget)

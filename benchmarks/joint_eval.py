@@ -58,8 +58,8 @@ CKA_EXAMPLES = 32  # validation inputs per task for the CKA analysis
 
 
 def method_params(name: str) -> list:
-    spec = METHODS[name]
-    return ["lam"] + (["top_k"] if spec.rule == "ties" else []) + (["dare_p"] if spec.dare else [])
+    """The hyperparameters searched for a method: those of lam, top_k, dare_p it declares."""
+    return [p for p in ("lam", "top_k", "dare_p") if p in METHODS[name].param_names]
 
 
 # ---- scoring (pure functions of embeddings) -----------------------------------------------------
@@ -159,10 +159,11 @@ class Bench:
         return emb
 
     def merged(self, method: str, params: dict):
-        extra = {"grams": self.regmean_grams()} if METHODS[method].rule == "regmean" else {}
-        return knots_ext.merge(self.adapters, method, lam=params.get("lam", 1.0), top_k=params.get("top_k", 1.0),
-                               dare_p=params.get("dare_p", 0.0), seed=DARE_SEED, top_k_scope=self.top_k_scope,
-                               **extra)
+        declared = METHODS[method].param_names
+        extra = {"grams": self.regmean_grams()} if "grams" in declared else {}
+        fixed = dict(seed=DARE_SEED, top_k_scope=self.top_k_scope)
+        kw = {k: v for k, v in {**fixed, **params}.items() if k in declared}
+        return knots_ext.merge(self.adapters, method, **kw, **extra)
 
     def evaluate(self, method: str, params: dict, split: str) -> dict:
         key = (method, tuple(sorted(params.items())), split)

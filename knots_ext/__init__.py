@@ -1,6 +1,6 @@
 """knots-ext: fast, exact merging of LoRA adapters (KnOTS, TIES, DARE, Task Arithmetic)."""
 from . import _C, io, ops
-from .engine import MergeResult, merge
+from .engine import MergeResult, MergeSummary, merge, merge_to
 
 __version__ = "0.1.0"
 
@@ -16,4 +16,4 @@ def set_num_threads(n: int) -> None:
     _C.set_num_threads(int(n))
 
 
-__all__ = ["build_info", "set_num_threads", "ops", "io", "merge", "MergeResult", "__version__"]
+__all__ = ["build_info", "set_num_threads", "ops", "io", "merge", "merge_to", "MergeResult", "MergeSummary", "__version__"]

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from .methods import METHODS
+from .methods import ALL_PARAMS, METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,31 +25,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace the files of an earlier knots-merge output in OUT (other files there stay)")
     ap.add_argument("--method", default="knots-ties", choices=list(METHODS))
-    ap.add_argument("--top-k", type=float, default=None, help="TIES: fraction of each task's entries kept")
-    ap.add_argument("--top-k-scope", choices=["task", "module"], default=None,
-                    help="TIES threshold over all modules of a task (default) or per module")
-    ap.add_argument("--lam", type=float, default=None, help="scale of the merged update")
-    ap.add_argument("--dare-p", type=float, default=None, help="DARE drop probability (dare methods)")
-    ap.add_argument("--seed", type=int, default=None, help="DARE mask seed")
+    method_flags = ap.add_argument_group("method parameters (each method takes some; see README)")
+    for p in ALL_PARAMS.values():
+        _add_param_flag(method_flags, p)
     ap.add_argument("--rank", type=int, default=None, help="truncate the saved adapter to this rank")
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha for bare .safetensors inputs")
-    ap.add_argument("--tol", type=float, default=None, help="KnOTS: drop singular values <= tol")
     ap.add_argument("--extra", choices=["drop", "average"], default="drop",
                     help="non-LoRA tensors (modules_to_save): leave out (default) or average")
-    ap.add_argument("--grams", nargs="+", default=None,
-                    help="regmean: one Gram file (knots_ext.grams.save_grams) per adapter, in the same order")
-    ap.add_argument("--regmean-alpha", type=float, default=None, help="regmean: scale of the Grams' off-diagonals")
-    ap.add_argument("--common-fraction", type=float, default=None,
-                    help="iso-cts: share of the rank kept for the common subspace (default: the paper's)")
     ap.add_argument("--force", action="store_true", help="merge adapters of different base models")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
 
 
-# Flags that are method parameters: passed to merge() only when given, so that the method's own
-# defaults apply and a flag the method does not take is refused by merge().
-METHOD_PARAMS = ("top_k", "top_k_scope", "lam", "dare_p", "seed", "tol", "grams", "regmean_alpha", "common_fraction")
+def _add_param_flag(group, p) -> None:
+    """A flag from a method parameter's declaration. Not given, it is not passed, so that the
+    method's own default applies and a flag the method does not take is refused by merge."""
+    default = "" if p.default is None else f" (default {p.default})"
+    kw: dict = {"dest": p.name, "default": argparse.SUPPRESS, "help": p.help + default}
+    if p.kind == "choice":
+        kw["choices"] = list(p.choices)
+    elif p.kind == "paths":
+        kw["nargs"] = "+"
+    else:
+        kw["type"] = int if p.kind == "int" else float
+    group.add_argument(p.flag, **{**kw, **p.extra})
 
 
 class _Terminated(BaseException):
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from . import io
-    from .engine import merge
+    from .engine import merge_to
 
     def fail(msg: str) -> int:
         print(f"knots-merge: error: {msg}", file=sys.stderr)
@@ -101,25 +101,20 @@ def _run(args) -> int:
 
     if args.rank is not None and args.rank < 1:
         return fail(f"--rank must be >= 1, got {args.rank}")
+    params = {name: getattr(args, name) for name in ALL_PARAMS if hasattr(args, name)}
     try:
         io.check_output(args.output, inputs=args.adapters, overwrite=args.overwrite)  # before a long merge
-        params = {name: getattr(args, name) for name in METHOD_PARAMS if getattr(args, name) is not None}
-        result = merge(args.adapters, method=args.method, device=args.device, alpha=args.alpha, force=args.force,
-                       extra=args.extra, quiet=args.quiet, **params)
-        # MergeResult.save does not take overwrite / inputs / manifest yet: the writer is called directly.
-        io.save_adapter(args.output, result.factors(args.rank), base_model=result.base_model,
-                        fan_in_fan_out=result.fan_in_fan_out, extra=result.extra or None,
-                        task_type=result.task_type, overwrite=args.overwrite, inputs=args.adapters,
-                        manifest={"method": args.method, "params": params, "rank": args.rank,
-                                  "adapters": args.adapters})  # as given: plain JSON values
+        summary = merge_to(args.output, args.adapters, method=args.method, rank=args.rank, overwrite=args.overwrite,
+                           device=args.device, alpha=args.alpha, force=args.force, extra=args.extra,
+                           quiet=args.quiet, **params)
     except (io.AdapterError, ValueError, KeyError, OSError) as e:
         return fail(_error_line(e))
     if not args.quiet:
-        if result.dropped_extra:
-            print(f"left out {len(result.dropped_extra)} non-LoRA tensors (use --extra average to merge them): "
-                  + ", ".join(result.dropped_extra[:5]) + (" ..." if len(result.dropped_extra) > 5 else ""),
-                  file=sys.stderr)
-        print(f"merged {len(args.adapters)} adapters, {len(result.modules)} modules, with {args.method} "
+        dropped = summary.dropped_extra
+        if dropped:
+            print(f"left out {len(dropped)} non-LoRA tensors (use --extra average to merge them): "
+                  + ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""), file=sys.stderr)
+        print(f"merged {len(args.adapters)} adapters, {len(summary.modules)} modules, with {args.method} "
               f"into {args.output}", file=sys.stderr)
     return 0
 

@@ -4,23 +4,18 @@ Modules are processed one at a time (factors loaded lazily), so memory stays bou
 module's working set plus the output (for KnOTS, each module's SVD is part of the output)."""
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from . import _C, io
+from . import _C, driver, factor_ops, io
 from ._progress import make_progress
-from .linalg import DEFAULT_TOL, dense_factors, truncated_factors
+from .driver import ModuleRef
+from .linalg import dense_factors, truncated_factors
 from .methods import get_method
-from .methods.core_space import CoreSpace
-from .methods.iso import iso_c
-from .methods.tsv import tsv_m
-from .methods.spaces import DenseSpace, FactoredUpdate, KnotsSpace, ModuleTasks, drop_zero_updates, zero_update
-from .methods.ta import factored_ta, ta_rows
-from .methods.ties import fix_majority, global_thresholds, ties_module, ties_per_module
+from .methods.spaces import FactoredUpdate, ModuleTasks, drop_zero_updates
 
 PEFT_PREFIX = "base_model.model."
 
@@ -37,6 +32,7 @@ class MergeResult:
     task_type: str | None = None
     extra: dict = field(default_factory=dict)  # merged non-LoRA tensors (extra="average")
     dropped_extra: list = field(default_factory=list)  # non-LoRA tensors left out
+    inputs: list = field(default_factory=list)  # paths of the adapters merged (save() never replaces them)
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense merged update of module `name` (d_out x d_in, float32, on the CPU)."""
@@ -47,23 +43,17 @@ class MergeResult:
     def factors(self, rank: int | None = None) -> dict:
         """(B, A) per module with B @ A the update: lossless when rank is None, else the best
         rank-`rank` approximation (an SVD from the factors; dense updates are factored by SVD)."""
-        out = {}
-        for name, upd in self.modules.items():
-            if isinstance(upd, FactoredUpdate):
-                B, A = (upd.B, upd.A) if rank is None else truncated_factors(upd.B, upd.A, rank)
-            else:
-                B, A = dense_factors(upd.W, rank)
-            if B.shape[1] == 0:  # an all-zero update still needs a rank-1 LoRA
-                B, A = torch.zeros(B.shape[0], 1), torch.zeros(1, A.shape[1])
-            out[name] = (B.float().cpu().contiguous(), A.float().cpu().contiguous())
-        return out
+        return {name: update_factors(upd, rank) for name, upd in self.modules.items()}
 
-    def save(self, out_dir, rank: int | None = None, dtype=torch.float32) -> None:
-        """Writes a PEFT LoRA adapter (safetensors + adapter_config.json) that PEFT loads as is."""
+    def save(self, out_dir, rank: int | None = None, dtype=torch.float32, *, overwrite: bool = False) -> None:
+        """Writes a PEFT LoRA adapter (safetensors + adapter_config.json + the knots_merge.json
+        manifest) that PEFT loads as is. out_dir must be new or empty, or an earlier knots-merge
+        output with overwrite=True; it may not be or hold an input adapter (io.save_adapter)."""
         check_rank(rank)
         io.save_adapter(out_dir, self.factors(rank), base_model=self.base_model,
                         fan_in_fan_out=self.fan_in_fan_out, extra=self.extra or None, dtype=dtype,
-                        task_type=self.task_type)
+                        task_type=self.task_type, overwrite=overwrite, inputs=self.inputs,
+                        manifest=_manifest(self.method, self.params, rank, self.inputs))
 
     def fold_into(self, target, scale: float = 1.0):
         """Adds the merged updates to base weights: `target` is a torch.nn.Module (changed in place)
@@ -89,6 +79,26 @@ class MergeResult:
         return target if is_module else weights
 
 
+def update_factors(update, rank: int | None = None) -> tuple:
+    """(B, A), float32 on the CPU, with B @ A a module's merged update: lossless when rank is
+    None, else its best rank-`rank` approximation (an SVD from the factors; a dense update is
+    factored by SVD at its numerical rank). A zero update is a rank-1 LoRA of zeros."""
+    if isinstance(update, FactoredUpdate):
+        B, A = (update.B, update.A) if rank is None else truncated_factors(update.B, update.A, rank)
+    else:
+        B, A = dense_factors(update.W, rank)
+    if B.shape[1] == 0:
+        B, A = torch.zeros(B.shape[0], 1), torch.zeros(1, A.shape[1])
+    return B.float().cpu().contiguous(), A.float().cpu().contiguous()
+
+
+def _manifest(method: str, params: dict, rank, inputs) -> dict:
+    """What knots_merge.json records about the merge: plain JSON values (Gram files as paths)."""
+    plain = {k: ([os.fspath(g) if isinstance(g, (str, os.PathLike)) else str(g) for g in v]
+                 if isinstance(v, (list, tuple)) else v) for k, v in params.items()}
+    return {"method": method, "params": plain, "rank": rank, "adapters": [os.fspath(p) for p in inputs]}
+
+
 def check_rank(rank) -> None:
     """An output rank is None (lossless) or an integer >= 1."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
@@ -108,93 +118,111 @@ def _load(adapters, alpha):
     return loaded
 
 
-def merge(adapters, method: str = "knots-ties", top_k: float = 1.0, lam: float = 1.0, dare_p: float = 0.0,
-          seed: int = 0, device="cpu", *, top_k_scope: str = "task", tol: float = DEFAULT_TOL,
-          alpha: float | None = None, force: bool = False, extra: str = "drop", quiet: bool = True,
-          grams=None, regmean_alpha: float = 0.9, common_fraction: float | None = None) -> MergeResult:
+def merge(adapters, method: str = "knots-ties", *, device="cpu", alpha: float | None = None, force: bool = False,
+          extra: str = "drop", quiet: bool = True, **params) -> MergeResult:
     """Merges n LoRA adapters (paths or loaded io.Adapter objects) into one, with `method` one
-    of knots_ext.methods.METHODS (DESIGN.md §1 defines each exactly):
+    of knots_ext.methods.METHODS (DESIGN.md §1 defines each exactly). `params` are the method's
+    declared parameters (METHODS[method].params: name, default, range, help), e.g.
 
     top_k: TIES keeps this fraction of each task's entries (threshold global per task over all
     modules with top_k_scope="task", per module with "module"); lam scales the merged update;
-    dare_p, seed: DARE's drop probability (dare-* methods only) and mask seed; tol: KnOTS drops
-    singular values <= tol (and the numerical rank of iso-c / iso-cts); alpha: lora_alpha for
-    bare .safetensors files; force: merge adapters of different base models; extra: "drop" or
-    "average" the non-LoRA tensors (modules_to_save). regmean: grams, one Gram file (or loaded
-    knots_ext.grams.Grams) per adapter, and regmean_alpha, the off-diagonal scale; iso-cts:
-    common_fraction, the share of the rank given to the common subspace (None: the paper's).
+    dare_p, seed: DARE's drop probability (dare-* methods) and mask seed; tol: KnOTS drops
+    singular values <= tol (and the numerical rank of iso-c / iso-cts); regmean: grams, one Gram
+    file (or loaded knots_ext.grams.Grams) per adapter, and regmean_alpha; iso-cts:
+    common_fraction. A parameter the method does not take is refused unless left at its default.
+
+    alpha: lora_alpha for bare .safetensors files; force: merge adapters of different base
+    models; extra: "drop" or "average" the non-LoRA tensors (modules_to_save); device: "cpu" or
+    "cuda[:N]"; quiet: no progress line.
     """
+    spec, declared, device, adapters = _prepare(adapters, method, params, device, alpha, force, extra)
+    out: dict = {}
+    run_merge(spec, _setup(spec, declared, adapters), adapters, device,
+              lambda ref, update: out.__setitem__(ref.name, update), quiet)
+    result = MergeResult(dict(sorted(out.items())), method, declared, base_model=adapters[0].base_model,
+                         fan_in_fan_out=adapters[0].fan_in_fan_out, task_type=adapters[0].config.get("task_type"),
+                         inputs=[a.path for a in adapters])
+    result.extra, result.dropped_extra = _merge_extra(adapters, extra)
+    return result
+
+
+@dataclass
+class MergeSummary:
+    """What merge_to wrote: the output folder, the modules merged and the non-LoRA tensors left out."""
+
+    out_dir: str
+    modules: list
+    dropped_extra: list
+
+
+def merge_to(out_dir, adapters, method: str = "knots-ties", *, rank: int | None = None, dtype=torch.float32,
+             overwrite: bool = False, device="cpu", alpha: float | None = None, force: bool = False,
+             extra: str = "drop", quiet: bool = True, **params) -> MergeSummary:
+    """merge() straight to a PEFT adapter folder (MergeResult.save's rules for out_dir, checked
+    before the merge starts): each module's factors are written as soon as they are final, so the
+    merge never holds its whole result. rank truncates each module (None: lossless)."""
+    check_rank(rank)
+    spec, declared, device, adapters = _prepare(adapters, method, params, device, alpha, force, extra)
+    inputs = [a.path for a in adapters]
+    io.check_output(out_dir, inputs=inputs, overwrite=overwrite)
+    params = _setup(spec, declared, adapters)
+    names: list = []
+    with io.AdapterWriter(out_dir, base_model=adapters[0].base_model, fan_in_fan_out=adapters[0].fan_in_fan_out,
+                          dtype=dtype, task_type=adapters[0].config.get("task_type"), overwrite=overwrite,
+                          inputs=inputs, manifest=_manifest(method, declared, rank, inputs)) as writer:
+        def emit(ref, update):
+            writer.add(ref.name, *update_factors(update, rank))
+            names.append(ref.name)
+
+        run_merge(spec, params, adapters, device, emit, quiet)
+        merged_extra, dropped = _merge_extra(adapters, extra)
+        for key in sorted(merged_extra):
+            writer.add_extra(key, merged_extra[key])
+    return MergeSummary(os.fspath(out_dir), sorted(names), dropped)
+
+
+def _prepare(adapters, method, params, device, alpha, force, extra):
+    """The checks shared by merge and merge_to: (method, its validated parameters, device, loaded
+    adapters)."""
     spec = get_method(method)
-    _check_params(spec, top_k=top_k, lam=lam, dare_p=dare_p, seed=seed, top_k_scope=top_k_scope, tol=tol,
-                  extra=extra, regmean_alpha=regmean_alpha, common_fraction=common_fraction)
-    device = _check_device(device, needs_kernels=spec.space != "factors")
+    declared = spec.check(params)
+    if extra not in ("drop", "average"):
+        raise ValueError(f"extra must be 'drop' or 'average', got {extra!r}")
+    device = _check_device(device, needs_kernels=spec.space is not None)
     adapters = _load(adapters, alpha)
     io.check_compatible(adapters, force=force)
-    progress = make_progress(quiet)
+    return spec, declared, device, adapters
 
+
+def _setup(spec, declared: dict, adapters: list) -> dict:
+    return declared if spec.setup is None else spec.setup(declared, adapters)
+
+
+def run_merge(spec, params: dict, adapters: list, device, emit, quiet: bool = True) -> None:
+    """The merge of loaded adapters, each module's update handed to emit(ref, update) as soon as
+    it is final (checked finite)."""
     names = sorted(set().union(*(a.modules for a in adapters)))
+    modules = []
+    for name in names:
+        tasks = [i for i, a in enumerate(adapters) if name in a.modules]
+        modules.append(ModuleRef(name, tasks, tuple(adapters[tasks[0]].shape(name))))
 
-    def module_tasks(ref: "_ModuleRef") -> ModuleTasks:
+    def load(ref: ModuleRef) -> ModuleTasks:
         """The module's tasks with a non-zero update (factors loaded now, on the merge device)."""
         factors = [tuple(t.to(device) for t in adapters[i].factors(ref.name)) for i in ref.tasks]
         scales = [adapters[i].scale(ref.name) for i in ref.tasks]
         return drop_zero_updates(ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape))
 
-    modules = []
-    for name in names:
-        tasks = [i for i, a in enumerate(adapters) if name in a.modules]
-        modules.append(_ModuleRef(name, tasks, tuple(adapters[tasks[0]].shape(name))))
-    out = {}
-    if spec.space == "factors":
-        if spec.rule == "regmean":
-            rule = _regmean_rule(grams, len(adapters), regmean_alpha, lam)
-        elif spec.rule == "iso-cts":
-            rule = _iso_cts_rule(lam, tol, common_fraction)
-        else:
-            rule = {"ta": lambda m: factored_ta(m, lam), "iso-c": lambda m: iso_c(m, lam, tol),
-                    "tsv-m": lambda m: tsv_m(m, lam)}[spec.rule]
-        for ref in progress(modules, method):
-            m = module_tasks(ref)
-            out[ref.name] = rule(m) if m.tasks else zero_update(m)
-    else:
-        space = {"knots": lambda: KnotsSpace(tol), "core": CoreSpace, "dense": DenseSpace}[spec.space]()
-        try:
-            out = _merge_in_space(space, spec, modules, module_tasks, len(adapters), top_k, top_k_scope, lam,
-                                  dare_p if spec.dare else 0.0, seed, progress)
-        except ValueError as e:
-            if "NaN or Inf" not in str(e):
-                raise
-            _blame_nonfinite(modules, module_tasks, space, adapters, e)
-    for ref in modules:
-        _check_finite(ref, out[ref.name], adapters, lam)
+    def checked(ref, update):
+        _check_finite(ref, update, adapters, params.get("lam"))
+        emit(ref, update)
 
-    result = MergeResult(out, method, dict(top_k=top_k, lam=lam, dare_p=dare_p, seed=seed, top_k_scope=top_k_scope,
-                                           tol=tol), base_model=adapters[0].base_model,
-                         fan_in_fan_out=adapters[0].fan_in_fan_out, task_type=adapters[0].config.get("task_type"))
-    _merge_extra(adapters, extra, result)
-    return result
-
-
-def _merge_in_space(space, spec, modules, module_tasks, n_tasks, top_k, top_k_scope, lam, dare_p, seed,
-                    progress) -> dict:
-    """TA or TIES on task rows in a space (dense, KnOTS, Core): per module, or with TIES's
-    thresholds global per task."""
-    if spec.rule == "ties" and top_k_scope == "task":
-        return _global_ties(modules, module_tasks, space, n_tasks, top_k, lam, dare_p, seed, progress, spec.name)
-    out = {}
-    for ref in progress(modules, spec.name):
-        m = module_tasks(ref)
-        if not m.tasks:
-            out[ref.name] = zero_update(m)
-            continue
-        state = space.prepare(m)
-        rows = space.rows(m, state)
-        if spec.rule == "ta":
-            merged = _merge_rows(rows, lambda r: ta_rows(r, m, lam, dare_p, seed))
-        else:
-            merged = _merge_rows(rows, lambda r: ties_per_module(r, m, top_k, lam, dare_p, seed))
-        out[ref.name] = space.update(m, merged, state)
-    return out
+    try:
+        driver.run(spec, params, modules, load, len(adapters), checked, make_progress(quiet))
+    except ValueError as e:
+        if "NaN or Inf" not in str(e):
+            raise
+        _blame_nonfinite(modules, load, spec.space(params), adapters, e)
 
 
 def _check_finite(ref, update, adapters, lam) -> None:
@@ -209,50 +237,19 @@ def _check_finite(ref, update, adapters, lam) -> None:
                      "those adapters' lora_alpha")
 
 
-def _blame_nonfinite(modules, module_tasks, space, adapters, error) -> None:
+def _blame_nonfinite(modules, load, space, adapters, error) -> None:
     """A kernel saw NaN or Inf in the task rows: finite factors whose update overflows float32.
     Finds the module and adapter and says so (only on this error path: it reads every module)."""
     for ref in modules:
-        m = module_tasks(ref)
+        m = load(ref)
         if not m.tasks:
             continue
-        for row, t, s in zip(space.rows(m, space.prepare(m)), m.tasks, m.scales):
-            if not bool(torch.isfinite(row).all()):
-                raise ValueError(f"{adapters[t].path}: module {ref.name}: its update (scale {s} x lora_B x "
-                                 f"lora_A) overflows float32 in the {space.name} space") from None
+        factors = space.row_factors(m, space.prepare(m))
+        for j, t in enumerate(m.tasks):
+            if not factor_ops.is_finite(factors[j]):
+                raise ValueError(f"{adapters[t].path}: module {ref.name}: its update (scale {m.scales[j]} x "
+                                 f"lora_B x lora_A) overflows float32 in the {space.name} space") from None
     raise ValueError(f"the task updates overflow float32 after DARE's rescaling 1/(1-dare_p) ({error})") from None
-
-
-def _check_params(spec, *, top_k, lam, dare_p, seed, top_k_scope, tol, extra, regmean_alpha,
-                  common_fraction) -> None:
-    """Refuses, with one line naming the parameter, every value that would silently mean
-    something else (a percent for top_k, a NaN lam, ...)."""
-    def number(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-        return float(value)
-
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not 0.0 < top_k <= 1.0:
-        raise ValueError(f"top_k must be in (0, 1], got {top_k} (top_k is a fraction: 20% is 0.2)")
-    number("lam", lam)
-    if spec.dare and not 0.0 < number("dare_p", dare_p) < 1.0:
-        raise ValueError(f"{spec.name} needs dare_p in (0, 1), got {dare_p}")
-    if not spec.dare and dare_p != 0.0:
-        raise ValueError(f"dare_p applies to the dare methods only, not {spec.name}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    if number("tol", tol) < 0.0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    if top_k_scope not in ("task", "module"):
-        raise ValueError(f"top_k_scope must be 'task' or 'module', got {top_k_scope!r}")
-    if extra not in ("drop", "average"):
-        raise ValueError(f"extra must be 'drop' or 'average', got {extra!r}")
-    if not 0.0 <= number("regmean_alpha", regmean_alpha) <= 1.0:
-        raise ValueError(f"regmean_alpha must be in [0, 1], got {regmean_alpha}")
-    if common_fraction is not None and not 0.0 <= number("common_fraction", common_fraction) <= 1.0:
-        raise ValueError(f"common_fraction must be in [0, 1], got {common_fraction}")
 
 
 def _check_device(device, needs_kernels: bool) -> torch.device:
@@ -276,84 +273,13 @@ def _check_device(device, needs_kernels: bool) -> torch.device:
     return dev
 
 
-def _iso_cts_rule(lam, tol, common_fraction):
-    from .methods.iso import iso_cts
-
-    if common_fraction is None:
-        return lambda m: iso_cts(m, lam, tol)
-    return lambda m: iso_cts(m, lam, tol, common_fraction=common_fraction)
-
-
-def _regmean_rule(grams, n_adapters: int, alpha: float, lam: float):
-    """RegMean per module, with each task's Gram of that module's inputs from its Gram file."""
-    from .grams import Grams, load_grams
-    from .methods.regmean import module_grams, regmean
-
-    if grams is None or len(grams) != n_adapters:
-        raise ValueError(f"regmean needs one Gram file per adapter (--grams): got "
-                         f"{0 if grams is None else len(grams)} for {n_adapters} adapters")
-    loaded = [g if isinstance(g, Grams) else load_grams(g) for g in grams]
-    return lambda m: regmean(m, module_grams(loaded, m), alpha, lam)
-
-
-@dataclass
-class _ModuleRef:
-    """A module's name, the adapters that have it and its (d_out, d_in): what the passes carry
-    from module to module (the factors themselves are loaded when needed)."""
-
-    name: str
-    tasks: list
-    shape: tuple
-
-
-def _global_ties(modules, module_tasks, space, n_tasks, top_k, lam, dare_p, seed, progress, method):
-    """TIES with per-task thresholds over all modules: a threshold pass (one or two rounds),
-    then a merge pass, then the global majority sign at the positions whose trimmed sum was
-    exactly 0; only then are the merged rows mapped back (space.update), so the fix reaches
-    every space. Each module's space state (its KnOTS SVD) is computed once and kept, as it is
-    part of the output anyway."""
-    states = {}
-
-    def rows_of(ref):
-        m = module_tasks(ref)
-        if not m.tasks:
-            return m, [], None
-        if ref.name not in states:
-            states[ref.name] = space.prepare(m)
-        return m, space.rows(m, states[ref.name]), states[ref.name]
-
-    thresholds = global_thresholds(modules, rows_of, n_tasks, top_k, dare_p, seed, progress)
-    merged_rows, sign_sum, pending = {}, 0, []
-    for ref in progress(modules, f"{method} merge"):
-        m, rows, _ = rows_of(ref)
-        if not rows or rows[0].numel() == 0:
-            merged_rows[ref.name] = None if not rows else rows[0].new_zeros(0)
-            continue
-        merged, signs, zero_sum = ties_module(rows, m, thresholds, lam, dare_p, seed)
-        sign_sum += signs
-        merged_rows[ref.name] = merged
-        if zero_sum:
-            pending.append((ref, zero_sum))
-    majority = (sign_sum > 0) - (sign_sum < 0)
-    for ref, zero_sum in pending:
-        m, rows, _ = rows_of(ref)
-        fix_majority(rows, m, merged_rows[ref.name], thresholds, zero_sum, majority, lam, dare_p, seed)
-    out = {}
-    for ref in modules:
-        merged = merged_rows[ref.name]
-        out[ref.name] = zero_update(ref) if merged is None else space.update(ref, merged, states[ref.name])
-    return out
-
-
-def _merge_rows(rows, rule):
-    return rows[0].new_zeros(0) if rows[0].numel() == 0 else rule(rows)
-
-
-def _merge_extra(adapters, extra: str, result: MergeResult) -> None:
+def _merge_extra(adapters, extra: str) -> tuple[dict, list]:
+    """(merged non-LoRA tensors, the keys left out): extra="average" averages each key over the
+    adapters that have it (same shapes required), "drop" leaves every key out."""
     keys = sorted(set().union(*(a.extra_tensors for a in adapters)))
     if extra == "drop":
-        result.dropped_extra = keys
-        return
+        return {}, keys
+    merged = {}
     for key in keys:
         having = [a for a in adapters if key in a.extra_tensors]
         tensors = [a.extra(key, dtype=torch.float32) for a in having]
@@ -361,4 +287,5 @@ def _merge_extra(adapters, extra: str, result: MergeResult) -> None:
             if t.shape != tensors[0].shape:
                 raise io.AdapterError(a.path, f"extra tensor {key}: shape {list(t.shape)} differs from "
                                               f"{list(tensors[0].shape)} in {having[0].path}; cannot average them")
-        result.extra[key] = torch.stack(tensors).mean(0)
+        merged[key] = torch.stack(tensors).mean(0)
+    return merged, []

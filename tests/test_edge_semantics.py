@@ -70,8 +70,9 @@ def random_grams(path, adapter, seed):
 
 
 def merge_kwargs(method):
-    spec = METHODS[method]
-    return dict(top_k=0.4 if spec.rule == "ties" else 1.0, dare_p=0.3 if spec.dare else 0.0, seed=3, lam=0.8)
+    """Non-default values of the parameters the method takes."""
+    kw = dict(top_k=0.4, dare_p=0.3, seed=3, lam=0.8)
+    return {k: v for k, v in kw.items() if k in METHODS[method].param_names}
 
 
 # ---------------------------------------------------------------------------------- zero updates
@@ -118,7 +119,7 @@ def test_zero_adapter_against_reference(zero_case, method):
     updates = [read_updates(p) for p in plain]
     factors = [read_scaled_factors(p) for p in plain]
     names = sorted(updates[0])
-    res = knots_ext.merge(with_zeros, method=method, top_k=0.4)
+    res = knots_ext.merge(with_zeros, method=method, **({"top_k": 0.4} if method.endswith("ties") else {}))
     if method == "knots-ties":
         U, reps = ref_knots(updates, names)
         shapes = {n: tuple(reps[0][n].shape) for n in names}
@@ -171,7 +172,7 @@ def test_module_zero_in_every_adapter_is_a_zero_update(tmp_path):
     a = edited(write_adapter(tmp_path / "a0", 4, 8, seed=1), tmp_path / "a", zero_b(X))
     b = edited(write_adapter(tmp_path / "b0", 4, 8, seed=2), tmp_path / "b", zero_b(X))
     for method in ("knots-ties", "ties", "ta", "core-ties"):
-        res = knots_ext.merge([a, b], method=method, top_k=0.5)
+        res = knots_ext.merge([a, b], method=method, **({"top_k": 0.5} if method.endswith("ties") else {}))
         assert torch.count_nonzero(res.delta(X)) == 0
         B, A = res.factors()[X]
         assert B.shape[1] == A.shape[0] == 1 and not B.any()  # saved as a rank-1 zero LoRA
@@ -328,18 +329,31 @@ def test_top_k_one_keeps_everything(two):
 
 BAD_PARAMS = [
     ("tol", math.nan), ("tol", math.inf), ("tol", -1e-3), ("lam", math.nan), ("lam", math.inf),
-    ("lam", -math.inf), ("seed", -1), ("regmean_alpha", math.nan), ("common_fraction", 1.5),
+    ("lam", -math.inf), ("seed", -1), ("seed", 2**64), ("regmean_alpha", math.nan), ("common_fraction", 1.5),
 ]
+# (method, other parameters it needs) for each parameter tested
+PARAM_HOME = {"seed": ("knots-dare-ties", {"dare_p": 0.5}), "regmean_alpha": ("regmean", {}),
+              "common_fraction": ("iso-cts", {})}
 
 
 @pytest.mark.parametrize("name,value", BAD_PARAMS)
 def test_bad_numbers_refused(two, tmp_path, name, value):
-    method = {"regmean_alpha": "regmean", "common_fraction": "iso-cts"}.get(name, "knots-ties")
+    method, others = PARAM_HOME.get(name, ("knots-ties", {}))
     with pytest.raises(ValueError, match=name):
-        knots_ext.merge(two, method=method, **{name: value})
+        knots_ext.merge(two, method=method, **others, **{name: value})
     out = tmp_path / "o"
-    flag = "--" + name.replace("_", "-")
-    assert_one_line_refusal(run_cli(*two, "-o", out, "--method", method, f"{flag}={value}"), name, out=out)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**others, name: value}.items()]
+    assert_one_line_refusal(run_cli(*two, "-o", out, "--method", method, *flags), name, out=out)
+
+
+def test_parameter_of_another_method_refused(two):
+    with pytest.raises(ValueError, match="top_k does not apply to ta"):
+        knots_ext.merge(two, method="ta", top_k=0.2)
+    with pytest.raises(ValueError, match="dare_p does not apply to knots-ties"):
+        knots_ext.merge(two, method="knots-ties", dare_p=0.2)
+    with pytest.raises(ValueError, match="unknown parameter 'topk'"):
+        knots_ext.merge(two, method="ties", topk=0.2)
+    knots_ext.merge(two, method="ta", top_k=1.0)  # the default is no claim: accepted
 
 
 @pytest.mark.parametrize("rank", [0, -1, True, 1.5])

@@ -89,7 +89,8 @@ def test_dare_methods(adapters, method):
         want = {n: sum(d[n] for d in dared) for n in names}
     else:
         want = ref_global_ties(dared, names, shapes, 0.5, 1.0)
-    res = knots_ext.merge(adapters, method=method, top_k=0.5, dare_p=p, seed=seed)
+    kw = dict(top_k=0.5) if method.endswith("ties") else {}
+    res = knots_ext.merge(adapters, method=method, dare_p=p, seed=seed, **kw)
     for name in names:
         expected = want[name] if U is None else U[name] @ want[name]
         close(res.delta(name), expected, 1e-4, name)
@@ -217,7 +218,8 @@ def test_core_space_ties(adapters, method, top_k, p):
                  for i, c in enumerate(cores)]
     shapes = {n: tuple(cores[0][n].shape) for n in names}
     merged = ref_global_ties(cores, names, shapes, top_k, 1.0)
-    res = knots_ext.merge(adapters, method=method, top_k=top_k, dare_p=p, seed=5)
+    dare = dict(dare_p=p, seed=5) if p else {}
+    res = knots_ext.merge(adapters, method=method, top_k=top_k, **dare)
     for name in names:
         U_B, V_A = bases[name]
         close(res.delta(name), U_B @ merged[name] @ V_A.T, 1e-4, name)
@@ -290,3 +292,14 @@ def test_iso_cts_through_merge(adapters):
         close(full.delta(name), c.delta(name).double(), 1e-5, name)
     default = knots_ext.merge(adapters, method="iso-cts", lam=0.8)
     assert sorted(default.modules) == sorted(c.modules)
+
+
+def test_linear_is_the_mean_over_the_adapters_that_have_the_module(tmp_path):
+    a = write_adapter(tmp_path / "a", 4, 8, seed=1)
+    b = write_adapter(tmp_path / "b", 2, 4, seed=2, modules={"self_attn.q_proj": (24, 16)})
+    c = write_adapter(tmp_path / "c", 3, 6, seed=3)
+    updates = [read_updates(p) for p in (a, b, c)]
+    res = knots_ext.merge([a, b, c], method="linear", lam=0.9)
+    for name in updates[0]:
+        having = [u[name] for u in updates if name in u]
+        close(res.delta(name), 0.9 * sum(having) / len(having), 1e-5, name)

@@ -130,7 +130,7 @@ def test_cli_checks_output_before_merging(tmp_path, two, monkeypatch, capsys):
     def no_merge(*a, **k):
         raise AssertionError("merge ran before the output path was checked")
 
-    monkeypatch.setattr(engine, "merge", no_merge)
+    monkeypatch.setattr(engine, "run_merge", no_merge)
     assert cli.main([*map(str, two), "-o", str(two[1]), "--method", "ta"]) == 2
     assert "refusing to write over an input" in capsys.readouterr().err
 
@@ -212,14 +212,14 @@ def test_cli_ctrl_c_in_process(tmp_path, two, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "merge", interrupted)
+    monkeypatch.setattr(engine, "run_merge", interrupted)
     assert cli.main([*map(str, two), "-o", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err == "knots-merge: interrupted\n"
 
-    import safetensors.torch as st
+    import knots_ext.io.save as save_module
 
     monkeypatch.undo()
-    monkeypatch.setattr(st, "save_file", interrupted)  # Ctrl-C in the middle of the save
+    monkeypatch.setattr(save_module.shutil, "copyfileobj", interrupted)  # Ctrl-C in the middle of the save
     assert cli.main([*map(str, two), "-o", str(tmp_path / "out"), "--method", "ta"]) == 130
     assert capsys.readouterr().err.splitlines()[-1:] == ["knots-merge: interrupted"]
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
@@ -233,7 +233,7 @@ def test_cli_signal_subprocess(tmp_path, two, sig, code, word):
         def slow(*a, **k):
             print("ready", flush=True)
             time.sleep(60)
-        engine.merge = slow
+        engine.run_merge = slow
         sys.exit(cli.main({[str(p) for p in two]!r} + ["-o", {str(tmp_path / 'out')!r}]))
     """)
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

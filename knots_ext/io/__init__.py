@@ -8,7 +8,7 @@ never replaces a folder it did not write (see _output.py; check_output tests an 
 from ._common import AdapterError
 from ._output import MANIFEST_NAME, check_output
 from .adapter import Adapter, check_compatible, load_adapter
-from .save import save_adapter
+from .save import AdapterWriter, save_adapter
 
-__all__ = ["MANIFEST_NAME", "Adapter", "AdapterError", "check_compatible", "check_output", "load_adapter",
+__all__ = ["MANIFEST_NAME", "Adapter", "AdapterError", "AdapterWriter", "check_compatible", "check_output", "load_adapter",
            "save_adapter"]

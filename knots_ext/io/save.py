@@ -67,21 +67,216 @@ def _target_matches(target_modules, name: str) -> bool:
     return name in target_modules or any(name.endswith("." + t) for t in target_modules)
 
 
-def _prepare(out_dir, tensors: dict, key: str, t, dtype, what: str) -> None:
+# safetensors' dtype names of the writable dtypes.
+_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def _prepared(out_dir, t, dtype, what: str) -> torch.Tensor:
+    """t checked (a finite floating tensor), on the CPU, as `dtype`, contiguous."""
     if not isinstance(t, torch.Tensor):
         raise AdapterError(out_dir, f"{what}: expected a torch.Tensor, got {type(t).__name__}")
     t = t.detach()
-    if t.is_floating_point() or t.is_complex():
-        if t.is_complex():
-            raise AdapterError(out_dir, f"{what}: complex tensors cannot be written")
-        if not bool(torch.isfinite(t).all()):
-            raise AdapterError(out_dir, f"{what}: holds NaN or Inf values")
-        t = t.to(device="cpu", dtype=dtype)
-        if not bool(torch.isfinite(t).all()):
-            raise AdapterError(out_dir, f"{what}: overflows {dtype}")
-    else:
-        t = t.to("cpu")
-    tensors[key] = t.contiguous()
+    if t.is_complex():
+        raise AdapterError(out_dir, f"{what}: complex tensors cannot be written")
+    if not t.is_floating_point():
+        raise AdapterError(out_dir, f"{what}: must be floating point, got {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise AdapterError(out_dir, f"{what}: holds NaN or Inf values")
+    t = t.to(device="cpu", dtype=dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise AdapterError(out_dir, f"{what}: overflows {dtype}")
+    return t.contiguous()
+
+
+class AdapterWriter:
+    """A PEFT LoRA adapter written module by module: each module's factors go to disk as soon as
+    add() is called, so a merge never holds its whole result; close() writes the safetensors
+    header, the config and the manifest and puts the folder in place (the rules and guarantees of
+    save_adapter); abort() (or an exception inside a `with` block) leaves nothing behind.
+
+        with AdapterWriter(out, base_model=...) as w:
+            for name, (B, A) in ...:
+                w.add(name, B, A)
+        # closed on leaving the block
+    """
+
+    def __init__(self, out_dir, *, base_model: str | None, target_modules=None, fan_in_fan_out: bool = False,
+                 dtype=torch.float32, task_type=None, overwrite: bool = False, inputs: Sequence = (),
+                 manifest: Mapping | None = None):
+        self.target, _ = inspect_output(out_dir, inputs, overwrite)
+        self.out_dir = os.fspath(out_dir)
+        if dtype not in WRITABLE_DTYPES:
+            raise AdapterError(self.out_dir, f"unsupported output dtype {dtype} (float32, float16, bfloat16, float64)")
+        if task_type is not None and not isinstance(task_type, str):
+            task_type = str(getattr(task_type, "value", task_type))
+        if manifest is not None and not isinstance(manifest, Mapping):
+            raise AdapterError(self.out_dir, f"manifest must be a dict, got {type(manifest).__name__}")
+        try:
+            self.manifest = manifest_text([CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME], manifest)
+        except (TypeError, ValueError) as e:
+            raise AdapterError(self.out_dir, f"manifest metadata cannot be written as JSON: {e}") from None
+        self.inputs, self.overwrite = inputs, overwrite
+        self.base_model, self.target_modules, self.fan_in_fan_out = base_model, target_modules, fan_in_fan_out
+        self.dtype, self.task_type = dtype, task_type
+        self.ranks: dict[str, int] = {}
+        self.modules_to_save: set = set()
+        self.entries: dict[str, dict] = {}  # key -> safetensors header entry
+        self.size = 0
+        parent, base = os.path.dirname(self.target), os.path.basename(self.target)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            remove_stale_temps(parent, base)
+            self.tmp = fresh_temp_name(parent, base)
+            os.mkdir(self.tmp)
+            self.data = open(os.path.join(self.tmp, ".tensors"), "wb")
+        except OSError as e:
+            raise AdapterError(self.out_dir, f"cannot create a directory beside it: {e.strerror or e}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _guard(self, step, *args):
+        """Runs a step; any error aborts the write (nothing left behind) and OSErrors become one line."""
+        try:
+            return step(*args)
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError):
+                raise AdapterError(self.out_dir, f"cannot write the adapter: {e.strerror or e}") from None
+            raise
+
+    def _append(self, key: str, t: torch.Tensor) -> None:
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        self.data.write(raw.data)
+        self.entries[key] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [self.size, self.size + raw.size]}
+        self.size += raw.size
+
+    def add(self, module: str, B, A) -> None:
+        """Writes module's factors: its update is exactly B @ A (B: d_out x r, A: r x d_in)."""
+        self._guard(self._add, module, B, A)
+
+    def _add(self, module, B, A):
+        out_dir = self.out_dir
+        if not isinstance(module, str) or not module or module.endswith(".") or module == PEFT_PREFIX:
+            raise AdapterError(out_dir, f"bad module name {module!r}")
+        key = file_name(module)
+        if relative_name(key) in self.ranks:
+            raise AdapterError(out_dir, f"module {relative_name(key)} is given twice (with and without the "
+                                        f"{PEFT_PREFIX!r} prefix)")
+        for which, t in (("B", B), ("A", A)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise AdapterError(out_dir, f"module {module}: {which} must be a 2-D tensor, got {shape}")
+        if B.shape[1] != A.shape[0] or A.shape[0] == 0 or 0 in B.shape or 0 in A.shape:
+            raise AdapterError(out_dir, f"module {module}: B {list(B.shape)} and A {list(A.shape)} do not chain "
+                                        "(B must be d_out x r and A r x d_in, r >= 1)")
+        B = _prepared(out_dir, B, self.dtype, f"module {module}: B")
+        A = _prepared(out_dir, A, self.dtype, f"module {module}: A")
+        self._append(key + B_SUFFIX, B)
+        self._append(key + A_SUFFIX, A)
+        self.ranks[relative_name(key)] = int(A.shape[0])
+
+    def add_extra(self, name: str, t) -> None:
+        """A non-LoRA tensor under its file key (e.g. "base_model.model.score.weight"); its module
+        goes into modules_to_save, so that PEFT loads it."""
+        self._guard(self._add_extra, name, t)
+
+    def _add_extra(self, name, t):
+        key = file_name(name)
+        if key in self.entries or key.endswith((A_SUFFIX, B_SUFFIX)):
+            raise AdapterError(self.out_dir, f"extra tensor {name!r} collides with a LoRA tensor")
+        owner = relative_name(key).rpartition(".")[0]
+        if not owner:
+            raise AdapterError(self.out_dir, f"extra tensor {name!r}: expected '<module>.<parameter>'")
+        self.modules_to_save.add(owner)
+        self._append(key, _prepared(self.out_dir, t, self.dtype, f"extra tensor {name}"))
+
+    def close(self) -> None:
+        """Finishes the files and puts the folder in place."""
+        self._guard(self._close)
+
+    def _close(self):
+        if not self.ranks:
+            raise AdapterError(self.out_dir, "no modules to write")
+        self._check_targets()
+        self.data.close()
+        data_path = os.path.join(self.tmp, ".tensors")
+        weights = os.path.join(self.tmp, WEIGHTS_NAME)
+        header = json.dumps({"__metadata__": {"format": "pt"}, **dict(sorted(self.entries.items()))},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
+        with open(weights, "wb") as f, open(data_path, "rb") as data:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            shutil.copyfileobj(data, f, 16 << 20)
+        os.unlink(data_path)
+        cfg = os.path.join(self.tmp, CONFIG_NAME)
+        _write_text(cfg, json.dumps(self._config(), indent=2, sort_keys=True) + "\n")
+        os.chmod(weights, stat.S_IMODE(os.stat(cfg).st_mode))  # the mode open() gave the config
+        fsync_path(weights)
+        _write_text(os.path.join(self.tmp, MANIFEST_NAME), self.manifest)
+        fsync_path(self.tmp)
+        # Checked again: the folder may have changed during a long write.
+        _, old_files = inspect_output(self.out_dir, self.inputs, self.overwrite)
+        install(self.tmp, self.target, old_files)
+        self.tmp = None
+
+    def abort(self) -> None:
+        """Removes everything written so far."""
+        if not self.data.closed:
+            self.data.close()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def _check_targets(self):
+        for name in self.ranks:
+            if self.target_modules is not None and not _target_matches(self.target_modules, name):
+                raise AdapterError(self.out_dir, f"module {name} is not matched by target_modules="
+                                                 f"{self.target_modules!r}; PEFT would not load it")
+            for owner in self.modules_to_save:
+                if name == owner or name.startswith(owner + "."):
+                    raise AdapterError(self.out_dir, f"module {name} lies inside modules_to_save module {owner} "
+                                                     "(from the extra tensors); PEFT would not give it a LoRA layer")
+
+    def _config(self) -> dict:
+        r0, rank_pattern, alpha_pattern = rank_config(self.ranks)
+        if self.target_modules is None:
+            target_list = sorted(self.ranks)
+        elif isinstance(self.target_modules, str):
+            target_list = self.target_modules
+        else:
+            target_list = sorted(set(self.target_modules))
+        return {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model,
+            "revision": None,
+            "inference_mode": True,
+            "r": r0,
+            "lora_alpha": r0,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "use_rslora": False,
+            "use_dora": False,
+            "target_modules": target_list,
+            "exclude_modules": None,
+            "fan_in_fan_out": bool(self.fan_in_fan_out),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "lora_bias": False,
+            "init_lora_weights": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "modules_to_save": sorted(self.modules_to_save) or None,
+        }
 
 
 def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | None,
@@ -110,140 +305,22 @@ def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | Non
     intact. Files get the permissions 0o666 & ~umask, a new folder 0o777 & ~umask.
     PeftModel.from_pretrained(base, out_dir) loads the result as it is.
     """
-    target, _ = inspect_output(out_dir, inputs, overwrite)
-    out_dir = os.fspath(out_dir)
-    if dtype not in WRITABLE_DTYPES:
-        raise AdapterError(out_dir, f"unsupported output dtype {dtype} (float32, float16, bfloat16, float64)")
-    if not factors:
-        raise AdapterError(out_dir, "no modules to write")
-    if task_type is not None and not isinstance(task_type, str):
-        task_type = str(getattr(task_type, "value", task_type))
-    if manifest is not None and not isinstance(manifest, Mapping):
-        raise AdapterError(out_dir, f"manifest must be a dict, got {type(manifest).__name__}")
-    try:
-        manifest = manifest_text([CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME], manifest)
-    except (TypeError, ValueError) as e:
-        raise AdapterError(out_dir, f"manifest metadata cannot be written as JSON: {e}") from None
-    parent, base = os.path.dirname(target), os.path.basename(target)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        remove_stale_temps(parent, base)
-        tmp = fresh_temp_name(parent, base)
-        os.mkdir(tmp)
-    except OSError as e:
-        raise AdapterError(out_dir, f"cannot create a directory beside it: {e.strerror or e}") from None
-
-    try:
-        _write(out_dir, tmp, factors, base_model=base_model, target_modules=target_modules,
-               fan_in_fan_out=fan_in_fan_out, extra=extra, dtype=dtype, task_type=task_type)
-        _write_text(os.path.join(tmp, MANIFEST_NAME), manifest)
-        fsync_path(tmp)
-        # Checked again: the folder may have changed during a long write.
-        _, old_files = inspect_output(out_dir, inputs, overwrite)
-        install(tmp, target, old_files)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise AdapterError(out_dir, f"cannot write the adapter: {e.strerror or e}") from None
-        raise
-
-
-def _write(out_dir, tmp, factors, *, base_model, target_modules, fan_in_fan_out, extra, dtype, task_type):
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    for module in factors:
-        if not isinstance(module, str) or not module or module.endswith(".") or module == PEFT_PREFIX:
-            raise AdapterError(out_dir, f"bad module name {module!r}")
-    for module in sorted(factors, key=file_name):
-        pair = factors[module]
-        key = file_name(module)
-        if relative_name(key) in ranks:
-            raise AdapterError(out_dir, f"module {relative_name(key)} is given twice (with and without the "
-                                        f"{PEFT_PREFIX!r} prefix)")
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise AdapterError(out_dir, f"module {module}: expected a (B, A) pair")
-        B, A = pair
-        for which, t in (("B", B), ("A", A)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 2:
-                shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise AdapterError(out_dir, f"module {module}: {which} must be a 2-D tensor, got {shape}")
-            if not t.is_floating_point():
-                raise AdapterError(out_dir, f"module {module}: {which} must be floating point, got {t.dtype}")
-        if B.shape[1] != A.shape[0] or A.shape[0] == 0 or 0 in B.shape or 0 in A.shape:
-            raise AdapterError(out_dir, f"module {module}: B {list(B.shape)} and A {list(A.shape)} do not chain "
-                                        "(B must be d_out x r and A r x d_in, r >= 1)")
-        _prepare(out_dir, tensors, key + B_SUFFIX, B, dtype, f"module {module}: B")
-        _prepare(out_dir, tensors, key + A_SUFFIX, A, dtype, f"module {module}: A")
-        ranks[relative_name(key)] = int(A.shape[0])
-
-    modules_to_save = set()
-    for k in sorted(extra or {}):
-        key = file_name(k)
-        if key in tensors:
-            raise AdapterError(out_dir, f"extra tensor {k!r} collides with a LoRA tensor")
-        owner = relative_name(key).rpartition(".")[0]
-        if not owner:
-            raise AdapterError(out_dir, f"extra tensor {k!r}: expected '<module>.<parameter>'")
-        modules_to_save.add(owner)
-        _prepare(out_dir, tensors, key, extra[k], dtype, f"extra tensor {k}")
-
-    for name in ranks:
-        if target_modules is not None and not _target_matches(target_modules, name):
-            raise AdapterError(out_dir, f"module {name} is not matched by target_modules={target_modules!r}; "
-                                        "PEFT would not load it")
-        for owner in modules_to_save:
-            if name == owner or name.startswith(owner + "."):
-                raise AdapterError(out_dir, f"module {name} lies inside modules_to_save module {owner} "
-                                            "(from the extra tensors); PEFT would not give it a LoRA layer")
-
-    # Tensors written must not share memory (safetensors refuses): copy repeats.
-    seen = set()
-    for key, t in tensors.items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            tensors[key] = t.clone()
-        seen.add(ptr)
-
-    r0, rank_pattern, alpha_pattern = rank_config(ranks)
-    if target_modules is None:
-        target_list = sorted(ranks)
-    elif isinstance(target_modules, str):
-        target_list = target_modules
-    else:
-        target_list = sorted(set(target_modules))
-    config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model,
-        "revision": None,
-        "inference_mode": True,
-        "r": r0,
-        "lora_alpha": r0,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_rslora": False,
-        "use_dora": False,
-        "target_modules": target_list,
-        "exclude_modules": None,
-        "fan_in_fan_out": bool(fan_in_fan_out),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "lora_bias": False,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "modules_to_save": sorted(modules_to_save) or None,
-    }
-
-    from safetensors.torch import save_file
-
-    weights = os.path.join(tmp, WEIGHTS_NAME)
-    save_file(tensors, weights, metadata={"format": "pt"})
-    cfg = os.path.join(tmp, CONFIG_NAME)
-    _write_text(cfg, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    # safetensors creates its file 0600; give it the mode open() gave the config (0o666 & ~umask).
-    os.chmod(weights, stat.S_IMODE(os.stat(cfg).st_mode))
-    fsync_path(weights)
+    writer = AdapterWriter(out_dir, base_model=base_model, target_modules=target_modules,
+                           fan_in_fan_out=fan_in_fan_out, dtype=dtype, task_type=task_type, overwrite=overwrite,
+                           inputs=inputs, manifest=manifest)
+    with writer:
+        if not factors:
+            raise AdapterError(writer.out_dir, "no modules to write")
+        for module in factors:  # every name checked before any tensor is written
+            if not isinstance(module, str) or not module or module.endswith(".") or module == PEFT_PREFIX:
+                raise AdapterError(writer.out_dir, f"bad module name {module!r}")
+        for module in sorted(factors, key=file_name):
+            pair = factors[module]
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise AdapterError(writer.out_dir, f"module {module}: expected a (B, A) pair")
+            writer.add(module, *pair)
+        for k in sorted(extra or {}):
+            writer.add_extra(k, extra[k])
 
 
 def _write_text(path: str, text: str) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..linalg import fix_signs
+from . import rows_method
+from .params import LAM, TOP_K, TOP_K_SCOPE
 from .spaces import FactoredUpdate, ModuleTasks
 
 
@@ -29,7 +31,13 @@ def _basis_and_coords(mat: torch.Tensor):
 
 
 class CoreSpace:
+    """Task i's row is its core U_B^T s_i B_i A_i V_A, given as the factors (U_B^T s_i B_i) and
+    (A_i V_A); the merged core M maps back as U_B M V_A^T."""
+
     name = "core"
+
+    def __init__(self, params=None):
+        pass
 
     def prepare(self, m: ModuleTasks):
         f64 = torch.float64
@@ -37,17 +45,26 @@ class CoreSpace:
         A_cat_t = torch.cat([A.to(f64) for _, A in m.factors], dim=0).T
         U_B, b_coords = _basis_and_coords(B_cat)  # b_coords[:, block i] = U_B^T s_i B_i
         V_A, a_coords = _basis_and_coords(A_cat_t)  # a_coords[:, block i] = V_A^T A_i^T
-        cores, c0 = [], 0
+        blocks, c0 = [], 0
         for B, _ in m.factors:
             r = B.shape[1]
-            cores.append((b_coords[:, c0:c0 + r] @ a_coords[:, c0:c0 + r].T).to(torch.float32))
+            blocks.append((b_coords[:, c0:c0 + r].to(torch.float32), a_coords[:, c0:c0 + r].T.to(torch.float32)))
             c0 += r
-        return U_B.to(torch.float32), V_A.to(torch.float32), cores
+        return U_B.to(torch.float32), V_A.to(torch.float32), blocks
 
-    def rows(self, m: ModuleTasks, state) -> list:
-        return [core.reshape(-1) for core in state[2]]
+    def row_factors(self, m: ModuleTasks, state) -> list:
+        return [(b, a, 1.0) for b, a in state[2]]
 
-    def update(self, m, merged_row: torch.Tensor, state) -> FactoredUpdate:
+    def update(self, m, merged: torch.Tensor, state) -> FactoredUpdate:
         U_B, V_A, _ = state
-        M = merged_row.reshape(U_B.shape[1], V_A.shape[1])
+        M = merged.reshape(U_B.shape[1], V_A.shape[1])
         return FactoredUpdate(U_B, M @ V_A.T)
+
+
+_TIES = (TOP_K, TOP_K_SCOPE, LAM)
+METHODS = [
+    rows_method("core-ta", "Task Arithmetic on Core Space cores (equals ta)", CoreSpace, "ta", (LAM,)),
+    rows_method("core-ties", "TIES on Core Space cores", CoreSpace, "ties", _TIES),
+    rows_method("core-dare-ta", "DARE then TA on Core Space cores", CoreSpace, "ta", (LAM,), dare=True),
+    rows_method("core-dare-ties", "DARE then TIES on Core Space cores", CoreSpace, "ties", _TIES, dare=True),
+]

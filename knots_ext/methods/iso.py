@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..linalg import truncated_factors
+from . import Method
+from .params import LAM, TOL, Param
 from .spaces import FactoredUpdate, ModuleTasks
 from .ta import factored_ta
 from .tsv import polar
@@ -102,3 +104,20 @@ def iso_cts(m: ModuleTasks, lam: float, tol: float,
         U_p = polar(torch.cat(Us + [U_c], dim=1))
         Vt_p = polar(torch.cat(Vs + [Vt_c], dim=0).T).T
     return FactoredUpdate((lam * S_all.mean() * U_p).float(), Vt_p.float())
+
+
+COMMON_FRACTION = Param("common_fraction", None, "iso-cts: share of the rank kept for the common subspace "
+                        f"(default: the paper's {ISO_CTS_COMMON_FRACTION})", low=0.0, high=1.0, optional=True)
+
+
+def _iso_cts_rule(m: ModuleTasks, p: dict) -> FactoredUpdate:
+    fraction = ISO_CTS_COMMON_FRACTION if p["common_fraction"] is None else p["common_fraction"]
+    return iso_cts(m, p["lam"], p["tol"], common_fraction=fraction)
+
+
+METHODS = [
+    Method("iso-c", "Iso-C: the TA sum's spectrum flattened to its mean (from the factors)", (LAM, TOL),
+           rule=lambda m, p: iso_c(m, p["lam"], p["tol"])),
+    Method("iso-cts", "Iso-CTS: a common subspace plus task-specific directions, isotropic spectrum",
+           (LAM, TOL, COMMON_FRACTION), rule=_iso_cts_rule),
+]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import Method
+from .params import LAM, Param
 from .spaces import FactoredUpdate, ModuleTasks
 
 # Relative residual ||S Y - R|| / ||R|| above which the solve is taken as failed (S singular).
@@ -69,3 +71,26 @@ def module_grams(gram_files: list, m: ModuleTasks) -> list:
     """The Grams regmean needs for module m: gram_files[t] (a grams.Grams, one per adapter of the
     merge) for each task t of m, checked against the module's input size."""
     return [gram_files[t].get(m.name, m.shape[1]) for t in m.tasks]
+
+
+GRAMS = Param("grams", None, "regmean: one Gram file (knots_ext.grams.save_grams) per adapter, in the same order",
+              kind="paths", extra={"nargs": "+"})
+REGMEAN_ALPHA = Param("regmean_alpha", 0.9, "regmean: scale of the Grams' off-diagonals", low=0.0, high=1.0)
+
+
+def _load_grams(params: dict, adapters: list) -> dict:
+    """The Gram files opened (headers only), one per adapter."""
+    from ..grams import Grams, load_grams
+
+    grams = params["grams"]
+    if len(grams) != len(adapters):
+        raise ValueError(f"regmean needs one Gram file per adapter (--grams): got {len(grams)} for "
+                         f"{len(adapters)} adapters")
+    return dict(params, grams=[g if isinstance(g, Grams) else load_grams(g) for g in grams])
+
+
+METHODS = [
+    Method("regmean", "RegMean: the least-squares merge with each task's input Grams (exact in factored form)",
+           (LAM, GRAMS, REGMEAN_ALPHA), setup=_load_grams,
+           rule=lambda m, p: regmean(m, module_grams(p["grams"], m), p["regmean_alpha"], p["lam"])),
+]

@@ -1,13 +1,13 @@
-"""Where a merge method's per-task vectors live, module by module. A space turns one module of
-the n adapters into task rows (one flat float32 vector per task that has the module) and
-turns the merged row back into the module's update."""
+"""Where a merge method's per-task vectors live, module by module. A space prepares a module's
+state (prepare), gives each task's row as factors (row_factors: row_i = s_i P_i @ Q_i, an
+m x c matrix never stored whole) and maps the merged m x c row back to the module's update
+(update: a pure function of the merged row and the state)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..linalg import DEFAULT_TOL, knots_svd
 
 
 @dataclass
@@ -65,40 +65,18 @@ def zero_update(m) -> "FactoredUpdate":
 
 
 class DenseSpace:
-    """The plain task vectors: row i is the flattened s_i * B_i @ A_i (for TIES, DARE on dW)."""
+    """The plain task vectors: row i is s_i * B_i @ A_i (d_out x d_in), for TIES and DARE on dW."""
 
     name = "dense"
+
+    def __init__(self, params=None):
+        pass
 
     def prepare(self, m: ModuleTasks):
         return None
 
-    def rows(self, m: ModuleTasks, state) -> list:
-        return [(s * (B @ A)).reshape(-1) for (B, A), s in zip(m.factors, m.scales)]
+    def row_factors(self, m: ModuleTasks, state) -> list:
+        return [(B, A, s) for (B, A), s in zip(m.factors, m.scales)]
 
-    def update(self, m, merged_row: torch.Tensor, state) -> DenseUpdate:
-        return DenseUpdate(merged_row.reshape(m.shape))
-
-
-class KnotsSpace:
-    """KnOTS: row i is task i's representation diag(S) V_i^T (k x d_in, flattened) in the SVD of
-    the module's concatenated updates; the merged row M maps back as U @ M. The SVD is computed
-    once per module (prepare); the rows are rebuilt from A_i on every pass (coef_i @ A_i)."""
-
-    name = "knots"
-
-    def __init__(self, tol: float = DEFAULT_TOL):
-        self.tol = tol
-
-    def prepare(self, m: ModuleTasks):
-        svd = knots_svd([B for B, _ in m.factors], [A for _, A in m.factors], m.scales, tol=self.tol)
-        # The rows go to float32 kernels: building them in float32 (inner dimension r_i) costs
-        # nothing in accuracy and half the time.
-        return svd.U.to(torch.float32), [c.to(torch.float32) for c in svd.coef]
-
-    def rows(self, m: ModuleTasks, state) -> list:
-        _, coef = state
-        return [(c @ A.to(torch.float32)).reshape(-1) for c, (_, A) in zip(coef, m.factors)]
-
-    def update(self, m, merged_row: torch.Tensor, state) -> FactoredUpdate:
-        U = state[0]
-        return FactoredUpdate(U, merged_row.reshape(U.shape[1], m.shape[1]))
+    def update(self, m, merged: torch.Tensor, state) -> DenseUpdate:
+        return DenseUpdate(merged.reshape(m.shape))

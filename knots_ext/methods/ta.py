@@ -1,11 +1,11 @@
 """Task Arithmetic: dW = lam * sum_i dW_i. In factored form it is exact with no SVD:
-B = [lam s_1 B_1 | ... | lam s_n B_n], A = [A_1; ...; A_n]. On task rows (KnOTS
-representations, or dense rows with DARE) it is the fused weighted-sum kernel."""
+B = [lam s_1 B_1 | ... | lam s_n B_n], A = [A_1; ...; A_n]."""
 from __future__ import annotations
 
 import torch
 
-from .. import ops
+from . import Method
+from .params import LAM
 from .spaces import FactoredUpdate, ModuleTasks
 
 
@@ -15,5 +15,7 @@ def factored_ta(m: ModuleTasks, lam: float) -> FactoredUpdate:
     return FactoredUpdate(B, A)
 
 
-def ta_rows(rows, m: ModuleTasks, lam: float, dare_p: float, seed: int) -> torch.Tensor:
-    return ops.task_arithmetic(rows, lam=lam, dare_p=dare_p, seed=seed, module=m.name, tasks=m.tasks)
+METHODS = [
+    Method("ta", "Task Arithmetic, exact on the LoRA factors (rank sum r_i, no SVD)", (LAM,),
+           rule=lambda m, p: factored_ta(m, p["lam"])),
+]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..linalg import truncated_factors
+from . import Method
+from .params import LAM
 from .spaces import FactoredUpdate, ModuleTasks
 
 
@@ -34,3 +36,9 @@ def tsv_m(m: ModuleTasks, lam: float) -> FactoredUpdate:
         Vs.append(Vt.T)
     U_perp, V_perp = polar(torch.cat(Us, dim=1)), polar(torch.cat(Vs, dim=1))
     return FactoredUpdate((lam * U_perp * torch.cat(Ss)).float(), V_perp.T.float())
+
+
+METHODS = [
+    Method("tsv-m", "TSV-M: each task's top singular directions, orthogonalised (from the factors)", (LAM,),
+           rule=lambda m, p: tsv_m(m, p["lam"])),
+]

@@ -1,0 +1,216 @@
+"""The generic merge driver: one code path for every method and space.
+
+A method either merges each module's LoRA factors itself (rule(m, params) -> update), or runs TA
+or TIES on the task rows of a space, which the space gives as factors (row_i = s_i P_i @ Q_i,
+knots_ext.factor_ops) so that no task's row is ever stored whole. TIES with the trim threshold
+global per task takes two passes: the thresholds (one or two radix rounds over every module),
+then the merge; positions whose trimmed sum is exactly 0 wait for the majority sign of all
+modules, so only the modules holding such positions are kept until the end; every other module
+is handed to `emit` as soon as it is final (streamed to disk by the CLI)."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import factor_ops, ops
+from .methods.spaces import ModuleTasks, zero_update
+
+# Space states (a module's KnOTS SVD) kept in memory between the passes of global TIES, in bytes;
+# the others wait in a temporary folder. At n = 256 rank-16 adapters a 4096-wide KnOTS module's
+# state is ~128 MB, so keeping them all would grow with n and with the model.
+STATE_MEMORY = 256 << 20
+
+
+@dataclass
+class ModuleRef:
+    """A module's name, the adapters that have it and its (d_out, d_in): what the passes carry
+    from module to module (the factors themselves are loaded when needed)."""
+
+    name: str
+    tasks: list
+    shape: tuple
+
+
+class StateStore:
+    """Each module's space state between passes: in memory up to `budget` bytes, the rest in .npy
+    files (no pickles) in a temporary folder, read back when the module is visited again."""
+
+    def __init__(self, budget: int = STATE_MEMORY):
+        self.budget, self.used = budget, 0
+        self.memory: dict = {}
+        self.on_disk: dict = {}
+        self.folder: str | None = None
+
+    def __contains__(self, name) -> bool:
+        return name in self.memory or name in self.on_disk
+
+    def put(self, name: str, state) -> None:
+        tensors, layout = _flatten(state)
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self.used + size <= self.budget:
+            self.memory[name] = (state, size)
+            self.used += size
+            return
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="knots-states-")
+        paths = []
+        for j, t in enumerate(tensors):
+            path = os.path.join(self.folder, f"{len(self.on_disk)}-{j}.npy")
+            np.save(path, t.detach().cpu().numpy(), allow_pickle=False)
+            paths.append((path, t.device))
+        self.on_disk[name] = (paths, layout)
+
+    def get(self, name: str):
+        if name in self.memory:
+            return self.memory[name][0]
+        paths, layout = self.on_disk[name]
+        tensors = [torch.from_numpy(np.load(p, allow_pickle=False)).to(dev) for p, dev in paths]
+        return _unflatten(tensors, layout)
+
+    def pop(self, name: str):
+        state = self.get(name)
+        if name in self.memory:
+            self.used -= self.memory.pop(name)[1]
+        else:
+            for p, _ in self.on_disk.pop(name)[0]:
+                os.remove(p)
+        return state
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+def _flatten(state):
+    """(tensors, layout) of a state made of tensors, tuples / lists of them and None."""
+    if isinstance(state, torch.Tensor):
+        return [state], "t"
+    if state is None:
+        return [], None
+    tensors, layouts = [], []
+    for item in state:
+        ts, lay = _flatten(item)
+        tensors += ts
+        layouts.append((len(ts), lay))
+    return tensors, (type(state).__name__, layouts)
+
+
+def _unflatten(tensors, layout):
+    if layout == "t":
+        return tensors[0]
+    if layout is None:
+        return None
+    kind, layouts = layout
+    items, j = [], 0
+    for count, lay in layouts:
+        items.append(_unflatten(tensors[j:j + count], lay))
+        j += count
+    return tuple(items) if kind == "tuple" else items
+
+
+def run(method, params: dict, modules: list, load: Callable[[ModuleRef], ModuleTasks], n_tasks: int,
+        emit: Callable, progress) -> None:
+    """Merges every module with `method` and hands each (ref, update) to emit, once."""
+    if method.space is None:
+        for ref in progress(modules, method.name):
+            m = load(ref)
+            emit(ref, method.rule(m, params) if m.tasks else zero_update(ref))
+        return
+    space = method.space(params)
+    dare = (params["dare_p"], params["seed"]) if method.dare else (0.0, 0)
+    if method.rule == "ta":
+        _ta(space, params["lam"], dare, modules, load, emit, progress, method.name)
+    elif params["top_k_scope"] == "module":
+        _ties_per_module(space, params["top_k"], params["lam"], dare, modules, load, emit, progress, method.name)
+    else:
+        _ties_global(space, params["top_k"], params["lam"], dare, modules, load, n_tasks, emit, progress, method.name)
+
+
+def _ta(space, lam, dare, modules, load, emit, progress, desc):
+    for ref in progress(modules, desc):
+        m = load(ref)
+        if not m.tasks:
+            emit(ref, zero_update(ref))
+            continue
+        state = space.prepare(m)
+        factors = space.row_factors(m, state)
+        merged = factor_ops.weighted_sum(factors, [lam] * len(factors), *dare, ref.name, m.tasks)
+        emit(ref, space.update(ref, merged, state))
+
+
+def _ties_per_module(space, top_k, lam, dare, modules, load, emit, progress, desc):
+    """TIES with each module's own thresholds and majority sign (top_k_scope="module")."""
+    for ref in progress(modules, desc):
+        m = load(ref)
+        if not m.tasks:
+            emit(ref, zero_update(ref))
+            continue
+        state = space.prepare(m)
+        factors = space.row_factors(m, state)
+        local = range(len(m.tasks))  # threshold slot of each of this module's tasks
+        sel = ops.MagnitudeThreshold(len(m.tasks), top_k)
+        while not sel.done:
+            factor_ops.histogram(sel, factors, *dare, ref.name, m.tasks, slots=local)
+            sel.finish_round()
+        thresholds = sel.thresholds()
+        merged, sign_sum, zero = factor_ops.ties_apply(factors, thresholds, lam, *dare, ref.name, m.tasks)
+        if zero:
+            majority = (sign_sum > 0) - (sign_sum < 0)
+            factor_ops.ties_fix_majority(factors, merged, thresholds, zero, majority, lam, *dare, ref.name, m.tasks)
+        emit(ref, space.update(ref, merged, state))
+
+
+def _ties_global(space, top_k, lam, dare, modules, load, n_tasks, emit, progress, desc):
+    """TIES with per-task thresholds over all modules and one majority sign over all positions.
+    Each module's space state (its KnOTS SVD) is computed once and kept for the passes."""
+    states = StateStore()
+    try:
+        _ties_global_passes(space, top_k, lam, dare, modules, load, n_tasks, emit, progress, desc, states)
+    finally:
+        states.close()
+
+
+def _ties_global_passes(space, top_k, lam, dare, modules, load, n_tasks, emit, progress, desc, states):
+    def factors_of(ref):
+        m = load(ref)
+        if not m.tasks:
+            return m, None
+        if ref.name not in states:
+            states.put(ref.name, space.prepare(m))
+        return m, space.row_factors(m, states.get(ref.name))
+
+    sel = ops.MagnitudeThreshold(n_tasks, top_k)
+    while not sel.done:
+        for ref in progress(modules, f"{desc}: thresholds, round {sel.round + 1}"):
+            m, factors = factors_of(ref)
+            if factors:
+                factor_ops.histogram(sel, factors, *dare, ref.name, m.tasks)
+        sel.finish_round()
+    thresholds = sel.thresholds()
+
+    sign_sum, pending = 0, []
+    for ref in progress(modules, f"{desc}: merge"):
+        m, factors = factors_of(ref)
+        if not factors:
+            emit(ref, zero_update(ref))
+            continue
+        own = [thresholds[t] for t in m.tasks]
+        merged, signs, zero = factor_ops.ties_apply(factors, own, lam, *dare, ref.name, m.tasks)
+        sign_sum += signs
+        if zero:
+            pending.append((ref, merged, zero))
+        else:
+            emit(ref, space.update(ref, merged, states.pop(ref.name)))
+    majority = (sign_sum > 0) - (sign_sum < 0)
+    for ref, merged, zero in pending:
+        m, factors = factors_of(ref)
+        factor_ops.ties_fix_majority(factors, merged, [thresholds[t] for t in m.tasks], zero, majority, lam,
+                                     *dare, ref.name, m.tasks)
+        emit(ref, space.update(ref, merged, states.pop(ref.name)))
