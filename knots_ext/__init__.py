@@ -1,4 +1,5 @@
 """knots-ext: fast, exact merging of LoRA adapters (KnOTS, TIES, DARE, Task Arithmetic)."""
+
 from . import _C, io, ops
 from .engine import MergeResult, MergeSummary, merge, merge_to
 
@@ -16,4 +17,14 @@ def set_num_threads(n: int) -> None:
     _C.set_num_threads(int(n))
 
 
-__all__ = ["build_info", "set_num_threads", "ops", "io", "merge", "merge_to", "MergeResult", "MergeSummary", "__version__"]
+__all__ = [
+    "MergeResult",
+    "MergeSummary",
+    "__version__",
+    "build_info",
+    "io",
+    "merge",
+    "merge_to",
+    "ops",
+    "set_num_threads",
+]

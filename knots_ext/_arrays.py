@@ -1,6 +1,7 @@
 """Array views for the kernels: torch tensors, numpy arrays and CuPy arrays are turned into
 (pointer, length, stride, dtype code, device, stream) without copies where possible, and
 outputs are allocated by the same library as the input."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -115,16 +116,22 @@ def out_view(out, ref: Flat) -> Flat:
         numel, strides = out.size, tuple(s // out.itemsize for s in out.strides)
     else:
         raise TypeError(f"out: expected a torch tensor, numpy array or CuPy array, got {type(out).__name__}")
-    problems = [problem for problem, bad in [
-        (f"{numel} elements", numel != ref.numel),
-        (f"dtype {dtype}", dtype != _DTYPE_NAMES[ref.dtype]),
-        (f"on {_device_name(device, out)}", device != ref.device),
-        (f"not contiguous (element strides {strides})", not contiguous),
-        ("read-only", not writeable),
-    ] if bad]
+    problems = [
+        problem
+        for problem, bad in [
+            (f"{numel} elements", numel != ref.numel),
+            (f"dtype {dtype}", dtype != _DTYPE_NAMES[ref.dtype]),
+            (f"on {_device_name(device, out)}", device != ref.device),
+            (f"not contiguous (element strides {strides})", not contiguous),
+            ("read-only", not writeable),
+        ]
+        if bad
+    ]
     if problems:
-        raise ValueError(f"out must be a contiguous (row-major) writable array of {ref.numel} elements, dtype "
-                         f"{_DTYPE_NAMES[ref.dtype]}, on {_device_name(ref.device)}; got: {', '.join(problems)}")
+        raise ValueError(
+            f"out must be a contiguous (row-major) writable array of {ref.numel} elements, dtype "
+            f"{_DTYPE_NAMES[ref.dtype]}, on {_device_name(ref.device)}; got: {', '.join(problems)}"
+        )
     return Flat(out, data_ptr(out), numel, 1, ref.dtype, device, lib)
 
 

@@ -1,4 +1,5 @@
 """A progress line on a terminal for long loops; silent when stderr is not a terminal or when quiet."""
+
 from __future__ import annotations
 
 import sys

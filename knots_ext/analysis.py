@@ -4,6 +4,7 @@ outputs are compared pairwise. A high CKA means the tasks' updates act alike on 
 
 Everything is computed in float64 from the LoRA factors; no dense d_out x d_in update is formed.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,11 +21,14 @@ SPACES = ("raw", "knots", "knots-scaled")
 
 def _check_matrix(X, what: str) -> torch.Tensor:
     if not isinstance(X, torch.Tensor) or X.dim() != 2:
-        raise ValueError(f"{what} must be a 2-D tensor (N samples x features), got "
-                         f"{tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__}")
+        raise ValueError(
+            f"{what} must be a 2-D tensor (N samples x features), got "
+            f"{tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__}"
+        )
     if X.shape[0] < 2:
-        raise ValueError(f"{what} has N={X.shape[0]} samples; CKA needs at least 2 (centring one "
-                         "sample leaves nothing)")
+        raise ValueError(
+            f"{what} has N={X.shape[0]} samples; CKA needs at least 2 (centring one sample leaves nothing)"
+        )
     return X
 
 
@@ -66,8 +70,7 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
     _check_matrix(X, "X")
     _check_matrix(Y, "Y")
     if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"X and Y must hold the same samples: X has N={X.shape[0]} rows, Y has "
-                         f"N={Y.shape[0]}")
+        raise ValueError(f"X and Y must hold the same samples: X has N={X.shape[0]} rows, Y has N={Y.shape[0]}")
     Xc, Yc = _centred(X), _centred(Y)
     return _cka(Xc, Yc, _self_sim(Xc), _self_sim(Yc))
 
@@ -81,8 +84,10 @@ def pairwise_cka(reps) -> torch.Tensor:
         raise ValueError("pairwise_cka needs at least one representation")
     for i, R in enumerate(reps):
         if R.shape[0] != reps[0].shape[0]:
-            raise ValueError(f"all representations must hold the same samples: representation {i} has "
-                             f"N={R.shape[0]} rows, representation 0 has N={reps[0].shape[0]}")
+            raise ValueError(
+                f"all representations must hold the same samples: representation {i} has "
+                f"N={R.shape[0]} rows, representation 0 has N={reps[0].shape[0]}"
+            )
     cs = [_centred(R) for R in reps]
     norms = [_self_sim(c) for c in cs]
     n = len(cs)
@@ -111,8 +116,10 @@ def update_outputs(Bs, As, scales, X: torch.Tensor, space: str = "raw", tol: flo
     X64 = X.to(F64)
     for i, (B, A) in enumerate(zip(Bs, As)):
         if B.shape[0] != Bs[0].shape[0] or B.shape[1] != A.shape[0]:
-            raise ValueError(f"task {i}: B {tuple(B.shape)} and A {tuple(A.shape)} do not chain, or d_out "
-                             f"differs from task 0's {Bs[0].shape[0]}")
+            raise ValueError(
+                f"task {i}: B {tuple(B.shape)} and A {tuple(A.shape)} do not chain, or d_out "
+                f"differs from task 0's {Bs[0].shape[0]}"
+            )
         if A.shape[1] != X.shape[1]:
             raise ValueError(f"task {i}: lora_A has d_in={A.shape[1]} columns but X has {X.shape[1]} features")
     XA = [X64 @ A.to(device=X.device, dtype=F64).T for A in As]  # N x r_i each
@@ -171,11 +178,14 @@ def adapter_cka(adapters, inputs: dict, space: str = "raw", tol: float = DEFAULT
             if not all(mod in a for a in ads):
                 continue
             factors = [a.factors(mod, dtype=F64) for a in ads]
-            out[key] = update_cka([f[0] for f in factors], [f[1] for f in factors],
-                                  [a.scale(mod) for a in ads], X, space=space, tol=tol)
+            out[key] = update_cka(
+                [f[0] for f in factors], [f[1] for f in factors], [a.scale(mod) for a in ads], X, space=space, tol=tol
+            )
         if not out:
-            raise ValueError(f"no module of inputs ({', '.join(list(inputs)[:3])}{', ...' if len(inputs) > 3 else ''}) "
-                             "is present in every adapter")
+            raise ValueError(
+                f"no module of inputs ({', '.join(list(inputs)[:3])}{', ...' if len(inputs) > 3 else ''}) "
+                "is present in every adapter"
+            )
         return out
     finally:
         for a in opened:

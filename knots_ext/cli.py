@@ -6,6 +6,7 @@
 Exit code 0 on success; 2 on bad input or a refused OUT (one error line on stderr, nothing
 written; OUT is checked before the merge starts); 130 on Ctrl-C and 143 on SIGTERM (one line,
 no temporary files left)."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,18 +21,29 @@ from .methods import ALL_PARAMS, METHODS
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="knots-merge", description="Merge LoRA adapters (PEFT format) into one.")
     ap.add_argument("adapters", nargs="+", help="PEFT adapter directories or .safetensors files")
-    ap.add_argument("-o", "--output", required=True,
-                    help="output adapter directory: new, empty, or an earlier knots-merge output with --overwrite")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace the files of an earlier knots-merge output in OUT (other files there stay)")
+    ap.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output adapter directory: new, empty, or an earlier knots-merge output with --overwrite",
+    )
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier knots-merge output in OUT (other files there stay)",
+    )
     ap.add_argument("--method", default="knots-ties", choices=list(METHODS))
     method_flags = ap.add_argument_group("method parameters (each method takes some; see README)")
     for p in ALL_PARAMS.values():
         _add_param_flag(method_flags, p)
     ap.add_argument("--rank", type=int, default=None, help="truncate the saved adapter to this rank")
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha for bare .safetensors inputs")
-    ap.add_argument("--extra", choices=["drop", "average"], default="drop",
-                    help="non-LoRA tensors (modules_to_save): leave out (default) or average")
+    ap.add_argument(
+        "--extra",
+        choices=["drop", "average"],
+        default="drop",
+        help="non-LoRA tensors (modules_to_save): leave out (default) or average",
+    )
     ap.add_argument("--force", action="store_true", help="merge adapters of different base models")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
@@ -104,18 +116,35 @@ def _run(args) -> int:
     params = {name: getattr(args, name) for name in ALL_PARAMS if hasattr(args, name)}
     try:
         io.check_output(args.output, inputs=args.adapters, overwrite=args.overwrite)  # before a long merge
-        summary = merge_to(args.output, args.adapters, method=args.method, rank=args.rank, overwrite=args.overwrite,
-                           device=args.device, alpha=args.alpha, force=args.force, extra=args.extra,
-                           quiet=args.quiet, **params)
+        summary = merge_to(
+            args.output,
+            args.adapters,
+            method=args.method,
+            rank=args.rank,
+            overwrite=args.overwrite,
+            device=args.device,
+            alpha=args.alpha,
+            force=args.force,
+            extra=args.extra,
+            quiet=args.quiet,
+            **params,
+        )
     except (io.AdapterError, ValueError, KeyError, OSError) as e:
         return fail(_error_line(e))
     if not args.quiet:
         dropped = summary.dropped_extra
         if dropped:
-            print(f"left out {len(dropped)} non-LoRA tensors (use --extra average to merge them): "
-                  + ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""), file=sys.stderr)
-        print(f"merged {len(args.adapters)} adapters, {len(summary.modules)} modules, with {args.method} "
-              f"into {args.output}", file=sys.stderr)
+            print(
+                f"left out {len(dropped)} non-LoRA tensors (use --extra average to merge them): "
+                + ", ".join(dropped[:5])
+                + (" ..." if len(dropped) > 5 else ""),
+                file=sys.stderr,
+            )
+        print(
+            f"merged {len(args.adapters)} adapters, {len(summary.modules)} modules, with {args.method} "
+            f"into {args.output}",
+            file=sys.stderr,
+        )
     return 0
 
 

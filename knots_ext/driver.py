@@ -7,6 +7,7 @@ global per task takes two passes: the thresholds (one or two radix rounds over e
 then the merge; positions whose trimmed sum is exactly 0 wait for the majority sign of all
 modules, so only the modules holding such positions are kept until the end; every other module
 is handed to `emit` as soon as it is final (streamed to disk by the CLI)."""
+
 from __future__ import annotations
 
 import os
@@ -110,13 +111,20 @@ def _unflatten(tensors, layout):
     kind, layouts = layout
     items, j = [], 0
     for count, lay in layouts:
-        items.append(_unflatten(tensors[j:j + count], lay))
+        items.append(_unflatten(tensors[j : j + count], lay))
         j += count
     return tuple(items) if kind == "tuple" else items
 
 
-def run(method, params: dict, modules: list, load: Callable[[ModuleRef], ModuleTasks], n_tasks: int,
-        emit: Callable, progress) -> None:
+def run(
+    method,
+    params: dict,
+    modules: list,
+    load: Callable[[ModuleRef], ModuleTasks],
+    n_tasks: int,
+    emit: Callable,
+    progress,
+) -> None:
     """Merges every module with `method` and hands each (ref, update) to emit, once."""
     if method.space is None:
         for ref in progress(modules, method.name):
@@ -124,16 +132,20 @@ def run(method, params: dict, modules: list, load: Callable[[ModuleRef], ModuleT
             emit(ref, method.rule(m, params) if m.tasks else zero_update(ref))
         return
     space = method.space(params)
-    dare = (params["dare_p"], params["seed"]) if method.dare else (0.0, 0)
+    dare_p, seed = (params["dare_p"], params["seed"]) if method.dare else (0.0, 0)
     if method.rule == "ta":
-        _ta(space, params["lam"], dare, modules, load, emit, progress, method.name)
+        _ta(space, params["lam"], dare_p, seed, modules, load, emit, progress, method.name)
     elif params["top_k_scope"] == "module":
-        _ties_per_module(space, params["top_k"], params["lam"], dare, modules, load, emit, progress, method.name)
+        _ties_per_module(
+            space, params["top_k"], params["lam"], dare_p, seed, modules, load, emit, progress, method.name
+        )
     else:
-        _ties_global(space, params["top_k"], params["lam"], dare, modules, load, n_tasks, emit, progress, method.name)
+        _ties_global(
+            space, params["top_k"], params["lam"], dare_p, seed, modules, load, n_tasks, emit, progress, method.name
+        )
 
 
-def _ta(space, lam, dare, modules, load, emit, progress, desc):
+def _ta(space, lam, dare_p, seed, modules, load, emit, progress, desc):
     for ref in progress(modules, desc):
         m = load(ref)
         if not m.tasks:
@@ -141,11 +153,11 @@ def _ta(space, lam, dare, modules, load, emit, progress, desc):
             continue
         state = space.prepare(m)
         factors = space.row_factors(m, state)
-        merged = factor_ops.weighted_sum(factors, [lam] * len(factors), *dare, ref.name, m.tasks)
+        merged = factor_ops.weighted_sum(factors, [lam] * len(factors), dare_p, seed, ref.name, m.tasks)
         emit(ref, space.update(ref, merged, state))
 
 
-def _ties_per_module(space, top_k, lam, dare, modules, load, emit, progress, desc):
+def _ties_per_module(space, top_k, lam, dare_p, seed, modules, load, emit, progress, desc):
     """TIES with each module's own thresholds and majority sign (top_k_scope="module")."""
     for ref in progress(modules, desc):
         m = load(ref)
@@ -157,27 +169,29 @@ def _ties_per_module(space, top_k, lam, dare, modules, load, emit, progress, des
         local = range(len(m.tasks))  # threshold slot of each of this module's tasks
         sel = ops.MagnitudeThreshold(len(m.tasks), top_k)
         while not sel.done:
-            factor_ops.histogram(sel, factors, *dare, ref.name, m.tasks, slots=local)
+            factor_ops.histogram(sel, factors, dare_p, seed, ref.name, m.tasks, slots=local)
             sel.finish_round()
         thresholds = sel.thresholds()
-        merged, sign_sum, zero = factor_ops.ties_apply(factors, thresholds, lam, *dare, ref.name, m.tasks)
+        merged, sign_sum, zero = factor_ops.ties_apply(factors, thresholds, lam, dare_p, seed, ref.name, m.tasks)
         if zero:
             majority = (sign_sum > 0) - (sign_sum < 0)
-            factor_ops.ties_fix_majority(factors, merged, thresholds, zero, majority, lam, *dare, ref.name, m.tasks)
+            factor_ops.ties_fix_majority(
+                factors, merged, thresholds, zero, majority, lam, dare_p, seed, ref.name, m.tasks
+            )
         emit(ref, space.update(ref, merged, state))
 
 
-def _ties_global(space, top_k, lam, dare, modules, load, n_tasks, emit, progress, desc):
+def _ties_global(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc):
     """TIES with per-task thresholds over all modules and one majority sign over all positions.
     Each module's space state (its KnOTS SVD) is computed once and kept for the passes."""
     states = StateStore()
     try:
-        _ties_global_passes(space, top_k, lam, dare, modules, load, n_tasks, emit, progress, desc, states)
+        _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states)
     finally:
         states.close()
 
 
-def _ties_global_passes(space, top_k, lam, dare, modules, load, n_tasks, emit, progress, desc, states):
+def _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states):
     def factors_of(ref):
         m = load(ref)
         if not m.tasks:
@@ -191,7 +205,7 @@ def _ties_global_passes(space, top_k, lam, dare, modules, load, n_tasks, emit, p
         for ref in progress(modules, f"{desc}: thresholds, round {sel.round + 1}"):
             m, factors = factors_of(ref)
             if factors:
-                factor_ops.histogram(sel, factors, *dare, ref.name, m.tasks)
+                factor_ops.histogram(sel, factors, dare_p, seed, ref.name, m.tasks)
         sel.finish_round()
     thresholds = sel.thresholds()
 
@@ -202,7 +216,7 @@ def _ties_global_passes(space, top_k, lam, dare, modules, load, n_tasks, emit, p
             emit(ref, zero_update(ref))
             continue
         own = [thresholds[t] for t in m.tasks]
-        merged, signs, zero = factor_ops.ties_apply(factors, own, lam, *dare, ref.name, m.tasks)
+        merged, signs, zero = factor_ops.ties_apply(factors, own, lam, dare_p, seed, ref.name, m.tasks)
         sign_sum += signs
         if zero:
             pending.append((ref, merged, zero))
@@ -211,6 +225,7 @@ def _ties_global_passes(space, top_k, lam, dare, modules, load, n_tasks, emit, p
     majority = (sign_sum > 0) - (sign_sum < 0)
     for ref, merged, zero in pending:
         m, factors = factors_of(ref)
-        factor_ops.ties_fix_majority(factors, merged, [thresholds[t] for t in m.tasks], zero, majority, lam,
-                                     *dare, ref.name, m.tasks)
+        factor_ops.ties_fix_majority(
+            factors, merged, [thresholds[t] for t in m.tasks], zero, majority, lam, dare_p, seed, ref.name, m.tasks
+        )
         emit(ref, space.update(ref, merged, states.pop(ref.name)))

@@ -2,6 +2,7 @@
 
 Modules are processed one at a time (factors loaded lazily), so memory stays bounded by one
 module's working set plus the output (for KnOTS, each module's SVD is part of the output)."""
+
 from __future__ import annotations
 
 import numbers
@@ -50,10 +51,18 @@ class MergeResult:
         manifest) that PEFT loads as is. out_dir must be new or empty, or an earlier knots-merge
         output with overwrite=True; it may not be or hold an input adapter (io.save_adapter)."""
         check_rank(rank)
-        io.save_adapter(out_dir, self.factors(rank), base_model=self.base_model,
-                        fan_in_fan_out=self.fan_in_fan_out, extra=self.extra or None, dtype=dtype,
-                        task_type=self.task_type, overwrite=overwrite, inputs=self.inputs,
-                        manifest=_manifest(self.method, self.params, rank, self.inputs))
+        io.save_adapter(
+            out_dir,
+            self.factors(rank),
+            base_model=self.base_model,
+            fan_in_fan_out=self.fan_in_fan_out,
+            extra=self.extra or None,
+            dtype=dtype,
+            task_type=self.task_type,
+            overwrite=overwrite,
+            inputs=self.inputs,
+            manifest=_manifest(self.method, self.params, rank, self.inputs),
+        )
 
     def fold_into(self, target, scale: float = 1.0):
         """Adds the merged updates to base weights: `target` is a torch.nn.Module (changed in place)
@@ -61,7 +70,7 @@ class MergeResult:
         is_module = isinstance(target, torch.nn.Module)
         weights = dict(target.named_parameters()) if is_module else dict(target)
         for name in self.modules:
-            key = (name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name) + ".weight"
+            key = (name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name) + ".weight"
             if key not in weights:
                 raise KeyError(f"base weights have no {key!r} for module {name!r}")
             dW = self.delta(name) * scale
@@ -94,8 +103,14 @@ def update_factors(update, rank: int | None = None) -> tuple:
 
 def _manifest(method: str, params: dict, rank, inputs) -> dict:
     """What knots_merge.json records about the merge: plain JSON values (Gram files as paths)."""
-    plain = {k: ([os.fspath(g) if isinstance(g, (str, os.PathLike)) else str(g) for g in v]
-                 if isinstance(v, (list, tuple)) else v) for k, v in params.items()}
+    plain = {
+        k: (
+            [os.fspath(g) if isinstance(g, (str, os.PathLike)) else str(g) for g in v]
+            if isinstance(v, (list, tuple))
+            else v
+        )
+        for k, v in params.items()
+    }
     return {"method": method, "params": plain, "rank": rank, "adapters": [os.fspath(p) for p in inputs]}
 
 
@@ -107,8 +122,10 @@ def check_rank(rank) -> None:
 
 def _load(adapters, alpha):
     if isinstance(adapters, (str, bytes, os.PathLike, io.Adapter)):
-        raise ValueError(f"adapters must be a list of adapter paths (or loaded adapters), got one "
-                         f"{type(adapters).__name__}: wrap it in a list")
+        raise ValueError(
+            f"adapters must be a list of adapter paths (or loaded adapters), got one "
+            f"{type(adapters).__name__}: wrap it in a list"
+        )
     adapters = list(adapters)
     if not adapters:
         raise ValueError("no adapters to merge")
@@ -118,8 +135,17 @@ def _load(adapters, alpha):
     return loaded
 
 
-def merge(adapters, method: str = "knots-ties", *, device="cpu", alpha: float | None = None, force: bool = False,
-          extra: str = "drop", quiet: bool = True, **params) -> MergeResult:
+def merge(
+    adapters,
+    method: str = "knots-ties",
+    *,
+    device="cpu",
+    alpha: float | None = None,
+    force: bool = False,
+    extra: str = "drop",
+    quiet: bool = True,
+    **params,
+) -> MergeResult:
     """Merges n LoRA adapters (paths or loaded io.Adapter objects) into one, with `method` one
     of knots_ext.methods.METHODS (DESIGN.md §1 defines each exactly). `params` are the method's
     declared parameters (METHODS[method].params: name, default, range, help), e.g.
@@ -137,11 +163,23 @@ def merge(adapters, method: str = "knots-ties", *, device="cpu", alpha: float | 
     """
     spec, declared, device, adapters = _prepare(adapters, method, params, device, alpha, force, extra)
     out: dict = {}
-    run_merge(spec, _setup(spec, declared, adapters), adapters, device,
-              lambda ref, update: out.__setitem__(ref.name, update), quiet)
-    result = MergeResult(dict(sorted(out.items())), method, declared, base_model=adapters[0].base_model,
-                         fan_in_fan_out=adapters[0].fan_in_fan_out, task_type=adapters[0].config.get("task_type"),
-                         inputs=[a.path for a in adapters])
+    run_merge(
+        spec,
+        _setup(spec, declared, adapters),
+        adapters,
+        device,
+        lambda ref, update: out.__setitem__(ref.name, update),
+        quiet,
+    )
+    result = MergeResult(
+        dict(sorted(out.items())),
+        method,
+        declared,
+        base_model=adapters[0].base_model,
+        fan_in_fan_out=adapters[0].fan_in_fan_out,
+        task_type=adapters[0].config.get("task_type"),
+        inputs=[a.path for a in adapters],
+    )
     result.extra, result.dropped_extra = _merge_extra(adapters, extra)
     return result
 
@@ -155,9 +193,21 @@ class MergeSummary:
     dropped_extra: list
 
 
-def merge_to(out_dir, adapters, method: str = "knots-ties", *, rank: int | None = None, dtype=torch.float32,
-             overwrite: bool = False, device="cpu", alpha: float | None = None, force: bool = False,
-             extra: str = "drop", quiet: bool = True, **params) -> MergeSummary:
+def merge_to(
+    out_dir,
+    adapters,
+    method: str = "knots-ties",
+    *,
+    rank: int | None = None,
+    dtype=torch.float32,
+    overwrite: bool = False,
+    device="cpu",
+    alpha: float | None = None,
+    force: bool = False,
+    extra: str = "drop",
+    quiet: bool = True,
+    **params,
+) -> MergeSummary:
     """merge() straight to a PEFT adapter folder (MergeResult.save's rules for out_dir, checked
     before the merge starts): each module's factors are written as soon as they are final, so the
     merge never holds its whole result. rank truncates each module (None: lossless)."""
@@ -167,9 +217,17 @@ def merge_to(out_dir, adapters, method: str = "knots-ties", *, rank: int | None 
     io.check_output(out_dir, inputs=inputs, overwrite=overwrite)
     params = _setup(spec, declared, adapters)
     names: list = []
-    with io.AdapterWriter(out_dir, base_model=adapters[0].base_model, fan_in_fan_out=adapters[0].fan_in_fan_out,
-                          dtype=dtype, task_type=adapters[0].config.get("task_type"), overwrite=overwrite,
-                          inputs=inputs, manifest=_manifest(method, declared, rank, inputs)) as writer:
+    with io.AdapterWriter(
+        out_dir,
+        base_model=adapters[0].base_model,
+        fan_in_fan_out=adapters[0].fan_in_fan_out,
+        dtype=dtype,
+        task_type=adapters[0].config.get("task_type"),
+        overwrite=overwrite,
+        inputs=inputs,
+        manifest=_manifest(method, declared, rank, inputs),
+    ) as writer:
+
         def emit(ref, update):
             writer.add(ref.name, *update_factors(update, rank))
             names.append(ref.name)
@@ -232,9 +290,11 @@ def _check_finite(ref, update, adapters, lam) -> None:
     if all(bool(torch.isfinite(t).all()) for t in parts):
         return
     paths = ", ".join(str(adapters[i].path) for i in ref.tasks)
-    raise ValueError(f"module {ref.name}: the merged update overflows float32 with lam={lam}; the inputs "
-                     f"({paths}) are finite, so their updates times lam are too large: lower lam or check "
-                     "those adapters' lora_alpha")
+    raise ValueError(
+        f"module {ref.name}: the merged update overflows float32 with lam={lam}; the inputs "
+        f"({paths}) are finite, so their updates times lam are too large: lower lam or check "
+        "those adapters' lora_alpha"
+    )
 
 
 def _blame_nonfinite(modules, load, space, adapters, error) -> None:
@@ -247,8 +307,10 @@ def _blame_nonfinite(modules, load, space, adapters, error) -> None:
         factors = space.row_factors(m, space.prepare(m))
         for j, t in enumerate(m.tasks):
             if not factor_ops.is_finite(factors[j]):
-                raise ValueError(f"{adapters[t].path}: module {ref.name}: its update (scale {m.scales[j]} x "
-                                 f"lora_B x lora_A) overflows float32 in the {space.name} space") from None
+                raise ValueError(
+                    f"{adapters[t].path}: module {ref.name}: its update (scale {m.scales[j]} x "
+                    f"lora_B x lora_A) overflows float32 in the {space.name} space"
+                ) from None
     raise ValueError(f"the task updates overflow float32 after DARE's rescaling 1/(1-dare_p) ({error})") from None
 
 
@@ -268,8 +330,10 @@ def _check_device(device, needs_kernels: bool) -> torch.device:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
     if needs_kernels and not _C.build_info()["cuda_compiled"]:
-        raise ValueError(f"device {device!r}: knots_ext was built without its CUDA kernels "
-                         "(reinstall with KNOTS_EXT_CUDA=1 where nvcc is available)")
+        raise ValueError(
+            f"device {device!r}: knots_ext was built without its CUDA kernels "
+            "(reinstall with KNOTS_EXT_CUDA=1 where nvcc is available)"
+        )
     return dev
 
 
@@ -285,7 +349,10 @@ def _merge_extra(adapters, extra: str) -> tuple[dict, list]:
         tensors = [a.extra(key, dtype=torch.float32) for a in having]
         for a, t in zip(having, tensors):
             if t.shape != tensors[0].shape:
-                raise io.AdapterError(a.path, f"extra tensor {key}: shape {list(t.shape)} differs from "
-                                              f"{list(tensors[0].shape)} in {having[0].path}; cannot average them")
+                raise io.AdapterError(
+                    a.path,
+                    f"extra tensor {key}: shape {list(t.shape)} differs from "
+                    f"{list(tensors[0].shape)} in {having[0].path}; cannot average them",
+                )
         merged[key] = torch.stack(tensors).mean(0)
     return merged, []

@@ -5,9 +5,10 @@ of the row kernels in knots_ext.ops on the materialised rows.
 
 Rows are rebuilt in blocks of whole matrix rows, sized so that all n tasks' blocks together
 stay under BLOCK_ELEMENTS floats: memory is flat in n and in the module size."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,32 +40,60 @@ def _blocks(factors):
         yield a0, a1, _rows(factors, a0, a1)
 
 
-def histogram(sel: ops.MagnitudeThreshold, factors, dare_p: float, seed: int, module: str, tasks: Sequence[int],
-              slots: Sequence[int] | None = None) -> None:
+def histogram(
+    sel: ops.MagnitudeThreshold,
+    factors,
+    dare_p: float,
+    seed: int,
+    module: str,
+    tasks: Sequence[int],
+    slots: Sequence[int] | None = None,
+) -> None:
     """Adds every task's row magnitudes (after DARE) to sel's current round, task r to slot slots[r]."""
     c = shape_of(factors)[1]
     for a0, _, rows in _blocks(factors):
-        sel.update_rows(rows, dare_p, seed, module=module, tasks=tasks, elem_offset=a0 * c,
-                        slots=tasks if slots is None else slots)
+        sel.update_rows(
+            rows, dare_p, seed, module=module, tasks=tasks, elem_offset=a0 * c, slots=tasks if slots is None else slots
+        )
 
 
-def ties_apply(factors, thresholds: Sequence[float], lam: float, dare_p: float, seed: int, module: str,
-               tasks: Sequence[int]):
+def ties_apply(
+    factors, thresholds: Sequence[float], lam: float, dare_p: float, seed: int, module: str, tasks: Sequence[int]
+):
     """TIES with given per-task thresholds: (merged (m x c) float32, sign_sum, zero-sum positions),
     the positions (flat indices) written 0 until ties_fix_majority."""
     m, c = shape_of(factors)
     out = torch.empty(m, c, dtype=torch.float32, device=factors[0][0].device)
-    sign_sum, positions = 0, []
+    sign_sum, positions = 0, []  # type: int, list[int]
     for a0, a1, rows in _blocks(factors):
-        _, signs, zero = ops.ties_apply(rows, thresholds, lam, dare_p, seed, module=module, tasks=tasks,
-                                        elem_offset=a0 * c, out=out[a0:a1].reshape(-1))
+        _, signs, zero = ops.ties_apply(
+            rows,
+            thresholds,
+            lam,
+            dare_p,
+            seed,
+            module=module,
+            tasks=tasks,
+            elem_offset=a0 * c,
+            out=out[a0:a1].reshape(-1),
+        )
         sign_sum += signs
         positions.extend(a0 * c + p for p in zero)
     return out, sign_sum, positions
 
 
-def ties_fix_majority(factors, out: torch.Tensor, thresholds: Sequence[float], positions: Sequence[int],
-                      majority: int, lam: float, dare_p: float, seed: int, module: str, tasks: Sequence[int]) -> None:
+def ties_fix_majority(
+    factors,
+    out: torch.Tensor,
+    thresholds: Sequence[float],
+    positions: Sequence[int],
+    majority: int,
+    lam: float,
+    dare_p: float,
+    seed: int,
+    module: str,
+    tasks: Sequence[int],
+) -> None:
     """Rewrites out's zero-sum positions (from ties_apply) with the elected sign `majority`."""
     c = shape_of(factors)[1]
     todo = sorted(positions)
@@ -74,25 +103,34 @@ def ties_fix_majority(factors, out: torch.Tensor, thresholds: Sequence[float], p
         while q < len(todo) and todo[q] < a1 * c:
             q += 1
         if q > lo:  # only the blocks holding positions are rebuilt
-            ops.ties_fix_majority(_rows(factors, a0, a1), out[a0:a1].reshape(-1), thresholds,
-                                  [p - a0 * c for p in todo[lo:q]], majority, lam, dare_p, seed, module=module,
-                                  tasks=tasks, elem_offset=a0 * c)
+            ops.ties_fix_majority(
+                _rows(factors, a0, a1),
+                out[a0:a1].reshape(-1),
+                thresholds,
+                [p - a0 * c for p in todo[lo:q]],
+                majority,
+                lam,
+                dare_p,
+                seed,
+                module=module,
+                tasks=tasks,
+                elem_offset=a0 * c,
+            )
 
 
-def weighted_sum(factors, weights: Sequence[float], dare_p: float, seed: int, module: str,
-                 tasks: Sequence[int]) -> torch.Tensor:
+def weighted_sum(
+    factors, weights: Sequence[float], dare_p: float, seed: int, module: str, tasks: Sequence[int]
+) -> torch.Tensor:
     """sum_i weights[i] * dare(row_i), (m x c) float32."""
     m, c = shape_of(factors)
     out = torch.empty(m, c, dtype=torch.float32, device=factors[0][0].device)
     for a0, a1, rows in _blocks(factors):
-        ops.task_arithmetic(rows, 1.0, weights, dare_p, seed, module=module, tasks=tasks, elem_offset=a0 * c,
-                            out=out[a0:a1].reshape(-1))
+        ops.task_arithmetic(
+            rows, 1.0, weights, dare_p, seed, module=module, tasks=tasks, elem_offset=a0 * c, out=out[a0:a1].reshape(-1)
+        )
     return out
 
 
 def is_finite(task_factors) -> bool:
     """Whether one task's row (P, Q, s) is finite in float32, checked block by block."""
-    for a0, a1 in _ranges([task_factors]):
-        if not bool(torch.isfinite(_rows([task_factors], a0, a1)[0]).all()):
-            return False
-    return True
+    return all(bool(torch.isfinite(_rows([task_factors], a0, a1)[0]).all()) for a0, a1 in _ranges([task_factors]))

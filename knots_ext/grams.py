@@ -2,12 +2,14 @@
 input vector, summed over every vector seen). Collected with forward pre-hooks, stored as
 safetensors (module name as in the base model -> d_in x d_in float64 tensor), read back lazily
 and checked one module at a time. Nothing is ever unpickled."""
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -34,7 +36,7 @@ def base_name(name: str) -> str:
     """A module name as in the base model: without PEFT's "base_model.model." prefix and without
     the ".base_layer" a LoRA layer wraps the original Linear in."""
     if name.startswith(PEFT_PREFIX):
-        name = name[len(PEFT_PREFIX):]
+        name = name[len(PEFT_PREFIX) :]
     if name.endswith(".base_layer"):
         name = name[: -len(".base_layer")]
     return name
@@ -88,10 +90,12 @@ def collect_grams(model: torch.nn.Module, batches: Iterable, module_names=None) 
             else:
                 grams[key] = g
             counts[key] = counts.get(key, 0) + x.shape[0]
+
         return hook
 
-    handles = [mod.register_forward_pre_hook(make_hook(key, mod.in_features), with_kwargs=True)
-               for key, mod in targets.items()]
+    handles = [
+        mod.register_forward_pre_hook(make_hook(key, mod.in_features), with_kwargs=True) for key, mod in targets.items()
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -169,10 +173,8 @@ def save_grams(path, grams: Mapping[str, torch.Tensor], num_vectors=None, dtype=
             os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError):
             raise GramError(path, f"cannot write the Grams: {e.strerror or e}") from None
         raise
@@ -222,7 +224,7 @@ class Grams:
         try:
             with safe_open(self.path, framework="pt") as f:
                 g = f.get_tensor(self._keys[key])
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        except Exception as e:
             raise GramError(self.path, f"{where}: cannot read the Gram: {e}") from None
         g = g.to(torch.float64)
         if not bool(torch.isfinite(g).all()):
@@ -230,8 +232,10 @@ class Grams:
         scale = float(g.abs().max()) if g.numel() else 0.0
         asym = float((g - g.T).abs().max()) if g.numel() else 0.0
         if asym > SYMMETRY_TOL * scale:
-            raise GramError(self.path, f"{where}: Gram is not symmetric (max |G - G^T| / max |G| = "
-                                       f"{asym / scale:.3g} > {SYMMETRY_TOL:g})")
+            raise GramError(
+                self.path,
+                f"{where}: Gram is not symmetric (max |G - G^T| / max |G| = {asym / scale:.3g} > {SYMMETRY_TOL:g})",
+            )
         if bool((torch.diagonal(g) < 0).any()):
             raise GramError(self.path, f"{where}: Gram has a negative diagonal entry (not X^T X)")
         return g
@@ -252,11 +256,11 @@ def load_grams(path) -> Grams:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 sl = f.get_slice(k)
                 shapes[k] = tuple(sl.get_shape())
                 dtypes[k] = sl.get_dtype()
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as e:
         raise GramError(path, f"not a readable safetensors file: {e}") from None
     by_name = {}
     for k in shapes:
@@ -266,5 +270,6 @@ def load_grams(path) -> Grams:
         if dtypes[k] not in ("F64", "F32", "F16", "BF16"):
             raise GramError(path, f"module {name}: unsupported dtype {dtypes[k]} (expected floating point)")
         by_name[name] = k
-    return Grams(path, by_name, {n: shapes[k] for n, k in by_name.items()},
-                 {n: dtypes[k] for n, k in by_name.items()}, metadata)
+    return Grams(
+        path, by_name, {n: shapes[k] for n, k in by_name.items()}, {n: dtypes[k] for n, k in by_name.items()}, metadata
+    )

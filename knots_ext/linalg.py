@@ -2,6 +2,7 @@
 and the truncated SVD of a product P @ Q, through QR of the factors and an SVD of a small core
 (DESIGN.md §1, "The QR-of-factors trick"). The dense updates and their concatenation are never
 formed. Dense factorisations are torch.linalg (Householder QR, so rank-deficient factors work)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,15 +61,16 @@ def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None) -> KnotsSVD
     Q_B, R_B = torch.linalg.qr(B_cat)  # (d_out, m), (m, k), m = min(d_out, k)
     A64 = [A.to(**f64) for A in As]
     R_A = [torch.linalg.qr(A.T, mode="r")[1] for A in A64]  # (q_i, r_i), q_i = min(d_in, r_i)
-    core = torch.cat([R_B[:, c0:c0 + A.shape[0]] @ R.T for A, R, c0 in
-                      zip(A64, R_A, _offsets([A.shape[0] for A in A64]))], dim=1)
+    core = torch.cat(
+        [R_B[:, c0 : c0 + A.shape[0]] @ R.T for A, R, c0 in zip(A64, R_A, _offsets([A.shape[0] for A in A64]))], dim=1
+    )
     U_K, S, W_t = torch.linalg.svd(core, full_matrices=False)
-    keep = S > tol
+    keep = tol < S
     U, W_t = fix_signs(Q_B @ U_K[:, keep], W_t[keep])
     S = S[keep]
     coef = []
     for R, c0 in zip(R_A, _offsets([R.shape[0] for R in R_A])):
-        coef.append(S[:, None] * (W_t[:, c0:c0 + R.shape[0]] @ torch.linalg.pinv(R.T)))
+        coef.append(S[:, None] * (W_t[:, c0 : c0 + R.shape[0]] @ torch.linalg.pinv(R.T)))
     return KnotsSVD(U=U, S=S, coef=coef, A=A64)
 
 
@@ -88,7 +90,7 @@ def truncated_factors(P: torch.Tensor, Q: torch.Tensor, rank: int | None = None,
     Q_P, R_P = torch.linalg.qr(P64)
     Q_Q, R_Q = torch.linalg.qr(Q64.T)
     U, S, Vt = torch.linalg.svd(R_P @ R_Q.T, full_matrices=False)
-    keep = int((S > tol).sum()) if rank is None else min(int(rank), S.numel())
+    keep = int((tol < S).sum()) if rank is None else min(int(rank), S.numel())
     U, Vt = fix_signs(Q_P @ U[:, :keep], Vt[:keep])
     return U * S[:keep], Vt @ Q_Q.T
 
@@ -96,6 +98,10 @@ def truncated_factors(P: torch.Tensor, Q: torch.Tensor, rank: int | None = None,
 def dense_factors(dW: torch.Tensor, rank: int | None = None, tol: float = 0.0):
     """Factors (B, A) of a dense update, truncated to `rank` (None: its numerical rank)."""
     U, S, Vt = torch.linalg.svd(dW.to(torch.float64), full_matrices=False)
-    keep = int((S > tol * max(1.0, float(S[0]) if S.numel() else 1.0)).sum()) if rank is None else min(int(rank), S.numel())
+    keep = (
+        int((tol * max(1.0, float(S[0]) if S.numel() else 1.0) < S).sum())
+        if rank is None
+        else min(int(rank), S.numel())
+    )
     U, Vt = fix_signs(U[:, :keep], Vt[:keep])
     return U * S[:keep], Vt

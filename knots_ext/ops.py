@@ -7,10 +7,11 @@ n arrays of P elements each (any shapes). DARE's mask for row r is a pure functi
 (seed, tasks[r], module, element index), DESIGN.md §1: `tasks` defaults to 0..n-1 and
 `module` (a name or a 64-bit id) to "".
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -18,8 +19,14 @@ from . import _C
 from ._arrays import Flat, current_stream, empty_like_rows, flat, out_view, rows_of
 
 __all__ = [
-    "ties_merge", "ties_apply", "ties_fix_majority", "magnitude_threshold", "MagnitudeThreshold",
-    "dare", "task_arithmetic", "module_id",
+    "MagnitudeThreshold",
+    "dare",
+    "magnitude_threshold",
+    "module_id",
+    "task_arithmetic",
+    "ties_apply",
+    "ties_fix_majority",
+    "ties_merge",
 ]
 
 
@@ -55,8 +62,9 @@ def _check_scale(name: str, value: float) -> float:
     return value
 
 
-def _kernel_input(rows: list[Flat], dare_p: float, seed: int, tasks, module, elem_offset: int,
-                  stream: int | None) -> _C.Input:
+def _kernel_input(
+    rows: list[Flat], dare_p: float, seed: int, tasks, module, elem_offset: int, stream: int | None
+) -> _C.Input:
     n = len(rows)
     tasks = list(range(n)) if tasks is None else [int(t) for t in tasks]
     if len(tasks) != n:
@@ -70,9 +78,19 @@ def _kernel_input(rows: list[Flat], dare_p: float, seed: int, tasks, module, ele
         raise RuntimeError("a CUDA array was given but knots_ext was built without CUDA")
     if stream is None:
         stream = current_stream(ref)
-    return _C.Input([r.ptr for r in rows], ref.numel, ref.stride, ref.dtype, ref.device, int(stream),
-                    _check_dare_p(dare_p), int(seed), tasks, module_id(module),
-                    int(elem_offset))
+    return _C.Input(
+        [r.ptr for r in rows],
+        ref.numel,
+        ref.stride,
+        ref.dtype,
+        ref.device,
+        int(stream),
+        _check_dare_p(dare_p),
+        int(seed),
+        tasks,
+        module_id(module),
+        int(elem_offset),
+    )
 
 
 def _output(ref: Flat, out) -> Flat:
@@ -87,9 +105,20 @@ def _rows_and_out(x, out=None, what="x"):
     return rows, _output(rows[0], out)
 
 
-def ties_merge(x, top_k: float, lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *,
-               module: str | int = "", tasks: Sequence[int] | None = None, elem_offset: int = 0,
-               stream: int | None = None, return_thresholds: bool = False, out=None):
+def ties_merge(
+    x,
+    top_k: float,
+    lam: float = 1.0,
+    dare_p: float = 0.0,
+    seed: int = 0,
+    *,
+    module: str | int = "",
+    tasks: Sequence[int] | None = None,
+    elem_offset: int = 0,
+    stream: int | None = None,
+    return_thresholds: bool = False,
+    out=None,
+):
     """Fused TIES over the n task rows of x: per-row trim to the top_k fraction by magnitude,
     sign election, disjoint mean, times lam; with dare_p > 0, DARE is applied first.
     Returns the merged (P,) array, written into `out` if given (and the per-row thresholds if
@@ -101,8 +130,19 @@ def ties_merge(x, top_k: float, lam: float = 1.0, dare_p: float = 0.0, seed: int
     return (out.array, thresholds) if return_thresholds else out.array
 
 
-def ties_apply(x, thresholds: Sequence[float], lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *,
-               module: str | int = "", tasks=None, elem_offset: int = 0, stream=None, out=None):
+def ties_apply(
+    x,
+    thresholds: Sequence[float],
+    lam: float = 1.0,
+    dare_p: float = 0.0,
+    seed: int = 0,
+    *,
+    module: str | int = "",
+    tasks=None,
+    elem_offset: int = 0,
+    stream=None,
+    out=None,
+):
     """TIES with given per-row thresholds (e.g. global over many arrays, from
     MagnitudeThreshold). Positions whose trimmed sum is exactly 0 need the majority sign,
     which may span many arrays: they are written 0 and returned for ties_fix_majority.
@@ -114,9 +154,21 @@ def ties_apply(x, thresholds: Sequence[float], lam: float = 1.0, dare_p: float =
     return out.array, sign_sum, positions
 
 
-def ties_fix_majority(x, out, thresholds: Sequence[float], positions: Sequence[int], majority: int,
-                      lam: float = 1.0, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "",
-                      tasks=None, elem_offset: int = 0, stream=None):
+def ties_fix_majority(
+    x,
+    out,
+    thresholds: Sequence[float],
+    positions: Sequence[int],
+    majority: int,
+    lam: float = 1.0,
+    dare_p: float = 0.0,
+    seed: int = 0,
+    *,
+    module: str | int = "",
+    tasks=None,
+    elem_offset: int = 0,
+    stream=None,
+):
     """Rewrites out at `positions` (from ties_apply) with the elected sign `majority`."""
     lam = _check_scale("lam", lam)
     rows, o = _rows_and_out(x, out)
@@ -154,16 +206,35 @@ class MagnitudeThreshold:
     def round(self) -> int:
         return self._sel.round
 
-    def update(self, task: int, array, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "",
-               elem_offset: int = 0, stream=None):
+    def update(
+        self,
+        task: int,
+        array,
+        dare_p: float = 0.0,
+        seed: int = 0,
+        *,
+        module: str | int = "",
+        elem_offset: int = 0,
+        stream=None,
+    ):
         if not 0 <= int(task) < self.n_tasks:
             raise ValueError(f"task {task} out of range for {self.n_tasks} tasks")
         row = flat(array, "array")
         inp = _kernel_input([row], dare_p, seed, [task], module, elem_offset, stream)
         self._sel.histogram(inp, [int(task)])
 
-    def update_rows(self, x, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "", tasks=None,
-                    elem_offset: int = 0, stream=None, slots=None):
+    def update_rows(
+        self,
+        x,
+        dare_p: float = 0.0,
+        seed: int = 0,
+        *,
+        module: str | int = "",
+        tasks=None,
+        elem_offset: int = 0,
+        stream=None,
+        slots=None,
+    ):
         """Adds every row of x, row r to task slots[r]; slots default to tasks (the rows' DARE
         task indices), which default to 0..n-1."""
         rows = rows_of(x)
@@ -184,14 +255,24 @@ class MagnitudeThreshold:
         return self._sel.thresholds()
 
 
-def magnitude_threshold(x, top_k: float, dare_p: float = 0.0, seed: int = 0, *, module: str | int = "",
-                        tasks=None, elem_offset: int = 0, stream=None) -> list[float]:
+def magnitude_threshold(
+    x,
+    top_k: float,
+    dare_p: float = 0.0,
+    seed: int = 0,
+    *,
+    module: str | int = "",
+    tasks=None,
+    elem_offset: int = 0,
+    stream=None,
+) -> list[float]:
     """Per-row TIES thresholds of an in-memory (n, P) input (MagnitudeThreshold, all rounds)."""
     n = len(rows_of(x))
     sel = MagnitudeThreshold(n, top_k)
     while not sel.done:  # row r is threshold slot r; `tasks` only names the rows' DARE streams
-        sel.update_rows(x, dare_p, seed, module=module, tasks=tasks, elem_offset=elem_offset, stream=stream,
-                        slots=range(n))
+        sel.update_rows(
+            x, dare_p, seed, module=module, tasks=tasks, elem_offset=elem_offset, stream=stream, slots=range(n)
+        )
         sel.finish_round()
     return sel.thresholds()
 
@@ -204,9 +285,19 @@ def _weighted_sum(rows, weights, dare_p, seed, tasks, module, elem_offset, strea
     return out.array
 
 
-def task_arithmetic(x, lam: float = 1.0, weights: Sequence[float] | None = None, dare_p: float = 0.0,
-                    seed: int = 0, *, module: str | int = "", tasks=None, elem_offset: int = 0, stream=None,
-                    out=None):
+def task_arithmetic(
+    x,
+    lam: float = 1.0,
+    weights: Sequence[float] | None = None,
+    dare_p: float = 0.0,
+    seed: int = 0,
+    *,
+    module: str | int = "",
+    tasks=None,
+    elem_offset: int = 0,
+    stream=None,
+    out=None,
+):
     """lam * sum_r weights[r] * dare(x[r]) (weights default to 1): Task Arithmetic, and
     DARE-TA with dare_p > 0. Returns the (P,) result (written into `out` if given)."""
     rows = rows_of(x)
@@ -214,13 +305,13 @@ def task_arithmetic(x, lam: float = 1.0, weights: Sequence[float] | None = None,
     weights = [1.0] * len(rows) if weights is None else list(weights)
     if len(weights) != len(rows):
         raise ValueError(f"weights has {len(weights)} entries for {len(rows)} rows")
-    scaled = [_check_scale(f"lam * weights[{i}]", lam * _check_scale(f"weights[{i}]", w))
-              for i, w in enumerate(weights)]
+    scaled = [
+        _check_scale(f"lam * weights[{i}]", lam * _check_scale(f"weights[{i}]", w)) for i, w in enumerate(weights)
+    ]
     return _weighted_sum(rows, scaled, dare_p, seed, tasks, module, elem_offset, stream, out)
 
 
-def dare(x, p: float, seed: int = 0, *, task: int = 0, module: str | int = "", elem_offset: int = 0,
-         stream=None):
+def dare(x, p: float, seed: int = 0, *, task: int = 0, module: str | int = "", elem_offset: int = 0, stream=None):
     """DARE on one array (any shape): each element is dropped with probability p, the kept
     ones are scaled by 1/(1-p). Element i of x is element elem_offset + i of the module, so a
     module processed in chunks gets the same mask as in one piece."""

@@ -5,10 +5,19 @@ Pickle files (.bin/.pt/.pth) are never opened, and only regular files are. Every
 input or the output is an AdapterError whose message is one line, "<path>: <problem>". The writer
 never replaces a folder it did not write (see _output.py; check_output tests an output path alone).
 """
+
 from ._common import AdapterError
 from ._output import MANIFEST_NAME, check_output
 from .adapter import Adapter, check_compatible, load_adapter
 from .save import AdapterWriter, save_adapter
 
-__all__ = ["MANIFEST_NAME", "Adapter", "AdapterError", "AdapterWriter", "check_compatible", "check_output", "load_adapter",
-           "save_adapter"]
+__all__ = [
+    "MANIFEST_NAME",
+    "Adapter",
+    "AdapterError",
+    "AdapterWriter",
+    "check_compatible",
+    "check_output",
+    "load_adapter",
+    "save_adapter",
+]

@@ -1,12 +1,13 @@
 """Pieces shared by the reader and the writer: the error type, PEFT's key layout and PEFT's
 rank_pattern / alpha_pattern matching rule."""
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import stat
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -91,7 +92,7 @@ def read_json(path: str, what: str = "JSON"):
 def relative_name(module: str) -> str:
     """A module key of the file as the name PEFT matches patterns against: the module's name
     inside the base (transformers) model, i.e. without the "base_model.model." prefix."""
-    return module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+    return module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
 
 
 def file_name(module: str) -> str:
@@ -128,8 +129,8 @@ MAX_PATTERN_KEY = 1000
 MAX_PATTERN_CHOICES = 2
 
 try:
-    from re import _constants as _sre
-    from re import _parser as _sre_parse
+    from re import _constants as _sre  # type: ignore[attr-defined]
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
 except ImportError:  # Python < 3.11
     import sre_constants as _sre
     import sre_parse as _sre_parse
@@ -184,6 +185,8 @@ def pattern_key_problem(key) -> str | None:
     except _SlowPattern as e:
         return f"has {e} (slow to match; write the module names out)"
     if n > MAX_PATTERN_CHOICES:
-        return (f"has {n} quantifiers and alternations, more than {MAX_PATTERN_CHOICES} (slow to match; "
-                "write the module names out)")
+        return (
+            f"has {n} quantifiers and alternations, more than {MAX_PATTERN_CHOICES} (slow to match; "
+            "write the module names out)"
+        )
     return None

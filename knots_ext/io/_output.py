@@ -12,6 +12,7 @@ Rules (the writer never destroys a user's files):
   older versions) left by a killed process are removed by the next save to the same OUT; those
   of a live process are left alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,18 +45,30 @@ def _protected_folders(inputs) -> list[str]:
 
 
 def _plain_file_name(name) -> bool:
-    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
-            and os.sep not in name and (os.altsep is None or os.altsep not in name))
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "\0" not in name
+        and os.sep not in name
+        and (os.altsep is None or os.altsep not in name)
+    )
 
 
 def _manifest_files(path: str) -> list[str]:
     """The files an earlier knots-merge output lists in its manifest."""
     data = read_json(path, "manifest")
-    ok = (isinstance(data, dict) and data.get("tool") == TOOL and isinstance(data.get("files"), list)
-          and all(_plain_file_name(f) for f in data["files"]))
+    ok = (
+        isinstance(data, dict)
+        and data.get("tool") == TOOL
+        and isinstance(data.get("files"), list)
+        and all(_plain_file_name(f) for f in data["files"])
+    )
     if not ok:
-        raise AdapterError(path, f'not a knots-merge manifest (expected {{"tool": "{TOOL}", "files": [file '
-                                 'names]}); refusing to replace the folder')
+        raise AdapterError(
+            path,
+            f'not a knots-merge manifest (expected {{"tool": "{TOOL}", "files": [file '
+            "names]}); refusing to replace the folder",
+        )
     return data["files"]
 
 
@@ -80,12 +93,15 @@ def inspect_output(out_dir, inputs=(), overwrite: bool = False) -> tuple[str, li
     if not names:
         return target, []
     if MANIFEST_NAME not in names:
-        raise AdapterError(out_dir, f"exists, is not empty and is not a knots-merge output (no {MANIFEST_NAME}); "
-                                    "refusing to write into it")
+        raise AdapterError(
+            out_dir,
+            f"exists, is not empty and is not a knots-merge output (no {MANIFEST_NAME}); refusing to write into it",
+        )
     files = _manifest_files(os.path.join(target, MANIFEST_NAME))
     if not overwrite:
-        raise AdapterError(out_dir, "holds an earlier knots-merge output; pass --overwrite (overwrite=True) "
-                                    "to replace it")
+        raise AdapterError(
+            out_dir, "holds an earlier knots-merge output; pass --overwrite (overwrite=True) to replace it"
+        )
     return target, files
 
 
@@ -99,7 +115,7 @@ def manifest_text(files, metadata) -> str:
     """The manifest: {"tool": "knots-ext", "version": ..., "files": [...], "merge": metadata}."""
     from .. import __version__
 
-    data = {"tool": TOOL, "version": __version__, "files": sorted(files)}
+    data: dict = {"tool": TOOL, "version": __version__, "files": sorted(files)}
     if metadata:
         data["merge"] = dict(metadata)
     return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"

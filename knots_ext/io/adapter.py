@@ -4,13 +4,14 @@ Only the safetensors header is read when an adapter is loaded; tensors are read 
 through safetensors' safe_open) one module at a time by `Adapter.factors` / `Adapter.extra`.
 Pickle files are never opened.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -100,8 +101,7 @@ class Adapter:
     releases it, and a closed or unpickled Adapter reopens the file when it next reads.
     """
 
-    def __init__(self, path: str, weights_path: str, config: dict, *, alpha: float | None = None,
-                 rank_hint=None):
+    def __init__(self, path: str, weights_path: str, config: dict, *, alpha: float | None = None, rank_hint=None):
         self.path = path
         self.weights_path = weights_path
         self.config = config
@@ -112,8 +112,9 @@ class Adapter:
         self._handle = None
 
         cfg_path = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
-        self.lora_alpha = self._number(cfg_path, "lora_alpha", alpha if alpha is not None
-                                       else config.get("lora_alpha", _DEFAULT_ALPHA))
+        self.lora_alpha = self._number(
+            cfg_path, "lora_alpha", alpha if alpha is not None else config.get("lora_alpha", _DEFAULT_ALPHA)
+        )
         self._config_r = config.get("r", _DEFAULT_R)
         self._rank_pattern = self._pattern(cfg_path, "rank_pattern")
         self._alpha_pattern = self._pattern(cfg_path, "alpha_pattern")
@@ -148,7 +149,7 @@ class Adapter:
         handle = _open_safetensors(path)
         try:
             info = {}
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 sl = handle.get_slice(key)
                 info[key] = (tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
         except _safetensors_error_types() as e:
@@ -169,8 +170,11 @@ class Adapter:
             elif key.endswith(".lora_B.bias"):
                 raise AdapterError(path, f"adapters with a LoRA bias (lora_bias) are not supported (found {key!r})")
             elif re.search(r"\.lora_[AB]\.", key):
-                raise AdapterError(path, f"unrecognised LoRA key {key!r} (expected '<module>.lora_A.weight' and "
-                                         "'<module>.lora_B.weight', as PeftModel.save_pretrained writes them)")
+                raise AdapterError(
+                    path,
+                    f"unrecognised LoRA key {key!r} (expected '<module>.lora_A.weight' and "
+                    "'<module>.lora_B.weight', as PeftModel.save_pretrained writes them)",
+                )
             else:
                 extras.append(key)
         for m in sorted(a_mods - b_mods):
@@ -187,16 +191,23 @@ class Adapter:
             (sa, da), (sb, db) = info[m + A_SUFFIX], info[m + B_SUFFIX]
             for key, shape, code in ((m + A_SUFFIX, sa, da), (m + B_SUFFIX, sb, db)):
                 if code not in SUPPORTED_DTYPES:
-                    raise AdapterError(path, f"{key}: unsupported dtype {code} (float32, float16, bfloat16 and "
-                                             "float64 are read)")
+                    raise AdapterError(
+                        path, f"{key}: unsupported dtype {code} (float32, float16, bfloat16 and float64 are read)"
+                    )
                 if len(shape) != 2:
-                    raise AdapterError(path, f"{key}: expected a 2-D tensor, got shape {list(shape)} "
-                                             "(only LoRA on Linear layers is supported)")
+                    raise AdapterError(
+                        path,
+                        f"{key}: expected a 2-D tensor, got shape {list(shape)} "
+                        "(only LoRA on Linear layers is supported)",
+                    )
                 if 0 in shape:
                     raise AdapterError(path, f"{key}: empty tensor of shape {list(shape)}")
             if sb[1] != sa[0]:
-                raise AdapterError(path, f"module {m}: shapes do not chain: lora_B is {list(sb)} and lora_A is "
-                                         f"{list(sa)} (lora_B's columns must equal lora_A's rows, the rank)")
+                raise AdapterError(
+                    path,
+                    f"module {m}: shapes do not chain: lora_B is {list(sb)} and lora_A is "
+                    f"{list(sa)} (lora_B's columns must equal lora_A's rows, the rank)",
+                )
             self._rank[m] = sa[0]
             self._shape[m] = (sb[0], sa[1])
             self._dtype[m] = SUPPORTED_DTYPES[da]
@@ -212,17 +223,21 @@ class Adapter:
                 r_cfg = lookup_pattern(self._rank_pattern, name, self._config_r)
                 if r_cfg != r:
                     raise AdapterError(
-                        self.weights_path, f"module {m}: stored rank {r} but {os.path.basename(cfg_path)} gives "
-                                           f"r={r_cfg} (r / rank_pattern); PEFT would not load this adapter")
+                        self.weights_path,
+                        f"module {m}: stored rank {r} but {os.path.basename(cfg_path)} gives "
+                        f"r={r_cfg} (r / rank_pattern); PEFT would not load this adapter",
+                    )
             alpha = lookup_pattern(self._alpha_pattern, name, self.lora_alpha)
             self._scale[m] = float(alpha / math.sqrt(r) if self.use_rslora else alpha / r)
         if rank_hint is not None:
             for m in self.modules:
-                want = rank_hint.get(m, rank_hint.get(relative_name(m))) if isinstance(rank_hint, Mapping) \
-                    else rank_hint
+                want = (
+                    rank_hint.get(m, rank_hint.get(relative_name(m))) if isinstance(rank_hint, Mapping) else rank_hint
+                )
                 if want is not None and int(want) != self._rank[m]:
-                    raise AdapterError(self.weights_path, f"module {m}: rank {self._rank[m]}, expected {int(want)} "
-                                                          "(rank_hint)")
+                    raise AdapterError(
+                        self.weights_path, f"module {m}: rank {self._rank[m]}, expected {int(want)} (rank_hint)"
+                    )
 
     # ---------------------------------------------------------------- file handle
 
@@ -248,8 +263,10 @@ class Adapter:
 
     def __repr__(self):
         ranks = sorted(set(self._rank.values()))
-        return (f"Adapter({self.path!r}, modules={len(self.modules)}, ranks={ranks}, "
-                f"base_model={self.base_model!r}, fan_in_fan_out={self.fan_in_fan_out})")
+        return (
+            f"Adapter({self.path!r}, modules={len(self.modules)}, ranks={ranks}, "
+            f"base_model={self.base_model!r}, fan_in_fan_out={self.fan_in_fan_out})"
+        )
 
     # ---------------------------------------------------------------- queries
 
@@ -324,8 +341,14 @@ def _refuse_pickle(path: str):
 
 
 def _json_kind(value) -> str:
-    for types, kind in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "a list"),
-                        (dict, "an object"), (type(None), "null")):
+    for types, kind in (
+        (bool, "a boolean"),
+        ((int, float), "a number"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "an object"),
+        (type(None), "null"),
+    ):
         if isinstance(value, types):
             return kind
     return type(value).__name__
@@ -369,8 +392,9 @@ def _find_weights(directory: str) -> str:
     if len(st) == 1:
         return os.path.join(directory, st[0])
     if len(st) > 1:
-        raise AdapterError(directory, f"no {WEIGHTS_NAME} and several .safetensors files ({', '.join(st)}); "
-                                      "pass the file to read")
+        raise AdapterError(
+            directory, f"no {WEIGHTS_NAME} and several .safetensors files ({', '.join(st)}); pass the file to read"
+        )
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise AdapterError(os.path.join(directory, pickles[0]), PICKLE_MESSAGE)
@@ -401,8 +425,9 @@ def load_adapter(path, alpha: float | None = None, *, rank_hint=None) -> Adapter
         elif alpha is not None:
             config = {}
         else:
-            raise AdapterError(path, f"no {CONFIG_NAME} (pass alpha= to read {os.path.basename(weights)} "
-                                     "as a bare file)")
+            raise AdapterError(
+                path, f"no {CONFIG_NAME} (pass alpha= to read {os.path.basename(weights)} as a bare file)"
+            )
         return Adapter(path, weights, config, alpha=alpha, rank_hint=rank_hint)
 
     if path.lower().endswith(PICKLE_SUFFIXES):
@@ -437,26 +462,38 @@ def check_compatible(adapters, force: bool = False) -> None:
         for a in named[1:]:
             ref = named[0]
             if _norm_base(a.base_model) != _norm_base(ref.base_model):
-                raise AdapterError(a.path, f"base model {a.base_model!r} differs from {ref.base_model!r} of "
-                                           f"{ref.path} (force=True merges anyway)")
+                raise AdapterError(
+                    a.path,
+                    f"base model {a.base_model!r} differs from {ref.base_model!r} of "
+                    f"{ref.path} (force=True merges anyway)",
+                )
         for a in adapters[1:]:
             ref = adapters[0]
             if a.fan_in_fan_out != ref.fan_in_fan_out:
-                raise AdapterError(a.path, f"fan_in_fan_out={a.fan_in_fan_out} differs from {ref.path} "
-                                           f"(fan_in_fan_out={ref.fan_in_fan_out}); they are not for the same "
-                                           "base model (force=True merges anyway)")
+                raise AdapterError(
+                    a.path,
+                    f"fan_in_fan_out={a.fan_in_fan_out} differs from {ref.path} "
+                    f"(fan_in_fan_out={ref.fan_in_fan_out}); they are not for the same "
+                    "base model (force=True merges anyway)",
+                )
     first_seen: dict[str, Adapter] = {}
     for a in adapters:
         for m in a.modules:
             ref = first_seen.setdefault(m, a)
             if ref is not a and ref.shape(m) != a.shape(m):
-                raise AdapterError(a.path, f"module {m}: update shape (d_out, d_in) = {a.shape(m)} differs from "
-                                           f"{ref.shape(m)} in {ref.path}")
+                raise AdapterError(
+                    a.path,
+                    f"module {m}: update shape (d_out, d_in) = {a.shape(m)} differs from {ref.shape(m)} in {ref.path}",
+                )
     # Same modules under different key prefixes would silently never meet: say so.
     for a in adapters[1:]:
         ref = adapters[0]
-        if not set(a.modules) & set(ref.modules):
-            if {relative_name(m) for m in a.modules} & {relative_name(m) for m in ref.modules}:
-                raise AdapterError(a.path, f"no module key in common with {ref.path}, but the same module names "
-                                           f"appear under different key prefixes (e.g. {a.modules[0]!r} vs "
-                                           f"{ref.modules[0]!r})")
+        if not set(a.modules) & set(ref.modules) and (
+            {relative_name(m) for m in a.modules} & {relative_name(m) for m in ref.modules}
+        ):
+            raise AdapterError(
+                a.path,
+                f"no module key in common with {ref.path}, but the same module names "
+                f"appear under different key prefixes (e.g. {a.modules[0]!r} vs "
+                f"{ref.modules[0]!r})",
+            )

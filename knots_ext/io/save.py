@@ -1,4 +1,5 @@
 """Writing a PEFT LoRA adapter whose update for each module is exactly B @ A (scale 1)."""
+
 from __future__ import annotations
 
 import json
@@ -100,9 +101,19 @@ class AdapterWriter:
         # closed on leaving the block
     """
 
-    def __init__(self, out_dir, *, base_model: str | None, target_modules=None, fan_in_fan_out: bool = False,
-                 dtype=torch.float32, task_type=None, overwrite: bool = False, inputs: Sequence = (),
-                 manifest: Mapping | None = None):
+    def __init__(
+        self,
+        out_dir,
+        *,
+        base_model: str | None,
+        target_modules=None,
+        fan_in_fan_out: bool = False,
+        dtype=torch.float32,
+        task_type=None,
+        overwrite: bool = False,
+        inputs: Sequence = (),
+        manifest: Mapping | None = None,
+    ):
         self.target, _ = inspect_output(out_dir, inputs, overwrite)
         self.out_dir = os.fspath(out_dir)
         if dtype not in WRITABLE_DTYPES:
@@ -123,12 +134,13 @@ class AdapterWriter:
         self.entries: dict[str, dict] = {}  # key -> safetensors header entry
         self.size = 0
         parent, base = os.path.dirname(self.target), os.path.basename(self.target)
+        self.tmp: str | None = None
         try:
             os.makedirs(parent, exist_ok=True)
             remove_stale_temps(parent, base)
             self.tmp = fresh_temp_name(parent, base)
             os.mkdir(self.tmp)
-            self.data = open(os.path.join(self.tmp, ".tensors"), "wb")
+            self.data = open(os.path.join(self.tmp, ".tensors"), "wb")  # noqa: SIM115 (closed by close / abort)
         except OSError as e:
             raise AdapterError(self.out_dir, f"cannot create a directory beside it: {e.strerror or e}") from None
 
@@ -154,8 +166,11 @@ class AdapterWriter:
     def _append(self, key: str, t: torch.Tensor) -> None:
         raw = t.reshape(-1).view(torch.uint8).numpy()
         self.data.write(raw.data)
-        self.entries[key] = {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape),
-                             "data_offsets": [self.size, self.size + raw.size]}
+        self.entries[key] = {
+            "dtype": _ST_DTYPE[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self.size, self.size + raw.size],
+        }
         self.size += raw.size
 
     def add(self, module: str, B, A) -> None:
@@ -168,15 +183,19 @@ class AdapterWriter:
             raise AdapterError(out_dir, f"bad module name {module!r}")
         key = file_name(module)
         if relative_name(key) in self.ranks:
-            raise AdapterError(out_dir, f"module {relative_name(key)} is given twice (with and without the "
-                                        f"{PEFT_PREFIX!r} prefix)")
+            raise AdapterError(
+                out_dir, f"module {relative_name(key)} is given twice (with and without the {PEFT_PREFIX!r} prefix)"
+            )
         for which, t in (("B", B), ("A", A)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2:
                 shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise AdapterError(out_dir, f"module {module}: {which} must be a 2-D tensor, got {shape}")
         if B.shape[1] != A.shape[0] or A.shape[0] == 0 or 0 in B.shape or 0 in A.shape:
-            raise AdapterError(out_dir, f"module {module}: B {list(B.shape)} and A {list(A.shape)} do not chain "
-                                        "(B must be d_out x r and A r x d_in, r >= 1)")
+            raise AdapterError(
+                out_dir,
+                f"module {module}: B {list(B.shape)} and A {list(A.shape)} do not chain "
+                "(B must be d_out x r and A r x d_in, r >= 1)",
+            )
         B = _prepared(out_dir, B, self.dtype, f"module {module}: B")
         A = _prepared(out_dir, A, self.dtype, f"module {module}: A")
         self._append(key + B_SUFFIX, B)
@@ -203,29 +222,32 @@ class AdapterWriter:
         self._guard(self._close)
 
     def _close(self):
+        tmp = self.tmp
+        assert tmp is not None, "the writer is closed"
         if not self.ranks:
             raise AdapterError(self.out_dir, "no modules to write")
         self._check_targets()
         self.data.close()
-        data_path = os.path.join(self.tmp, ".tensors")
-        weights = os.path.join(self.tmp, WEIGHTS_NAME)
-        header = json.dumps({"__metadata__": {"format": "pt"}, **dict(sorted(self.entries.items()))},
-                            separators=(",", ":")).encode()
+        data_path = os.path.join(tmp, ".tensors")
+        weights = os.path.join(tmp, WEIGHTS_NAME)
+        header = json.dumps(
+            {"__metadata__": {"format": "pt"}, **dict(sorted(self.entries.items()))}, separators=(",", ":")
+        ).encode()
         header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
         with open(weights, "wb") as f, open(data_path, "rb") as data:
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
             shutil.copyfileobj(data, f, 16 << 20)
         os.unlink(data_path)
-        cfg = os.path.join(self.tmp, CONFIG_NAME)
+        cfg = os.path.join(tmp, CONFIG_NAME)
         _write_text(cfg, json.dumps(self._config(), indent=2, sort_keys=True) + "\n")
         os.chmod(weights, stat.S_IMODE(os.stat(cfg).st_mode))  # the mode open() gave the config
         fsync_path(weights)
-        _write_text(os.path.join(self.tmp, MANIFEST_NAME), self.manifest)
-        fsync_path(self.tmp)
+        _write_text(os.path.join(tmp, MANIFEST_NAME), self.manifest)
+        fsync_path(tmp)
         # Checked again: the folder may have changed during a long write.
         _, old_files = inspect_output(self.out_dir, self.inputs, self.overwrite)
-        install(self.tmp, self.target, old_files)
+        install(tmp, self.target, old_files)
         self.tmp = None
 
     def abort(self) -> None:
@@ -239,15 +261,21 @@ class AdapterWriter:
     def _check_targets(self):
         for name in self.ranks:
             if self.target_modules is not None and not _target_matches(self.target_modules, name):
-                raise AdapterError(self.out_dir, f"module {name} is not matched by target_modules="
-                                                 f"{self.target_modules!r}; PEFT would not load it")
+                raise AdapterError(
+                    self.out_dir,
+                    f"module {name} is not matched by target_modules={self.target_modules!r}; PEFT would not load it",
+                )
             for owner in self.modules_to_save:
                 if name == owner or name.startswith(owner + "."):
-                    raise AdapterError(self.out_dir, f"module {name} lies inside modules_to_save module {owner} "
-                                                     "(from the extra tensors); PEFT would not give it a LoRA layer")
+                    raise AdapterError(
+                        self.out_dir,
+                        f"module {name} lies inside modules_to_save module {owner} "
+                        "(from the extra tensors); PEFT would not give it a LoRA layer",
+                    )
 
     def _config(self) -> dict:
         r0, rank_pattern, alpha_pattern = rank_config(self.ranks)
+        target_list: list[str] | str
         if self.target_modules is None:
             target_list = sorted(self.ranks)
         elif isinstance(self.target_modules, str):
@@ -279,10 +307,20 @@ class AdapterWriter:
         }
 
 
-def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | None,
-                 target_modules=None, fan_in_fan_out: bool = False, extra: Mapping | None = None,
-                 dtype=torch.float32, task_type=None, overwrite: bool = False, inputs: Sequence = (),
-                 manifest: Mapping | None = None) -> None:
+def save_adapter(
+    out_dir,
+    factors: Mapping[str, tuple],
+    *,
+    base_model: str | None,
+    target_modules=None,
+    fan_in_fan_out: bool = False,
+    extra: Mapping | None = None,
+    dtype=torch.float32,
+    task_type=None,
+    overwrite: bool = False,
+    inputs: Sequence = (),
+    manifest: Mapping | None = None,
+) -> None:
     """Writes a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose update
     for each module m is exactly `B @ A` with `(B, A) = factors[m]` (B: d_out x r, A: r x d_in;
     for fan_in_fan_out the base weight is its transpose).
@@ -305,9 +343,17 @@ def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | Non
     intact. Files get the permissions 0o666 & ~umask, a new folder 0o777 & ~umask.
     PeftModel.from_pretrained(base, out_dir) loads the result as it is.
     """
-    writer = AdapterWriter(out_dir, base_model=base_model, target_modules=target_modules,
-                           fan_in_fan_out=fan_in_fan_out, dtype=dtype, task_type=task_type, overwrite=overwrite,
-                           inputs=inputs, manifest=manifest)
+    writer = AdapterWriter(
+        out_dir,
+        base_model=base_model,
+        target_modules=target_modules,
+        fan_in_fan_out=fan_in_fan_out,
+        dtype=dtype,
+        task_type=task_type,
+        overwrite=overwrite,
+        inputs=inputs,
+        manifest=manifest,
+    )
     with writer:
         if not factors:
             raise AdapterError(writer.out_dir, "no modules to write")
@@ -319,8 +365,8 @@ def save_adapter(out_dir, factors: Mapping[str, tuple], *, base_model: str | Non
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise AdapterError(writer.out_dir, f"module {module}: expected a (B, A) pair")
             writer.add(module, *pair)
-        for k in sorted(extra or {}):
-            writer.add_extra(k, extra[k])
+        for k, t in sorted((extra or {}).items()):
+            writer.add_extra(k, t)
 
 
 def _write_text(path: str, text: str) -> None:

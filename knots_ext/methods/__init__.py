@@ -4,12 +4,13 @@ or TIES, optionally after DARE) run by the generic driver; or a rule on the LoRA
 themselves (exact TA, Iso-C, TSV-M, RegMean). Each method file declares its methods and their
 parameters in a module-level METHODS list; the registry below fills itself from those files,
 so adding a method touches one file."""
+
 from __future__ import annotations
 
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from .params import DARE_P, SEED, Param
 
@@ -19,10 +20,10 @@ class Method:
     name: str
     help: str
     params: tuple  # of Param: the keywords merge() accepts for this method
-    space: Optional[Callable[[dict], Any]] = None  # params -> Space; None: `rule` merges the factors
+    space: Callable[[dict], Any] | None = None  # params -> Space; None: `rule` merges the factors
     rule: Any = "ta"  # "ta" or "ties" on task rows; with no space, a function (ModuleTasks, params) -> update
     dare: bool = False  # DARE on the task rows before the rule (needs dare_p)
-    setup: Optional[Callable[[dict, list], dict]] = None  # (params, adapters) -> params, e.g. loading Gram files
+    setup: Callable[[dict, list], dict] | None = None  # (params, adapters) -> params, e.g. loading Gram files
 
     @property
     def param_names(self) -> list:
@@ -89,4 +90,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "ALL_PARAMS", "Method", "Param", "get_method", "rows_method"]
+__all__ = ["ALL_PARAMS", "METHODS", "Method", "Param", "get_method", "rows_method"]

@@ -8,6 +8,7 @@ and every A_i in span(V_A), TA in core space equals TA exactly.
 From the factors: B_cat = Q_B R_B and A_cat^T = Q_A R_A (QR), R_B = U S W^T and R_A = U' S' W'^T
 (small SVDs) give U_B = Q_B U and V_A = Q_A U', and U_B^T s_i B_i = (U^T R_B)[:, block i],
 A_i V_A = (U'^T R_A)[:, block i]^T: the cores need no d-sized product."""
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,7 @@ def _basis_and_coords(mat: torch.Tensor):
     would carry only rounding noise, which TIES would count as votes."""
     Q, R = torch.linalg.qr(mat)
     U, S, _ = torch.linalg.svd(R, full_matrices=False)
-    keep = S > (S[0] if S.numel() else 0.0) * max(mat.shape) * torch.finfo(mat.dtype).eps
+    keep = (S[0] if S.numel() else 0.0) * max(mat.shape) * torch.finfo(mat.dtype).eps < S
     U = U[:, keep]
     return fix_signs(Q @ U, U.T @ R)
 
@@ -48,7 +49,7 @@ class CoreSpace:
         blocks, c0 = [], 0
         for B, _ in m.factors:
             r = B.shape[1]
-            blocks.append((b_coords[:, c0:c0 + r].to(torch.float32), a_coords[:, c0:c0 + r].T.to(torch.float32)))
+            blocks.append((b_coords[:, c0 : c0 + r].to(torch.float32), a_coords[:, c0 : c0 + r].T.to(torch.float32)))
             c0 += r
         return U_B.to(torch.float32), V_A.to(torch.float32), blocks
 

@@ -6,6 +6,7 @@ lam * mean(S) * U V^T.
 From the factors: the TA sum is [s_i B_i] @ [A_i] exactly, and its SVD comes from QR of those two
 factors and a k x k core. The mean runs over the numerical rank (singular values > tol), not over
 the zero singular values a rank-k update of a d x d matrix has. Iso-CTS: see iso_cts."""
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,7 @@ def iso_cts_split(R: int, n: int, common_fraction: float) -> tuple[int, int]:
     return R - ts_total, ts_total // n
 
 
-def iso_cts(m: ModuleTasks, lam: float, tol: float,
-            common_fraction: float = ISO_CTS_COMMON_FRACTION) -> FactoredUpdate:
+def iso_cts(m: ModuleTasks, lam: float, tol: float, common_fraction: float = ISO_CTS_COMMON_FRACTION) -> FactoredUpdate:
     """Iso-CTS for one module, from the LoRA factors:
 
     1. The TA sum sum_i s_i B_i A_i = U diag(S) V^T (from the factors, truncated_factors: QR of
@@ -96,18 +96,26 @@ def iso_cts(m: ModuleTasks, lam: float, tol: float,
             US_i, Vt_i = truncated_factors(P, A, tol=tol)  # S_i > tol only, descending
             US_i, Vt_i = US_i[:, :per_task], Vt_i[:per_task]
             S_i = US_i.norm(dim=0)
-            Us.append(US_i / S_i), Ss.append(S_i), Vs.append(Vt_i)
+            Us.append(US_i / S_i)
+            Ss.append(S_i)
+            Vs.append(Vt_i)
     if not Us or sum(u.shape[1] for u in Us) == 0:  # common subspace only: Iso-C on k directions
         U_p, Vt_p, S_all = U_c, Vt_c, S_c
     else:
-        S_all = torch.cat(Ss + [S_c])
-        U_p = polar(torch.cat(Us + [U_c], dim=1))
-        Vt_p = polar(torch.cat(Vs + [Vt_c], dim=0).T).T
+        S_all = torch.cat([*Ss, S_c])
+        U_p = polar(torch.cat([*Us, U_c], dim=1))
+        Vt_p = polar(torch.cat([*Vs, Vt_c], dim=0).T).T
     return FactoredUpdate((lam * S_all.mean() * U_p).float(), Vt_p.float())
 
 
-COMMON_FRACTION = Param("common_fraction", None, "iso-cts: share of the rank kept for the common subspace "
-                        f"(default: the paper's {ISO_CTS_COMMON_FRACTION})", low=0.0, high=1.0, optional=True)
+COMMON_FRACTION = Param(
+    "common_fraction",
+    None,
+    f"iso-cts: share of the rank kept for the common subspace (default: the paper's {ISO_CTS_COMMON_FRACTION})",
+    low=0.0,
+    high=1.0,
+    optional=True,
+)
 
 
 def _iso_cts_rule(m: ModuleTasks, p: dict) -> FactoredUpdate:
@@ -116,8 +124,16 @@ def _iso_cts_rule(m: ModuleTasks, p: dict) -> FactoredUpdate:
 
 
 METHODS = [
-    Method("iso-c", "Iso-C: the TA sum's spectrum flattened to its mean (from the factors)", (LAM, TOL),
-           rule=lambda m, p: iso_c(m, p["lam"], p["tol"])),
-    Method("iso-cts", "Iso-CTS: a common subspace plus task-specific directions, isotropic spectrum",
-           (LAM, TOL, COMMON_FRACTION), rule=_iso_cts_rule),
+    Method(
+        "iso-c",
+        "Iso-C: the TA sum's spectrum flattened to its mean (from the factors)",
+        (LAM, TOL),
+        rule=lambda m, p: iso_c(m, p["lam"], p["tol"]),
+    ),
+    Method(
+        "iso-cts",
+        "Iso-CTS: a common subspace plus task-specific directions, isotropic spectrum",
+        (LAM, TOL, COMMON_FRACTION),
+        rule=_iso_cts_rule,
+    ),
 ]

@@ -2,6 +2,7 @@
 [dW_1 | .. | dW_n] = U diag(S) [V_1^T | .. | V_n^T] (from the factors: knots_ext.linalg.knots_svd);
 task i is represented by diag(S) V_i^T = coef_i @ A_i (k x d_in), TA / TIES / DARE merge those
 representations, and the merged update is U @ merged. knots-ta equals ta exactly."""
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,6 @@ _TIES = (TOP_K, TOP_K_SCOPE, LAM, TOL)
 METHODS = [
     rows_method("knots-ta", "Task Arithmetic on the KnOTS representations (equals ta)", KnotsSpace, "ta", (LAM, TOL)),
     rows_method("knots-ties", "TIES on the KnOTS representations", KnotsSpace, "ties", _TIES),
-    rows_method("knots-dare-ta", "DARE then TA on the KnOTS representations", KnotsSpace, "ta", (LAM, TOL),
-                dare=True),
-    rows_method("knots-dare-ties", "DARE then TIES on the KnOTS representations", KnotsSpace, "ties", _TIES,
-                dare=True),
+    rows_method("knots-dare-ta", "DARE then TA on the KnOTS representations", KnotsSpace, "ta", (LAM, TOL), dare=True),
+    rows_method("knots-dare-ties", "DARE then TIES on the KnOTS representations", KnotsSpace, "ties", _TIES, dare=True),
 ]

@@ -1,10 +1,12 @@
 """Declared parameters of the merge methods: each Param says its name, type, default, allowed
 range and help; merge() validates keywords with it and the CLI builds its flags from it."""
+
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import cast
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,9 @@ class Param:
         return "--" + self.name.replace("_", "-")
 
     def range_text(self) -> str:
-        lo = "-inf" if self.low is None else f"{self.low:g}"
-        hi = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open or self.low is None else '['}{lo}, {hi}{')' if self.high_open or self.high is None else ']'}"
+        lo = "(-inf" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
+        hi = "inf)" if self.high is None else f"{self.high:g}" + (")" if self.high_open else "]")
+        return f"{lo}, {hi}"
 
     def check(self, value):
         """value, converted to the parameter's type, or a one-line ValueError naming the parameter."""
@@ -50,9 +52,10 @@ class Param:
         if not integral and not math.isfinite(value):
             raise ValueError(f"{self.name} must be finite, got {value}" + (f" ({self.hint})" if self.hint else ""))
         if not self._in_range(value):
-            raise ValueError(f"{self.name} must be in {self.range_text()}, got {value}"
-                             + (f" ({self.hint})" if self.hint else ""))
-        return int(value) if integral else float(value)
+            raise ValueError(
+                f"{self.name} must be in {self.range_text()}, got {value}" + (f" ({self.hint})" if self.hint else "")
+            )
+        return int(cast(numbers.Integral, value)) if integral else float(value)
 
     def _in_range(self, v) -> bool:
         if self.low is not None and (v <= self.low if self.low_open else v < self.low):
@@ -61,12 +64,24 @@ class Param:
 
 
 LAM = Param("lam", 1.0, "scale of the merged update")
-TOP_K = Param("top_k", 1.0, "TIES: fraction of each task's entries kept, by magnitude", low=0.0, high=1.0,
-              low_open=True, hint="top_k is a fraction: 20% is 0.2")
-TOP_K_SCOPE = Param("top_k_scope", "task", "TIES: trim threshold over all modules of a task, or per module",
-                    kind="choice", choices=("task", "module"))
-DARE_P = Param("dare_p", None, "DARE: drop probability of each entry (required)", low=0.0, high=1.0, low_open=True,
-               high_open=True)
+TOP_K = Param(
+    "top_k",
+    1.0,
+    "TIES: fraction of each task's entries kept, by magnitude",
+    low=0.0,
+    high=1.0,
+    low_open=True,
+    hint="top_k is a fraction: 20% is 0.2",
+)
+TOP_K_SCOPE = Param(
+    "top_k_scope",
+    "task",
+    "TIES: trim threshold over all modules of a task, or per module",
+    kind="choice",
+    choices=("task", "module"),
+)
+DARE_P = Param(
+    "dare_p", None, "DARE: drop probability of each entry (required)", low=0.0, high=1.0, low_open=True, high_open=True
+)
 SEED = Param("seed", 0, "DARE: mask seed", kind="int", low=0, high=2**64, high_open=True)
-TOL = Param("tol", 1e-5, "drop singular values <= tol (KnOTS's basis, the numerical rank of Iso-C / Iso-CTS)",
-            low=0.0)
+TOL = Param("tol", 1e-5, "drop singular values <= tol (KnOTS's basis, the numerical rank of Iso-C / Iso-CTS)", low=0.0)

@@ -5,6 +5,7 @@ off-diagonal part, G~_i = alpha G_i + (1 - alpha) diag(G_i). On LoRA updates of 
 (the base cancels: sum_i W0 G~_i (sum G~)^-1 = W0) this is exact in factored form:
 dW* = [s_1 B_1 .. s_n B_n] @ ([A_1 G~_1; ..; A_n G~_n] (sum G~)^-1), rank <= k = sum r_i,
 never forming a d_out x d_in matrix. Cost O(n d_in^2 r + d_in^3) per module, in float64."""
+
 from __future__ import annotations
 
 import torch
@@ -50,11 +51,11 @@ def regmean(m: ModuleTasks, grams: list, alpha: float = 0.9, lam: float = 1.0) -
         raise ValueError(f"regmean: alpha must lie in [0, 1], got {alpha}")
     if len(grams) != len(m.factors):
         raise ValueError(f"{m.name}: {len(grams)} Grams for {len(m.factors)} tasks")
-    d_out, d_in = m.shape
+    d_in = m.shape[1]
     device = m.factors[0][1].device
     S = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
     rows = []
-    for (B, A), G in zip(m.factors, grams):
+    for (_, A), G in zip(m.factors, grams):
         if tuple(G.shape) != (d_in, d_in):
             raise ValueError(f"{m.name}: Gram is {list(G.shape)}, expected {d_in} x {d_in}")
         Gt = shrink(G.to(device=device, dtype=torch.float64), alpha)
@@ -73,8 +74,13 @@ def module_grams(gram_files: list, m: ModuleTasks) -> list:
     return [gram_files[t].get(m.name, m.shape[1]) for t in m.tasks]
 
 
-GRAMS = Param("grams", None, "regmean: one Gram file (knots_ext.grams.save_grams) per adapter, in the same order",
-              kind="paths", extra={"nargs": "+"})
+GRAMS = Param(
+    "grams",
+    None,
+    "regmean: one Gram file (knots_ext.grams.save_grams) per adapter, in the same order",
+    kind="paths",
+    extra={"nargs": "+"},
+)
 REGMEAN_ALPHA = Param("regmean_alpha", 0.9, "regmean: scale of the Grams' off-diagonals", low=0.0, high=1.0)
 
 
@@ -84,13 +90,18 @@ def _load_grams(params: dict, adapters: list) -> dict:
 
     grams = params["grams"]
     if len(grams) != len(adapters):
-        raise ValueError(f"regmean needs one Gram file per adapter (--grams): got {len(grams)} for "
-                         f"{len(adapters)} adapters")
+        raise ValueError(
+            f"regmean needs one Gram file per adapter (--grams): got {len(grams)} for {len(adapters)} adapters"
+        )
     return dict(params, grams=[g if isinstance(g, Grams) else load_grams(g) for g in grams])
 
 
 METHODS = [
-    Method("regmean", "RegMean: the least-squares merge with each task's input Grams (exact in factored form)",
-           (LAM, GRAMS, REGMEAN_ALPHA), setup=_load_grams,
-           rule=lambda m, p: regmean(m, module_grams(p["grams"], m), p["regmean_alpha"], p["lam"])),
+    Method(
+        "regmean",
+        "RegMean: the least-squares merge with each task's input Grams (exact in factored form)",
+        (LAM, GRAMS, REGMEAN_ALPHA),
+        setup=_load_grams,
+        rule=lambda m, p: regmean(m, module_grams(p["grams"], m), p["regmean_alpha"], p["lam"]),
+    ),
 ]

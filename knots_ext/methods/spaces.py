@@ -2,12 +2,12 @@
 state (prepare), gives each task's row as factors (row_factors: row_i = s_i P_i @ Q_i, an
 m x c matrix never stored whole) and maps the merged m x c row back to the module's update
 (update: a pure function of the merged row and the state)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
 
 
 @dataclass
@@ -54,11 +54,13 @@ def drop_zero_updates(m: ModuleTasks) -> ModuleTasks:
             continue
         if not bool(live.all()):
             B, A = B[:, live], A[live]
-        tasks.append(t), factors.append((B, A)), scales.append(s)
+        tasks.append(t)
+        factors.append((B, A))
+        scales.append(s)
     return ModuleTasks(m.name, tasks, factors, scales, m.shape)
 
 
-def zero_update(m) -> "FactoredUpdate":
+def zero_update(m) -> FactoredUpdate:
     """The update of a module (anything with a .shape) that no task changes: rank 0."""
     d_out, d_in = m.shape
     return FactoredUpdate(torch.zeros(d_out, 0), torch.zeros(0, d_in))

@@ -1,5 +1,6 @@
 """Task Arithmetic: dW = lam * sum_i dW_i. In factored form it is exact with no SVD:
 B = [lam s_1 B_1 | ... | lam s_n B_n], A = [A_1; ...; A_n]."""
+
 from __future__ import annotations
 
 import torch
@@ -16,6 +17,10 @@ def factored_ta(m: ModuleTasks, lam: float) -> FactoredUpdate:
 
 
 METHODS = [
-    Method("ta", "Task Arithmetic, exact on the LoRA factors (rank sum r_i, no SVD)", (LAM,),
-           rule=lambda m, p: factored_ta(m, p["lam"])),
+    Method(
+        "ta",
+        "Task Arithmetic, exact on the LoRA factors (rank sum r_i, no SVD)",
+        (LAM,),
+        rule=lambda m, p: factored_ta(m, p["lam"]),
+    ),
 ]

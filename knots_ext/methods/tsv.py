@@ -5,6 +5,7 @@ matrices with orthonormal columns (polar factors), which removes the interferenc
 tasks' subspaces; merged = lam * U_perp diag(S) V_perp^T. Everything from the factors: each dW_i
 has rank r_i, its SVD comes from QR of s_i B_i and A_i^T, and the polar factors of the thin
 d x K concatenations from a QR and a K x K SVD."""
+
 from __future__ import annotations
 
 import torch
@@ -39,6 +40,10 @@ def tsv_m(m: ModuleTasks, lam: float) -> FactoredUpdate:
 
 
 METHODS = [
-    Method("tsv-m", "TSV-M: each task's top singular directions, orthogonalised (from the factors)", (LAM,),
-           rule=lambda m, p: tsv_m(m, p["lam"])),
+    Method(
+        "tsv-m",
+        "TSV-M: each task's top singular directions, orthogonalised (from the factors)",
+        (LAM,),
+        rule=lambda m, p: tsv_m(m, p["lam"]),
+    ),
 ]
