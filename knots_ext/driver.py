@@ -42,8 +42,8 @@ class StateStore:
     """Each module's space state between passes: in memory up to `budget` bytes, the rest in .npy
     files (no pickles) in a temporary folder, read back when the module is visited again."""
 
-    def __init__(self, budget: int = STATE_MEMORY):
-        self.budget, self.used = budget, 0
+    def __init__(self, budget: int | None = None):
+        self.budget, self.used = STATE_MEMORY if budget is None else budget, 0
         self.memory: dict = {}
         self.on_disk: dict = {}
         self.folder: str | None = None

@@ -1,0 +1,156 @@
+"""The generic driver and the streaming output: knots_ext.merge_to writes each module as soon as
+it is final and gives the same adapter as merge().save(); space states spilled to disk between
+passes change nothing; the per-module TIES scope in every space against float64 references;
+the adapter writer's files (read back by safetensors and by the test's own reader)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import knots_ext
+from knots_ext import driver
+from knots_ext.methods import METHODS
+from merge_refs import (
+    close,
+    read_scaled_factors,
+    read_updates,
+    ref_core,
+    ref_knots,
+    write_adapter,
+)
+from conftest import ref_ties
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    d = tmp_path_factory.mktemp("three")
+    return [
+        write_adapter(d / "a", 4, 8, seed=1),
+        write_adapter(d / "b", {"self_attn.q_proj": 2, "self_attn.v_proj": 6, "mlp.down_proj": 3}, 16, seed=2),
+        write_adapter(d / "c", 5, 5, seed=3, dtype=torch.bfloat16, modules={"self_attn.q_proj": (24, 16)}),
+    ]
+
+
+def method_kwargs(method, tmp_path, adapters):
+    declared = METHODS[method].param_names
+    kw = {k: v for k, v in dict(top_k=0.3, dare_p=0.4, seed=9, lam=0.9).items() if k in declared}
+    if "grams" in declared:
+        from knots_ext.grams import save_grams
+
+        gen = torch.Generator().manual_seed(5)
+        files = []
+        for i, p in enumerate(adapters):
+            grams = {}
+            for name, (_, A) in read_scaled_factors(p).items():
+                X = torch.randn(2 * A.shape[1], A.shape[1], generator=gen, dtype=torch.float64)
+                grams[name.removeprefix("base_model.model.")] = X.T @ X
+            files.append(tmp_path / f"g{i}.safetensors")
+            save_grams(files[-1], grams)
+        kw["grams"] = files
+    return kw
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_merge_to_writes_what_merge_saves(three, tmp_path, method):
+    kw = method_kwargs(method, tmp_path, three)
+    knots_ext.merge(three, method=method, **kw).save(tmp_path / "saved")
+    summary = knots_ext.merge_to(tmp_path / "streamed", three, method=method, **kw)
+    saved, streamed = read_updates(tmp_path / "saved"), read_updates(tmp_path / "streamed")
+    assert sorted(summary.modules) == sorted(saved) == sorted(streamed)
+    for name in saved:
+        assert torch.equal(saved[name], streamed[name]), name
+    manifest = json.loads((tmp_path / "streamed" / "knots_merge.json").read_text())
+    assert manifest["merge"]["method"] == method and manifest["merge"]["params"]["lam"] == kw["lam"]
+
+
+def test_merge_to_truncates_each_module(three, tmp_path):
+    res = knots_ext.merge(three, method="knots-ties", top_k=0.5)
+    knots_ext.merge_to(tmp_path / "r3", three, method="knots-ties", top_k=0.5, rank=3)
+    low = read_updates(tmp_path / "r3")
+    for name in res.modules:
+        U, S, Vh = torch.linalg.svd(res.delta(name).double())
+        close(low[name], (U[:, :3] * S[:3]) @ Vh[:3], 1e-4, name)
+
+
+@pytest.mark.parametrize("method", ["knots-ties", "core-dare-ties", "ties"])
+def test_states_on_disk_change_nothing(three, tmp_path, monkeypatch, method):
+    kw = method_kwargs(method, tmp_path, three)
+    in_memory = knots_ext.merge(three, method=method, **kw)
+    monkeypatch.setattr(driver, "STATE_MEMORY", 0)  # every state goes to the temporary folder
+    folders = []
+    real_mkdtemp = driver.tempfile.mkdtemp
+
+    def mkdtemp(**k):
+        folders.append(real_mkdtemp(**k))
+        return folders[-1]
+
+    monkeypatch.setattr(driver.tempfile, "mkdtemp", mkdtemp)
+    spilled = knots_ext.merge(three, method=method, **kw)
+    if method != "ties":  # the dense space has no state
+        assert folders and not any(os.path.exists(f) for f in folders)  # used, then removed
+    for name in in_memory.modules:
+        assert torch.equal(in_memory.delta(name), spilled.delta(name)), name
+
+
+@pytest.mark.parametrize("method", ["ties", "knots-ties", "core-ties"])
+def test_per_module_scope_in_every_space(three, method):
+    updates = [read_updates(p) for p in three]
+    names = sorted(updates[0])
+    if method == "ties":
+        reps, back = updates, lambda n_, m: m
+    elif method == "knots-ties":
+        U, reps = ref_knots(updates, names)
+        back = lambda n_, m: U[n_] @ m  # noqa: E731
+    else:
+        bases, reps = ref_core(updates, [read_scaled_factors(p) for p in three], names)
+        back = lambda n_, m: bases[n_][0] @ m @ bases[n_][1].T  # noqa: E731
+    res = knots_ext.merge(three, method=method, top_k=0.3, top_k_scope="module")
+    for name in names:
+        having = [r[name] for r in reps if name in r]
+        merged = ref_ties(torch.stack([h.reshape(-1) for h in having]), 0.3, 1.0).out.reshape(having[0].shape)
+        close(res.delta(name), back(name, merged), 1e-4, name)
+
+
+def test_written_safetensors_is_valid(three, tmp_path):
+    knots_ext.merge_to(tmp_path / "o", three, method="ties", top_k=0.5, dtype=torch.bfloat16)
+    path = tmp_path / "o" / "adapter_model.safetensors"
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    assert (8 + header_len) % 8 == 0 and header["__metadata__"] == {"format": "pt"}
+    ends = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    assert ends[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
+    assert ends[-1][1] == len(raw) - 8 - header_len  # the data exactly fill the file
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118
+            t = f.get_tensor(key)
+            assert t.dtype == torch.bfloat16 and list(t.shape) == header[key]["shape"]
+    assert sorted(read_updates(tmp_path / "o")) == sorted(set().union(*(read_updates(p) for p in three)))
+
+
+def test_failed_merge_leaves_nothing(three, tmp_path, monkeypatch):
+    """An error half way through a streamed merge leaves no output and no temporary folder."""
+    calls = []
+
+    def failing(ref, update):
+        calls.append(ref.name)
+        if len(calls) == 2:
+            raise ValueError("boom")
+
+    real_run = driver.run
+
+    def run(method, params, modules, load, n_tasks, emit, progress):
+        def both(ref, update):
+            failing(ref, update)
+            emit(ref, update)
+
+        return real_run(method, params, modules, load, n_tasks, both, progress)
+
+    monkeypatch.setattr(driver, "run", run)
+    with pytest.raises(ValueError, match="boom"):
+        knots_ext.merge_to(tmp_path / "o", three, method="ta")
+    assert sorted(os.listdir(tmp_path)) == []
