@@ -18,8 +18,14 @@ import threading
 from .methods import ALL_PARAMS, METHODS
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad flags get one line too (argparse would print the usage first); exit code 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="knots-merge", description="Merge LoRA adapters (PEFT format) into one.")
+    ap = _Parser(prog="knots-merge", description="Merge LoRA adapters (PEFT format) into one.")
     ap.add_argument("adapters", nargs="+", help="PEFT adapter directories or .safetensors files")
     ap.add_argument(
         "-o",

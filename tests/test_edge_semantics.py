@@ -410,3 +410,9 @@ def test_extra_average_with_mismatched_shapes(two, tmp_path):
     out = tmp_path / "o"
     assert_one_line_refusal(run_cli(*heads, "-o", out, "--method", "ta", "--extra", "average"), "score.weight",
                             out=out)
+
+
+@pytest.mark.parametrize("flags", [["--top-k", "abc"], ["--method", "nope"], ["--seed", "1.5"], ["--lam"]])
+def test_bad_flags_get_one_line(two, tmp_path, flags):
+    out = tmp_path / "o"
+    assert_one_line_refusal(run_cli(*two, "-o", out, *flags), "knots-merge: error:", out=out)
