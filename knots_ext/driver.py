@@ -134,10 +134,26 @@ def run(
     space = method.space(params)
     dare_p, seed = (params["dare_p"], params["seed"]) if method.dare else (0.0, 0)
     if method.rule == "ta":
-        _ta(space, params["lam"], dare_p, seed, modules, load, emit, progress, method.name)
+        lam = params["lam"]
+        _per_module(
+            space,
+            modules,
+            load,
+            emit,
+            progress,
+            method.name,
+            lambda f, m: factor_ops.weighted_sum(f, [lam] * len(f), dare_p, seed, m.name, m.tasks),
+        )
     elif params["top_k_scope"] == "module":
-        _ties_per_module(
-            space, params["top_k"], params["lam"], dare_p, seed, modules, load, emit, progress, method.name
+        top_k, lam = params["top_k"], params["lam"]
+        _per_module(
+            space,
+            modules,
+            load,
+            emit,
+            progress,
+            method.name,
+            lambda f, m: _ties_one_module(f, m, top_k, lam, dare_p, seed),
         )
     else:
         _ties_global(
@@ -145,40 +161,31 @@ def run(
         )
 
 
-def _ta(space, lam, dare_p, seed, modules, load, emit, progress, desc):
+def _per_module(space, modules, load, emit, progress, desc, merge_rows):
+    """Each module on its own: its space state, its task rows' merge (merge_rows(factors, m)),
+    mapped back."""
     for ref in progress(modules, desc):
         m = load(ref)
         if not m.tasks:
             emit(ref, zero_update(ref))
             continue
         state = space.prepare(m)
-        factors = space.row_factors(m, state)
-        merged = factor_ops.weighted_sum(factors, [lam] * len(factors), dare_p, seed, ref.name, m.tasks)
-        emit(ref, space.update(ref, merged, state))
+        emit(ref, space.update(ref, merge_rows(space.row_factors(m, state), m), state))
 
 
-def _ties_per_module(space, top_k, lam, dare_p, seed, modules, load, emit, progress, desc):
-    """TIES with each module's own thresholds and majority sign (top_k_scope="module")."""
-    for ref in progress(modules, desc):
-        m = load(ref)
-        if not m.tasks:
-            emit(ref, zero_update(ref))
-            continue
-        state = space.prepare(m)
-        factors = space.row_factors(m, state)
-        local = range(len(m.tasks))  # threshold slot of each of this module's tasks
-        sel = ops.MagnitudeThreshold(len(m.tasks), top_k)
-        while not sel.done:
-            factor_ops.histogram(sel, factors, dare_p, seed, ref.name, m.tasks, slots=local)
-            sel.finish_round()
-        thresholds = sel.thresholds()
-        merged, sign_sum, zero = factor_ops.ties_apply(factors, thresholds, lam, dare_p, seed, ref.name, m.tasks)
-        if zero:
-            majority = (sign_sum > 0) - (sign_sum < 0)
-            factor_ops.ties_fix_majority(
-                factors, merged, thresholds, zero, majority, lam, dare_p, seed, ref.name, m.tasks
-            )
-        emit(ref, space.update(ref, merged, state))
+def _ties_one_module(factors, m, top_k, lam, dare_p, seed):
+    """TIES with the module's own thresholds and majority sign (top_k_scope="module")."""
+    local = range(len(m.tasks))  # threshold slot of each of this module's tasks
+    sel = ops.MagnitudeThreshold(len(m.tasks), top_k)
+    while not sel.done:
+        factor_ops.histogram(sel, factors, dare_p, seed, m.name, m.tasks, slots=local)
+        sel.finish_round()
+    thresholds = sel.thresholds()
+    merged, sign_sum, zero = factor_ops.ties_apply(factors, thresholds, lam, dare_p, seed, m.name, m.tasks)
+    if zero:
+        majority = (sign_sum > 0) - (sign_sum < 0)
+        factor_ops.ties_fix_majority(factors, merged, thresholds, zero, majority, lam, dare_p, seed, m.name, m.tasks)
+    return merged
 
 
 def _ties_global(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc):
