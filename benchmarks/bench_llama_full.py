@@ -18,107 +18,59 @@ The merge time reported is the better of the two children's merges. Goals: merge
 RSS <= 3 GB (n = 8); reported, not asserted. A child still running after --timeout seconds is
 stopped and reported as not finished, with its peak RSS so far. Each child also reports its RSS after importing torch
 and knots_ext (part of every peak). The saved adapter is checked (every module, shapes, rank,
-finite). Results: printed, and written to benchmarks/results_llama_full.json."""
+finite). Results: printed, and written to benchmarks/results/results_llama_full.json."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+from harness import RESULTS, environment, fmt_table, peak_rss_mb, run_child, warn_if_busy  # noqa: E402
+
 GOAL_SECONDS = 30.0
 GOAL_RSS_GB = 3.0
 
 
-def _maxrss_mb(who=resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def child(spec_path: str) -> None:
-    """The measured process: imports, merges, optionally saves; prints one JSON line."""
-    spec = json.loads(Path(spec_path).read_text())
+def job(spec: dict) -> dict:
+    """The measured process: imports, merges, optionally saves; returns its figures."""
     t0 = time.perf_counter()
     import torch
 
     import knots_ext
-    out = dict(import_seconds=time.perf_counter() - t0, rss_after_import_mb=_maxrss_mb(),
+    out = dict(import_seconds=time.perf_counter() - t0, rss_after_import_mb=peak_rss_mb(),
                threads=knots_ext.build_info().get("openmp_threads"), torch_threads=torch.get_num_threads())
     t0 = time.perf_counter()
     res = knots_ext.merge(spec["paths"], method=spec["method"], top_k=spec["top_k"])
     out["merge_seconds"] = time.perf_counter() - t0
-    out["peak_rss_after_merge_mb"] = _maxrss_mb()
+    out["peak_rss_after_merge_mb"] = peak_rss_mb()
     out["modules"] = len(res.modules)
     if spec.get("save_dir"):
         dtype = getattr(torch, spec["out_dtype"])
         t0 = time.perf_counter()
         res.save(spec["save_dir"], dtype=dtype, overwrite=True)
         out["save_seconds"] = time.perf_counter() - t0
-        out["peak_rss_after_save_mb"] = _maxrss_mb()
-    print("RESULT " + json.dumps(out), flush=True)
-
-
-def _vm_hwm_mb(pid: int) -> float | None:
-    """Peak RSS so far of a running process (VmHWM in /proc), or None."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def run_child(spec: dict, workdir: Path, timeout: float) -> dict:
-    """Runs `child` in a fresh Python; returns its JSON plus its peak RSS from os.wait4. A child
-    still running after `timeout` seconds is stopped and reported as timed out (with its peak RSS
-    so far)."""
-    spec_path = workdir / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                            stdout=subprocess.PIPE, text=True)
-    chunks = []
-    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    try:
-        while True:  # os.wait4 (not Popen.wait) so that the child's own rusage comes back
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - t0 > timeout:
-                hwm = _vm_hwm_mb(proc.pid)
-                proc.kill()
-                _, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                return dict(timed_out=True, child_wall_seconds=time.perf_counter() - t0,
-                            child_peak_rss_mb=max(hwm or 0.0, usage.ru_maxrss / 1024.0))
-            time.sleep(0.1)
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
-        raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    reader.join()
-    stdout = "".join(chunks)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child failed (exit {proc.returncode}):\n{stdout}")
-    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
-    out["child_peak_rss_mb"] = usage.ru_maxrss / 1024.0
-    out["child_wall_seconds"] = wall
+        out["peak_rss_after_save_mb"] = peak_rss_mb()
     return out
+
+
+def measure(spec: dict, timeout: float) -> dict:
+    """Runs `job` in a fresh Python (harness.run_child); returns its figures plus its peak RSS from
+    os.wait4. A child still running after `timeout` seconds is stopped and reported as timed out
+    (with its peak RSS so far)."""
+    run = run_child(job, spec, timeout=timeout)
+    if run.timed_out:
+        return dict(timed_out=True, child_wall_seconds=run.wall_seconds, child_peak_rss_mb=run.peak_rss_mb)
+    return dict(run.result, child_peak_rss_mb=run.peak_rss_mb, child_wall_seconds=run.wall_seconds)
 
 
 def check_saved(out_dir: Path, n_modules: int, max_rank: int, shapes: dict) -> dict:
@@ -154,30 +106,22 @@ def main(argv=None):
     ap.add_argument("--out-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the saved adapter (default float32)")
     ap.add_argument("--no-save", action="store_true", help="skip the merge + save child")
-    ap.add_argument("--out", default=str(HERE / "results_llama_full.json"))
+    ap.add_argument("--out", default=str(RESULTS / "results_llama_full.json"))
     ap.add_argument("--timeout", type=float, default=1200.0,
                     help="stop a child after this many seconds and report it as not finished (default 1200)")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child:
-        return child(args.child)
 
     # a TERM (e.g. from a job runner) unwinds like Ctrl-C: the child is stopped, temp files removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.path.insert(0, str(HERE))
-    from synthetic import LLAMA3_8B, fmt_table, write_adapters
+    from synthetic import LLAMA3_8B, write_adapters
 
-    import knots_ext
-    import torch
     n_modules = args.layers * len(LLAMA3_8B)
-    env = dict(python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
-               knots_ext=knots_ext.__version__, build=knots_ext.build_info(), loadavg_start=os.getloadavg())
+    env = environment()
     print(f"bench_llama_full: {args.method} top_k={args.top_k}, Llama-3-8B q,k,v,o x {args.layers} layers = "
           f"{n_modules} modules, r={args.rank}, bf16 inputs; n = {', '.join(map(str, args.n))}", flush=True)
     print(f"env: torch {env['torch']}, {env['cpus']} cpus, load average {env['loadavg_start'][0]:.1f}, "
           f"knots_ext build {env['build']}", flush=True)
-    if env["loadavg_start"][0] > (env["cpus"] or 1):
-        print("warning: the machine is busy (load average above the CPU count): times are noisy", flush=True)
+    warn_if_busy(env)
 
     results = dict(config=dict(method=args.method, top_k=args.top_k, rank=args.rank, layers=args.layers,
                                modules=n_modules, out_dtype=args.out_dtype,
@@ -196,9 +140,9 @@ def main(argv=None):
             spec = dict(paths=[str(p) for p in paths], method=args.method, top_k=args.top_k)
             run = dict(n=n, k=n * args.rank, input_mib=in_bytes / 2**20, write_inputs_seconds=write_s)
             results["runs"].append(run)
-            merge_only = run_child(spec, tmp, args.timeout)
+            merge_only = measure(spec, args.timeout)
             run.update(merge_child=merge_only, merge_peak_rss_mb=merge_only["child_peak_rss_mb"],
-                       getrusage_children_maxrss_mb=_maxrss_mb(resource.RUSAGE_CHILDREN))
+                       getrusage_children_maxrss_mb=peak_rss_mb(resource.RUSAGE_CHILDREN))
             if merge_only.get("timed_out"):
                 run.update(timed_out=True, meets_time_goal=False,
                            meets_rss_goal=(merge_only["child_peak_rss_mb"] or 0) <= GOAL_RSS_GB * 1024)
@@ -213,9 +157,9 @@ def main(argv=None):
             run["merge_seconds"] = merge_only["merge_seconds"]
             if not args.no_save:
                 save_dir = tmp / "merged"
-                with_save = run_child(dict(spec, save_dir=str(save_dir), out_dtype=args.out_dtype), tmp,
-                                      args.timeout)
-                run.update(save_child=with_save, getrusage_children_maxrss_mb=_maxrss_mb(resource.RUSAGE_CHILDREN))
+                with_save = measure(dict(spec, save_dir=str(save_dir), out_dtype=args.out_dtype),
+                                    args.timeout)
+                run.update(save_child=with_save, getrusage_children_maxrss_mb=peak_rss_mb(resource.RUSAGE_CHILDREN))
                 if with_save.get("timed_out"):
                     print(f"  merge + save: NOT FINISHED after {args.timeout:.0f} s (stopped)", flush=True)
                 else:

@@ -42,23 +42,18 @@ Scaling: knots-ties time as n grows (r fixed) and as r grows (n fixed), 1 layer.
 
 Times are best of --repeats for methods that take less than --repeat-budget seconds, else one run;
 ratios are against knots_ext knots-ties measured in the same run. Results: printed, and written to
-benchmarks/results_merge.json (results_merge_quick.json with --quick)."""
+benchmarks/results/results_merge.json (results_merge_quick.json with --quick)."""
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import importlib.metadata
 import json
 import math
-import multiprocessing
 import os
-import platform
-import resource
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -66,9 +61,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-from synthetic import LLAMA3_8B, fmt_table, write_adapters  # noqa: E402
-
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+from harness import (RESULTS, child_setup, environment, fmt_table, in_child, log, peak_rss_mb, rel_err,  # noqa: E402
+                     say, timed, warn_if_busy)
+from synthetic import A_SUFFIX, B_SUFFIX, LLAMA3_8B, load_lora, write_adapters  # noqa: E402
 
 # Shapes and the stand-in Llama config PEFT's base model is built from: (d_out, d_in) per module.
 PROFILES = {
@@ -86,48 +81,7 @@ TOL_PEFT_TIES_SVD = 1e-3  # PEFT ties_svd vs TIES with PEFT's rules -> rank r, f
 
 
 # ----------------------------------------------------------------------------------------------
-# small helpers (also used in the child processes)
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def timed(fn, repeats: int, budget_s: float, between=None):
-    """Runs fn up to `repeats` times (at least once, and again only while the total stays under
-    budget_s); returns (list of seconds, the last result). `between(result)` runs untimed before
-    each repeat (e.g. to drop the previous result)."""
-    times, out = [], None
-    while True:
-        if out is not None and between is not None:
-            between(out)
-        out = None
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= repeats or sum(times) + min(times) > budget_s:
-            return times, out
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(max |x - ref| / max |ref|, ||x - ref||_F / ||ref||_F), in float64."""
-    x, ref = x.double(), ref.double()
-    diff = x - ref
-    return (float(diff.abs().max() / ref.abs().max().clamp_min(1e-300)),
-            float(diff.norm() / ref.norm().clamp_min(1e-300)))
-
-
-def load_lora(path) -> dict:
-    """{module: (B, A, scale)} of a PEFT LoRA adapter directory, read directly (no knots_ext)."""
-    from safetensors.torch import load_file
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("fan_in_fan_out"):
-        raise ValueError(f"{path}: the benchmark's loader handles plain adapters only")
-    r, alpha = cfg["r"], cfg["lora_alpha"]
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    tensors = load_file(str(Path(path) / "adapter_model.safetensors"))
-    mods = sorted(k[: -len(A_SUFFIX)] for k in tensors if k.endswith(A_SUFFIX))
-    return {m: (tensors[m + B_SUFFIX], tensors[m + A_SUFFIX], scale) for m in mods}
-
+# small helpers
 
 def module_shape(name: str, shapes: dict) -> tuple:
     return tuple(shapes[name.rsplit(".", 1)[1]])
@@ -209,13 +163,8 @@ def peft_ties_reference(x: torch.Tensor, top_k: float) -> torch.Tensor:
 # child-process jobs: each returns its times, its peak RSS before and after, and the updates of
 # the modules asked for (as float64 tensors)
 
-def _child_setup():
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
 def job_dense(paths, top_k, repeats, budget):
-    _child_setup()
+    child_setup()
     before = peak_rss_mb()
     runs = []
 
@@ -230,7 +179,7 @@ def job_dense(paths, top_k, repeats, budget):
 
 
 def job_knots_ext(paths, method, top_k, repeats, budget, want, rank=None):
-    _child_setup()
+    child_setup()
     import knots_ext
     before = peak_rss_mb()
 
@@ -251,7 +200,7 @@ def job_knots_ext(paths, method, top_k, repeats, budget, want, rank=None):
 
 
 def job_peft(paths, combination, top_k, profile, layers, repeats, budget, want):
-    _child_setup()
+    child_setup()
     import peft
     import transformers
     from peft import PeftModel
@@ -302,13 +251,6 @@ def job_peft(paths, combination, top_k, profile, layers, repeats, budget, want):
                 out_rank=model.peft_config[new].r, module_seconds=min(runs, key=lambda r: r[0])[1])
 
 
-def in_child(fn, *args):
-    """Runs fn(*args) in a fresh spawned Python process and returns its result."""
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
-        return ex.submit(fn, *args).result()
-
-
 # ----------------------------------------------------------------------------------------------
 # adapter sets
 
@@ -354,21 +296,6 @@ def layer_of(module: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# output
-
-_T0 = time.perf_counter()
-
-
-def say(*a):
-    print(*a, flush=True)
-
-
-def log(*a):
-    """Progress, with the time since the start."""
-    print(f"[{time.perf_counter() - _T0:6.1f} s]", *a, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -393,7 +320,7 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma list of sections to skip: dense, peft, scaling")
     ap.add_argument("--scaling-n", default=None, help="n values of the scaling section (default 2,4,8,16,32,64)")
     ap.add_argument("--scaling-r", default=None, help="r values of the scaling section (default 4,8,16,32,64)")
-    ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results_merge.json, "
+    ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/results_merge.json, "
                                                 "results_merge_quick.json with --quick)")
     ap.add_argument("--keep-adapters", action="store_true", help="keep the synthetic adapters (prints where)")
     args = ap.parse_args(argv)
@@ -414,13 +341,10 @@ def main(argv=None):
         for m in mods:
             if m not in shapes:
                 ap.error(f"{flag}: unknown module {m!r} (one of {', '.join(shapes)})")
-    out_path = Path(args.out) if args.out else HERE / ("results_merge_quick.json" if args.quick else "results_merge.json")
+    out_path = Path(args.out) if args.out else RESULTS / ("results_merge_quick.json" if args.quick
+                                                          else "results_merge.json")
 
-    import knots_ext
-
-    env = dict(python=platform.python_version(), torch=torch.__version__, torch_threads=torch.get_num_threads(),
-               cpus=os.cpu_count(), knots_ext=knots_ext.__version__, build=knots_ext.build_info(),
-               loadavg_start=os.getloadavg(), machine=platform.machine())
+    env = environment()
     try:
         env["peft"] = importlib.metadata.version("peft")
         env["transformers"] = importlib.metadata.version("transformers")
@@ -431,8 +355,7 @@ def main(argv=None):
         f"({'quick, tiny shapes' if args.quick else 'Llama-3-8B q,k,v,o shapes'})")
     say(f"env: torch {env['torch']} ({env['torch_threads']} threads), {env['cpus']} cpus, "
         f"load average {env['loadavg_start'][0]:.1f}, knots_ext build {env['build']}")
-    if env["loadavg_start"][0] > (env["cpus"] or 1):
-        say("warning: the machine is busy (load average above the CPU count): times are noisy")
+    warn_if_busy(env)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_merge_"))
     results = dict(config=dict(n=args.n, rank=args.rank, layers=args.layers, top_k=args.top_k, quick=args.quick,

@@ -11,7 +11,7 @@ for the check only. Each dense result is checked against
 knots_ext's (max |dense - knots_ext| / max |dense| over all modules, asserted < --max-err; for
 core-ties the Frobenius relative error is asserted, since float32 rounding can flip single entries
 at the TIES trim threshold).
-Prints a table and writes benchmarks/results_methods.json (results_methods_quick.json with --quick).
+Prints a table and writes benchmarks/results/results_methods.json (results_methods_quick.json with --quick).
 
 core-ties is compared with top_k_scope="module" (TIES thresholds per module: the dense version
 trims each module's cores with a torch.kthvalue threshold)."""
@@ -34,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from bench_merge import _child_setup, in_child, load_lora, peak_rss_mb, rel_err, timed  # noqa: E402
-from synthetic import LLAMA3_8B, fmt_table, write_adapters  # noqa: E402
+from harness import RESULTS, child_setup, fmt_table, in_child, peak_rss_mb, rel_err, timed  # noqa: E402
+from synthetic import LLAMA3_8B, load_lora, write_adapters  # noqa: E402
 
 TOL = 1e-5
 METHODS = ("iso-c", "tsv-m", "core-ties")
@@ -168,7 +168,7 @@ def dense_merge(paths, method, top_k, lam):
 # child-process jobs
 
 def job(paths, method, impl, top_k, lam, repeats, budget):
-    _child_setup()
+    child_setup()
     import knots_ext  # imported before the baseline, in both jobs
     before = peak_rss_mb()
 
@@ -190,7 +190,7 @@ def job(paths, method, impl, top_k, lam, repeats, budget):
 
 
 def rel_errs(got: dict, want: dict) -> tuple[float, float]:
-    """bench_merge.rel_err over all modules together (max and Frobenius relative errors)."""
+    """harness.rel_err over all modules together (max and Frobenius relative errors)."""
     assert set(got) == set(want), (sorted(got), sorted(want))
     return rel_err(torch.cat([got[k].reshape(-1) for k in want]), torch.cat([want[k].reshape(-1) for k in want]))
 
@@ -214,8 +214,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else LLAMA3_8B
-    out_path = Path(args.out) if args.out else HERE / ("results_methods_quick.json" if args.quick
-                                                       else "results_methods.json")
+    out_path = Path(args.out) if args.out else RESULTS / ("results_methods_quick.json" if args.quick
+                                                          else "results_methods.json")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="bench_methods_"))
     try:
