@@ -1,0 +1,99 @@
+"""The benchmarks' shared harness (benchmarks/harness.py: timing, peak RSS, child processes) and
+the scaling benchmark's quick mode (benchmarks/bench_scale.py --quick): it runs end to end and
+writes the figures it promises. No figure is checked against a goal: only that each is there and
+sane (positive, consistent with the others)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import harness  # noqa: E402
+
+
+def allocate(mb: int) -> int:
+    """Touches mb MiB in the child (run_child finds this function by its module's name)."""
+    block = bytearray(mb << 20)
+    return len(block)
+
+
+def test_child_returns_result_and_peak_rss():
+    run = harness.run_child(math.factorial, 10)
+    assert run.result == 3628800 and not run.timed_out
+    assert run.wall_seconds > 0
+    assert run.peak_rss_mb > 0 and run.own_peak_rss_mb > 0
+    assert harness.run_child(os.getpid).result != os.getpid()
+    assert harness.in_child(math.factorial, 5) == 120
+
+
+def test_child_own_peak_rss_counts_its_memory():
+    run = harness.run_child(allocate, 100)
+    assert run.result == 100 << 20
+    assert run.own_peak_rss_mb >= 100
+    assert run.peak_rss_mb >= run.own_peak_rss_mb - 1  # ru_maxrss: the child's own, or the parent's if larger
+
+
+def test_child_exception_is_raised_in_parent():
+    with pytest.raises(ValueError):
+        harness.run_child(math.sqrt, -1.0)
+
+
+def test_child_timeout_stops_it():
+    t0 = time.perf_counter()
+    run = harness.run_child(time.sleep, 30, timeout=1.0)
+    assert run.timed_out and run.result is None
+    assert time.perf_counter() - t0 < 20
+    assert run.peak_rss_mb > 0
+
+
+def test_timed_repeats_and_budget():
+    times, out = harness.timed(lambda: 7, 3, 10.0)
+    assert out == 7 and len(times) == 3 and all(t >= 0 for t in times)
+    times, _ = harness.timed(lambda: time.sleep(0.05), 5, 0.01)  # over budget after one run
+    assert len(times) == 1
+    assert harness.peak_rss_mb() > 0 and harness.vm_hwm_mb() > 0
+
+
+def test_bench_scale_quick(tmp_path):
+    out = tmp_path / "results" / "scale.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_scale.py"), "--quick", "--cache", str(tmp_path / "cache"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "merge_to s" in proc.stdout and "Goals" in proc.stdout
+    res = json.loads(out.read_text())
+    assert {"config", "env", "adapters", "runs", "goals"} <= set(res)
+    cfg = res["config"]
+    assert cfg["quick"] and cfg["ns"] == [2, 4] and cfg["layers"] == 1
+    methods = {"knots-ties", "ties", "dare-ties"}
+    main = [r for r in res["runs"] if r["group"] == "main"]
+    large = [r for r in res["runs"] if r["group"] == "large"]
+    assert {(r["method"], r["n"]) for r in main} == {(m, n) for m in methods for n in (2, 4)}
+    assert {(r["method"], r["n"]) for r in large} == {("ties", 8), ("dare-ties", 8)}
+    for r in res["runs"]:
+        s = r["stream"]
+        assert not s["timed_out"]
+        assert s["seconds"] > 0 and s["seconds_32_layers"] == pytest.approx(s["seconds"] * 32 / r["layers"])
+        assert 0 < s["rss_after_import_mb"] <= s["peak_rss_mb"]
+        assert s["modules"] == 4 * r["layers"]
+        assert s["output_bytes"] > 0 and r["read_pass_seconds"] > 0
+        assert r["factors_bytes"] > 0 and r["factors_bytes_float32"] == 2 * r["factors_bytes"]
+        assert r["ratios"]["vs_read_pass"] > 0
+        if r["group"] == "main" and r["n"] == 4:  # the in-memory baseline runs at the largest n in --quick
+            m = r["in_memory"]
+            assert m["seconds"] > 0 and m["peak_rss_mb"] > 0 and m["output_bytes"] == s["output_bytes"]
+            assert m["equal_to_merge_to"]["equal"]
+            assert r["ratios"]["vs_in_memory"] > 0
+    for method in methods:
+        g = res["goals"][method]
+        assert g["flat_in_n"]["n_low"] == 2 and g["flat_in_n"]["n_high"] == 4 and g["flat_in_n"]["ratio"] > 0
+        assert g["peak_rss"]["n"] == 4 and isinstance(g["peak_rss"]["met"], bool)
+    assert out.with_suffix(".png").stat().st_size > 0
