@@ -95,13 +95,19 @@ def truncated_factors(P: torch.Tensor, Q: torch.Tensor, rank: int | None = None,
     return U * S[:keep], Vt @ Q_Q.T
 
 
-def dense_factors(dW: torch.Tensor, rank: int | None = None, tol: float = 0.0):
-    """Factors (B, A) of a dense update, truncated to `rank` (None: its numerical rank)."""
+def dense_factors(dW: torch.Tensor, rank: int | None = None):
+    """Factors (B, A) of a dense update. rank=None: exact, with no SVD: (dW, I) or (I, dW) at rank
+    min(d_out, d_in) (a dense merge such as TIES's is full-rank in practice, so an SVD would keep
+    as many directions, at O(d^3) cost and with its own rounding); all-zero: rank 0. Otherwise the
+    best rank-`rank` approximation, by SVD (signs fixed)."""
+    d_out, d_in = dW.shape
+    if rank is None:
+        if not bool(dW.any()):
+            return dW.new_zeros(d_out, 0), dW.new_zeros(0, d_in)
+        if d_in <= d_out:
+            return dW, torch.eye(d_in, dtype=dW.dtype, device=dW.device)
+        return torch.eye(d_out, dtype=dW.dtype, device=dW.device), dW
     U, S, Vt = torch.linalg.svd(dW.to(torch.float64), full_matrices=False)
-    keep = (
-        int((tol * max(1.0, float(S[0]) if S.numel() else 1.0) < S).sum())
-        if rank is None
-        else min(int(rank), S.numel())
-    )
+    keep = min(int(rank), S.numel())
     U, Vt = fix_signs(U[:, :keep], Vt[:keep])
     return U * S[:keep], Vt

@@ -154,3 +154,13 @@ def test_failed_merge_leaves_nothing(three, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="boom"):
         knots_ext.merge_to(tmp_path / "o", three, method="ta")
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_dense_result_saved_exactly_without_svd(three, tmp_path):
+    res = knots_ext.merge(three, method="ties", top_k=0.3)
+    knots_ext.merge_to(tmp_path / "o", three, method="ties", top_k=0.3)
+    back = read_updates(tmp_path / "o")
+    with safe_open(str(tmp_path / "o" / "adapter_model.safetensors"), framework="pt") as f:
+        for name, update in res.modules.items():
+            assert torch.equal(back[name].float(), update.W), name  # (W, I) or (I, W): exact
+            assert f.get_slice(name + ".lora_A.weight").get_shape()[0] == min(update.W.shape)
