@@ -15,3 +15,13 @@ void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<f
 std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k, float lam, void* out);
 // out = sum_r weights[r] * dare(row r). Returns false if the input had NaN or Inf.
 bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>& weights, void* out);
+
+// The same kernels on rows given as factors (TaskFactors): no task's row is ever stored. Same
+// results as the row kernels on the materialised rows (float32 out, m x c).
+void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vector<int64_t>& task_of_row,
+                        MagnitudeSelect& sel);
+void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vector<float>& thresholds, float lam,
+                         float* out, TiesPending& pending);
+void factored_ties_fix_majority(const TaskFactors& f, const DareSpec& d, const std::vector<float>& thresholds,
+                                float lam, int majority, const std::vector<int64_t>& positions, float* out);
+bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::vector<float>& weights, float* out);

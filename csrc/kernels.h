@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/dare_math.h"
+#include "common/factor_math.h"
 #include "common/magnitude_select.h"
 
 namespace kx {
@@ -22,6 +23,20 @@ struct TaskRows {
   int device = -1;       // CUDA device ordinal of the rows (cuda:: only)
   uintptr_t stream = 0;  // CUDA stream handle (cuda:: only); 0 is the default stream
   int64_t n() const { return int64_t(rows.size()); }
+};
+
+// n tasks' rows of one array given as factors (common/factor_math.h): task i's row is the
+// m x c matrix tasks[i].scale * tasks[i].P @ tasks[i].Q, element a * c + b; its DARE index is
+// d.elem_offset + a * c + b. The factors are float32, row-major and contiguous, on the host
+// (cpu::) or on `device` (cuda::). Outputs of the factored kernels are float32 m x c, row-major.
+struct TaskFactors {
+  std::vector<FactorTask> tasks;
+  int64_t m = 0;
+  int64_t c = 0;
+  int device = -1;       // CUDA device ordinal of the factors (cuda:: only)
+  uintptr_t stream = 0;  // CUDA stream handle (cuda:: only); 0 is the default stream
+  int64_t n() const { return int64_t(tasks.size()); }
+  int64_t numel() const { return m * c; }
 };
 
 // What a TIES pass leaves for the caller: the sum of elected signs (for the majority sign)

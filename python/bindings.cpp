@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -44,6 +45,52 @@ Input make_input(const std::vector<uintptr_t>& ptrs, int64_t P, int64_t stride, 
 }
 
 void* out_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+float* out_f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
+
+// Task rows given as factors (kernels.h TaskFactors) plus DARE's settings for them.
+struct FactorInput {
+  TaskFactors f;
+  DareSpec dare;
+  bool on_cuda() const { return f.device >= 0; }
+};
+
+FactorInput make_factor_input(const std::vector<uintptr_t>& P, const std::vector<uintptr_t>& Q,
+                              const std::vector<int64_t>& ranks, const std::vector<float>& scales, int64_t m,
+                              int64_t c, int device, uintptr_t stream, double dare_p, uint64_t seed,
+                              const std::vector<int64_t>& tasks, uint64_t module_id, int64_t elem_offset) {
+  const size_t n = P.size();
+  if (n == 0) throw std::invalid_argument("no task factors");
+  if (Q.size() != n || ranks.size() != n || scales.size() != n || tasks.size() != n)
+    throw std::invalid_argument("one P, Q, rank, scale and task index per task is needed");
+  if (m < 0 || c < 0) throw std::invalid_argument("negative row shape");
+  if (!(dare_p >= 0.0 && dare_p < 1.0)) throw std::invalid_argument("dare_p must be in [0, 1)");
+  FactorInput in;
+  for (size_t i = 0; i < n; ++i) {
+    if (ranks[i] < 0) throw std::invalid_argument("factor ranks must be >= 0");
+    if (!std::isfinite(scales[i])) throw std::invalid_argument("factor scales must be finite float32 numbers");
+    FactorTask t;
+    t.P = reinterpret_cast<const float*>(P[i]);
+    t.Q = reinterpret_cast<const float*>(Q[i]);
+    if (ranks[i] > 0 && ((m > 0 && t.P == nullptr) || (c > 0 && t.Q == nullptr)))
+      throw std::invalid_argument("null factor pointer");
+    t.rank = ranks[i];
+    t.scale = scales[i];
+    t.dare_key = dare_key(seed, uint64_t(tasks[i]), module_id);
+    in.f.tasks.push_back(t);
+  }
+  in.f.m = m;
+  in.f.c = c;
+  in.f.device = device;
+  in.f.stream = stream;
+  in.dare = make_dare_spec(dare_p, elem_offset);
+  return in;
+}
+
+void check_per_task(size_t given, const FactorInput& in, const char* what) {
+  if (given != in.f.tasks.size())
+    throw std::invalid_argument(std::string("one ") + what + " per task is needed (" + std::to_string(given) +
+                                " for " + std::to_string(in.f.tasks.size()) + " tasks)");
+}
 
 }  // namespace
 
@@ -112,6 +159,38 @@ PYBIND11_MODULE(_C, m) {
                         : cpu::weighted_sum(in.rows, in.dare, weights, out_ptr(out));
   });
 
+  py::class_<FactorInput>(m, "FactorInput")
+      .def(py::init(&make_factor_input), py::arg("P"), py::arg("Q"), py::arg("ranks"), py::arg("scales"),
+           py::arg("m"), py::arg("c"), py::arg("device"), py::arg("stream"), py::arg("dare_p"), py::arg("seed"),
+           py::arg("tasks"), py::arg("module_id"), py::arg("elem_offset"));
+
+  m.def("factored_ties_apply", [](const FactorInput& in, const std::vector<float>& thresholds, float lam,
+                                  uintptr_t out) {
+    check_per_task(thresholds.size(), in, "threshold");
+    TiesPending pending;
+    {
+      py::gil_scoped_release nogil;
+      if (in.on_cuda()) cuda::factored_ties_apply(in.f, in.dare, thresholds, lam, out_f32(out), pending);
+      else cpu::factored_ties_apply(in.f, in.dare, thresholds, lam, out_f32(out), pending);
+    }
+    return py::make_tuple(pending.sign_sum, pending.zero_sum_positions);
+  });
+  m.def("factored_ties_fix_majority", [](const FactorInput& in, const std::vector<float>& thresholds, float lam,
+                                         int majority, const std::vector<int64_t>& positions, uintptr_t out) {
+    check_per_task(thresholds.size(), in, "threshold");
+    for (int64_t j : positions)
+      if (j < 0 || j >= in.f.numel()) throw std::invalid_argument("position out of range");
+    py::gil_scoped_release nogil;
+    if (in.on_cuda()) cuda::factored_ties_fix_majority(in.f, in.dare, thresholds, lam, majority, positions, out_f32(out));
+    else cpu::factored_ties_fix_majority(in.f, in.dare, thresholds, lam, majority, positions, out_f32(out));
+  });
+  m.def("factored_weighted_sum", [](const FactorInput& in, const std::vector<float>& weights, uintptr_t out) {
+    check_per_task(weights.size(), in, "weight");
+    py::gil_scoped_release nogil;
+    return in.on_cuda() ? cuda::factored_weighted_sum(in.f, in.dare, weights, out_f32(out))
+                        : cpu::factored_weighted_sum(in.f, in.dare, weights, out_f32(out));
+  });
+
   py::class_<MagnitudeSelect>(m, "MagnitudeSelect")
       .def(py::init<int64_t, double>(), py::arg("n_tasks"), py::arg("top_k"))
       .def_property_readonly("round", &MagnitudeSelect::round)
@@ -124,6 +203,17 @@ PYBIND11_MODULE(_C, m) {
         if (in.on_cuda()) cuda::magnitude_histogram(in.rows, in.dare, task_of_row, sel);
         else cpu::magnitude_histogram(in.rows, in.dare, task_of_row, sel);
       })
+      .def("factored_histogram", [](MagnitudeSelect& sel, const FactorInput& in, const std::vector<int64_t>& task_of_row) {
+        check_per_task(task_of_row.size(), in, "threshold slot");
+        for (int64_t t : task_of_row)
+          if (t < 0 || t >= sel.n_tasks()) throw std::invalid_argument("task index out of range");
+        if (sel.done()) throw std::logic_error("the thresholds are final: no round is open");
+        py::gil_scoped_release nogil;
+        if (in.on_cuda()) cuda::factored_histogram(in.f, in.dare, task_of_row, sel);
+        else cpu::factored_histogram(in.f, in.dare, task_of_row, sel);
+      })
+      .def_property_readonly("nonfinite", &MagnitudeSelect::nonfinite,
+                             "Whether a value sent in this round was NaN or Inf (finish_round then raises)")
       .def("finish_round", &MagnitudeSelect::finish_round)
       .def("total", &MagnitudeSelect::total)
       .def("thresholds", [](const MagnitudeSelect& sel) {

@@ -21,6 +21,12 @@ struct TrimRange {
   uint32_t keep_from;
 };
 
+// An exact threshold t: keep iff |x| >= t, nothing undecided.
+KX_HD TrimRange exact_trim(float threshold) {
+  const uint32_t key = magnitude_key(threshold);
+  return TrimRange{key, key};
+}
+
 struct TiesAccum {
   float sum = 0.0f;      // of all trimmed values: its sign is the elected sign
   float pos_sum = 0.0f;  // of the kept positive values
@@ -30,19 +36,26 @@ struct TiesAccum {
   int32_t undecided = 0;  // 1 if some entry fell in its row's undecided range
 };
 
-// One entry into a position's accumulators, as separate scalars so the CPU can keep them
-// in vectorisable arrays (one per field) and the GPU in registers.
-KX_HD void ties_add(float& sum, float& pos_sum, float& neg_sum, int32_t& pos_count, int32_t& neg_count,
-                    int32_t& undecided, float v, TrimRange r) {
-  uint32_t key = magnitude_key(v);
-  int32_t keep = key >= r.keep_from;
-  undecided |= int32_t(key >= r.undecided_from) & (keep ^ 1);
-  float t = keep ? v : 0.0f;
+// One entry into a position's accumulators where the row's threshold is exact: kept iff its
+// key >= keep_from. Separate scalars so the CPU can keep them in vectorisable arrays (one per
+// field) and the GPU in registers.
+KX_HD void ties_add_kept(float& sum, float& pos_sum, float& neg_sum, int32_t& pos_count, int32_t& neg_count,
+                         float v, uint32_t keep_from) {
+  // Keys are 31-bit: compared as int32, the same order, one vector compare on the CPU.
+  const float t = int32_t(magnitude_key(v)) >= int32_t(keep_from) ? v : 0.0f;
   sum = add_rn(sum, t);
   pos_sum = add_rn(pos_sum, t > 0.0f ? t : 0.0f);
   neg_sum = add_rn(neg_sum, t < 0.0f ? t : 0.0f);
   pos_count += t > 0.0f;
   neg_count += t < 0.0f;
+}
+
+// The same with a TrimRange that may leave entries undecided (flagged in `undecided`).
+KX_HD void ties_add(float& sum, float& pos_sum, float& neg_sum, int32_t& pos_count, int32_t& neg_count,
+                    int32_t& undecided, float v, TrimRange r) {
+  const uint32_t key = magnitude_key(v);
+  undecided |= int32_t(key >= r.undecided_from) & int32_t(key < r.keep_from);
+  ties_add_kept(sum, pos_sum, neg_sum, pos_count, neg_count, v, r.keep_from);
 }
 
 KX_HD void ties_add(TiesAccum& a, float v, TrimRange r) {
@@ -59,11 +72,12 @@ KX_HD bool ties_needs_majority(const TiesAccum& a) {
 }
 
 // Disjoint mean for a given elected sign (0 gives 0: no entry has sign 0 and is nonzero).
-// Both means are computed (denominators >= 1), so the CPU loop over a tile has no branch.
+// The sum and count are selected first, then divided once (denominator >= 1), so the CPU loop
+// over a tile has no branch.
 KX_HD float ties_mean(const TiesAccum& a, int sign, float lam) {
-  const float pos_mean = div_rn(a.pos_sum, float(a.pos_count > 0 ? a.pos_count : 1));
-  const float neg_mean = div_rn(a.neg_sum, float(a.neg_count > 0 ? a.neg_count : 1));
-  return mul_rn(lam, sign > 0 ? pos_mean : (sign < 0 ? neg_mean : 0.0f));
+  const float sum = sign > 0 ? a.pos_sum : (sign < 0 ? a.neg_sum : 0.0f);
+  const int32_t count = sign > 0 ? a.pos_count : (sign < 0 ? a.neg_count : 1);
+  return mul_rn(lam, div_rn(sum, float(count > 0 ? count : 1)));
 }
 
 }  // namespace kx

@@ -30,10 +30,18 @@ struct Path {
   decltype(&baseline::ties_fix_majority) ties_fix_majority;
   decltype(&baseline::ties_merge) ties_merge;
   decltype(&baseline::weighted_sum) weighted_sum;
+  decltype(&baseline::factored_histogram) factored_histogram;
+  decltype(&baseline::factored_ties_apply) factored_ties_apply;
+  decltype(&baseline::factored_ties_fix_majority) factored_ties_fix_majority;
+  decltype(&baseline::factored_weighted_sum) factored_weighted_sum;
 };
 
-#define KX_PATH(ns, supported) \
-  Path { #ns, supported, &ns::magnitude_histogram, &ns::ties_apply, &ns::ties_fix_majority, &ns::ties_merge, &ns::weighted_sum }
+#define KX_PATH(ns, supported)                                                                                \
+  Path {                                                                                                      \
+    #ns, supported, &ns::magnitude_histogram, &ns::ties_apply, &ns::ties_fix_majority, &ns::ties_merge,       \
+        &ns::weighted_sum, &ns::factored_histogram, &ns::factored_ties_apply, &ns::factored_ties_fix_majority, \
+        &ns::factored_weighted_sum                                                                            \
+  }
 
 bool always() { return true; }
 #if defined(KX_CPU_HAS_AVX2_PATH)
@@ -109,6 +117,22 @@ std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k
 }
 bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>& weights, void* out) {
   return active().weighted_sum(x, d, weights, out);
+}
+
+void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vector<int64_t>& task_of_row,
+                        MagnitudeSelect& sel) {
+  active().factored_histogram(f, d, task_of_row, sel);
+}
+void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vector<float>& thresholds, float lam,
+                         float* out, TiesPending& pending) {
+  active().factored_ties_apply(f, d, thresholds, lam, out, pending);
+}
+void factored_ties_fix_majority(const TaskFactors& f, const DareSpec& d, const std::vector<float>& thresholds,
+                                float lam, int majority, const std::vector<int64_t>& positions, float* out) {
+  active().factored_ties_fix_majority(f, d, thresholds, lam, majority, positions, out);
+}
+bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::vector<float>& weights, float* out) {
+  return active().factored_weighted_sum(f, d, weights, out);
 }
 
 }  // namespace kx::cpu

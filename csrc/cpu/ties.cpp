@@ -21,34 +21,9 @@
 namespace kx::cpu::KX_CPU_PATH {
 namespace {
 
-// A tile's per-position accumulators, one array per field so the loops vectorise.
-struct TileAccum {
-  float sum[kTile], pos_sum[kTile], neg_sum[kTile];
-  int32_t pos_count[kTile], neg_count[kTile], undecided[kTile];
-
-  void clear(int64_t len) {
-    std::fill(sum, sum + len, 0.0f);
-    std::fill(pos_sum, pos_sum + len, 0.0f);
-    std::fill(neg_sum, neg_sum + len, 0.0f);
-    std::fill(pos_count, pos_count + len, 0);
-    std::fill(neg_count, neg_count + len, 0);
-    std::fill(undecided, undecided + len, 0);
-  }
-  TiesAccum at(int64_t t) const {
-    TiesAccum a;
-    a.sum = sum[t];
-    a.pos_sum = pos_sum[t];
-    a.neg_sum = neg_sum[t];
-    a.pos_count = pos_count[t];
-    a.neg_count = neg_count[t];
-    a.undecided = undecided[t];
-    return a;
-  }
-};
-
 std::vector<TrimRange> exact_ranges(const std::vector<float>& thresholds) {
   std::vector<TrimRange> ranges;
-  for (float t : thresholds) ranges.push_back(TrimRange{magnitude_key(t), magnitude_key(t)});
+  for (float t : thresholds) ranges.push_back(exact_trim(t));
   return ranges;
 }
 

@@ -2,6 +2,7 @@
 // applied, into a small buffer, so the merge loops that follow are plain float loops the
 // compiler vectorises, whatever the storage dtype and stride.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "../kernels.h"
@@ -19,6 +20,25 @@ inline void load_as_float(const T* src, int64_t stride, int64_t len, float* buf)
   }
 }
 
+// DARE on a run of len <= kTile consecutive elements of one row, the first being element
+// `first` of its module (DESIGN.md §1: the mask depends only on the key and the index).
+inline void dare_run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, float* buf) {
+  // The run's mask words, one Philox block per 4 elements, laid out so that element t's word
+  // is words[t + lead]: both loops vectorise (Philox on 8 counters at a time with AVX2).
+  const uint64_t g0 = first >> 2;
+  const int64_t lead = int64_t(first & 3), groups = (lead + len + 3) / 4;
+  uint32_t words[kTile + 8];
+  for (int64_t i = 0; i < groups; ++i) {
+    const Philox4 w = dare_words(key, g0 + uint64_t(i));
+    words[4 * i] = w.w[0];
+    words[4 * i + 1] = w.w[1];
+    words[4 * i + 2] = w.w[2];
+    words[4 * i + 3] = w.w[3];
+  }
+  const DareSpec dare = d;
+  for (int64_t t = 0; t < len; ++t) buf[t] = dare_apply(buf[t], words[t + lead], dare);
+}
+
 // buf[0..len) = dare(row r)[j0 .. j0+len); returns false if a loaded value is NaN or Inf.
 inline bool load_tile(const TaskRows& x, int64_t r, const DareSpec& d, int64_t j0, int64_t len,
                       float* buf) {
@@ -30,23 +50,7 @@ inline bool load_tile(const TaskRows& x, int64_t r, const DareSpec& d, int64_t j
   }
   uint32_t nonfinite = 0;
   for (int64_t t = 0; t < len; ++t) nonfinite |= magnitude_key(buf[t]) >= kNonFiniteKey;
-  if (d.enabled) {
-    // The tile's mask words, one Philox block per 4 elements, laid out so that element t's word
-    // is words[t + lead]: both loops vectorise (Philox on 8 counters at a time with AVX2).
-    const PhiloxKey key = x.dare_keys[r];
-    const uint64_t first = uint64_t(d.elem_offset + j0), g0 = first >> 2;
-    const int64_t lead = int64_t(first & 3), groups = (lead + len + 3) / 4;
-    uint32_t words[kTile + 8];
-    for (int64_t i = 0; i < groups; ++i) {
-      const Philox4 w = dare_words(key, g0 + uint64_t(i));
-      words[4 * i] = w.w[0];
-      words[4 * i + 1] = w.w[1];
-      words[4 * i + 2] = w.w[2];
-      words[4 * i + 3] = w.w[3];
-    }
-    const DareSpec dare = d;
-    for (int64_t t = 0; t < len; ++t) buf[t] = dare_apply(buf[t], words[t + lead], dare);
-  }
+  if (d.enabled) dare_run(x.dare_keys[r], d, uint64_t(d.elem_offset + j0), len, buf);
   return nonfinite == 0;
 }
 
@@ -57,6 +61,40 @@ inline void store_tile(const float* buf, int64_t len, DType dtype, void* out, in
     case DType::bf16: for (int64_t t = 0; t < len; ++t) store(static_cast<bf16_t*>(out) + j0 + t, buf[t]); break;
   }
 }
+
+// A TIES tile's per-position accumulators, one array per field so the loops vectorise. Each
+// array is padded by 64 bytes: unpadded, sum[t] and neg_sum[t] would be 4 KB apart, and a load
+// that follows a store at the same address modulo 4 KB waits for it (4K aliasing).
+struct TileAccum {
+  static constexpr int64_t kLen = kTile + 16;
+  float sum[kLen], pos_sum[kLen], neg_sum[kLen];
+  int32_t pos_count[kLen], neg_count[kLen], undecided[kLen];
+
+  void clear(int64_t len) {
+    std::fill(sum, sum + len, 0.0f);
+    std::fill(pos_sum, pos_sum + len, 0.0f);
+    std::fill(neg_sum, neg_sum + len, 0.0f);
+    std::fill(pos_count, pos_count + len, 0);
+    std::fill(neg_count, neg_count + len, 0);
+    std::fill(undecided, undecided + len, 0);
+  }
+  // Adds one task's values at positions 0 .. len-1, trimmed by an exact threshold.
+  void add_exact(const float* v, int64_t len, float threshold) {
+    const uint32_t keep_from = magnitude_key(threshold);
+    for (int64_t t = 0; t < len; ++t)
+      ties_add_kept(sum[t], pos_sum[t], neg_sum[t], pos_count[t], neg_count[t], v[t], keep_from);
+  }
+  TiesAccum at(int64_t t) const {
+    TiesAccum a;
+    a.sum = sum[t];
+    a.pos_sum = pos_sum[t];
+    a.neg_sum = neg_sum[t];
+    a.pos_count = pos_count[t];
+    a.neg_count = neg_count[t];
+    a.undecided = undecided[t];
+    return a;
+  }
+};
 
 }  // namespace kx::cpu
 

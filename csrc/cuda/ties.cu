@@ -3,24 +3,10 @@
 // are added in the same order with the same shared math).
 #include <algorithm>
 
-#include "cuda_utils.cuh"
+#include "ties_pass.cuh"
 
 namespace kx::cuda {
 namespace {
-
-// Totals a TIES pass leaves on the device.
-struct TiesCounters {
-  unsigned long long zero_count;  // positions needing the majority sign (may exceed the list)
-  unsigned long long sign_sum;    // sum of elected signs, two's complement
-  uint32_t nonfinite;
-  uint32_t unused;
-};
-
-// Row r's exact threshold as a TrimRange: keep iff key >= key(t), nothing undecided.
-__device__ __forceinline__ TrimRange exact_range(const uint32_t* threshold_keys, int64_t r) {
-  const uint32_t key = threshold_keys[r];
-  return TrimRange{key, key};
-}
 
 template <class T>
 __device__ __forceinline__ TiesAccum accumulate_position(const RowsView& v, const uint32_t* threshold_keys,
@@ -30,19 +16,13 @@ __device__ __forceinline__ TiesAccum accumulate_position(const RowsView& v, cons
   return a;
 }
 
-__device__ __forceinline__ int64_t warp_sum(int64_t x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(kFullWarp, x, offset);
-  return x;
-}
-
 // Writes every position; those whose trimmed sum is exactly 0 are written 0 and listed
-// (list slots past `capacity` are counted but not stored: the host reruns with room).
-// The loop condition is the warp's first position, so whole warps iterate together and the
-// list append can be one atomic per warp (degenerate inputs list nearly every position).
+// (ties_pass.cuh). The loop condition is the warp's first position, so whole warps iterate
+// together (ties_finish's list append is warp-wide).
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     ties_apply_kernel(RowsView v, const uint32_t* threshold_keys, int64_t n, int64_t P, float lam, T* out,
-                      int64_t* zero_positions, unsigned long long capacity, TiesCounters* counters) {
+                      ZeroList list) {
   const int lane = int(threadIdx.x & 31);
   int64_t sign_sum = 0;
   uint32_t nonfinite = 0;
@@ -50,30 +30,10 @@ __global__ void __launch_bounds__(kThreads)
     const bool inside = j < P;
     TiesAccum a;  // empty (nothing listed, sign 0) for lanes past the end
     if (inside) a = accumulate_position<T>(v, threshold_keys, n, j, nonfinite);
-    const bool listed = inside && ties_needs_majority(a);
-    const unsigned listed_lanes = __ballot_sync(kFullWarp, listed);
-    if (listed_lanes != 0) {  // warp-uniform
-      const int leader = __ffs(listed_lanes) - 1;
-      unsigned long long base = 0;
-      if (lane == leader) base = atomicAdd(&counters->zero_count, static_cast<unsigned long long>(__popc(listed_lanes)));
-      base = __shfl_sync(kFullWarp, base, leader);
-      const unsigned long long slot = base + unsigned(__popc(listed_lanes & ((1u << lane) - 1u)));
-      if (listed && slot < capacity) zero_positions[slot] = j;
-    }
-    if (inside) {
-      float merged = 0.0f;  // listed positions: fixed once the majority sign is known
-      if (!listed) {
-        const int sign = ties_sign(a);
-        sign_sum += sign;
-        merged = ties_mean(a, sign, lam);
-      }
-      store(out + j, merged);
-    }
+    ties_finish(a, inside, j, lam, out, list, sign_sum);
   }
-  // Every lane gets here (whole warps leave the loop together): one atomic per warp.
-  sign_sum = warp_sum(sign_sum);
-  if (lane == 0 && sign_sum != 0) atomicAdd(&counters->sign_sum, static_cast<unsigned long long>(sign_sum));
-  warp_flag_nonfinite(nonfinite, &counters->nonfinite);
+  // Every lane gets here (whole warps leave the loop together).
+  ties_totals(sign_sum, nonfinite, list);
 }
 
 template <class T>
@@ -86,15 +46,6 @@ __global__ void __launch_bounds__(kThreads)
     store(out + j, ties_mean(accumulate_position<T>(v, threshold_keys, n, j, nonfinite), majority, lam));
   }
 }
-
-DeviceBuffer<uint32_t> upload_threshold_keys(const std::vector<float>& thresholds, cudaStream_t stream) {
-  std::vector<uint32_t> keys(thresholds.size());
-  for (size_t r = 0; r < thresholds.size(); ++r) keys[r] = magnitude_key(thresholds[r]);
-  return upload(keys, stream);
-}
-
-// Room for this many listed positions at first (8 MiB); a pass that needs more runs again.
-constexpr int64_t kInitialZeroCapacity = int64_t(1) << 20;
 
 }  // namespace
 
@@ -109,34 +60,13 @@ void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& 
   const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, stream);
   const unsigned blocks = grid_blocks(x.P);
 
-  int64_t capacity = std::min(x.P, kInitialZeroCapacity);
-  for (;;) {
-    DeviceBuffer<int64_t> zero_positions(size_t(capacity), stream);
-    DeviceBuffer<TiesCounters> counters(1, stream);
-    counters.zero();
+  run_ties_pass(x.P, stream, pending, [&](const ZeroList& list) {
     dispatch_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       ties_apply_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, keys.get(), x.n(), x.P, lam,
-                                                            static_cast<T*>(out), zero_positions.get(),
-                                                            static_cast<unsigned long long>(capacity),
-                                                            counters.get());
+                                                            static_cast<T*>(out), list);
     });
-    KX_CUDA_CHECK_LAUNCH();
-    const TiesCounters c = download(counters.get(), 1, stream)[0];
-    if (c.nonfinite != 0) throw std::domain_error("input contains NaN or Inf");
-    const int64_t count = int64_t(c.zero_count);  // <= P: each position is listed at most once
-    if (count > capacity) {
-      // The pass is a pure function of its inputs: rerunning it with room for every listed
-      // position rewrites the same output.
-      capacity = count;
-      continue;
-    }
-    std::vector<int64_t> positions = download(zero_positions.get(), size_t(count), stream);
-    std::sort(positions.begin(), positions.end());  // atomics list them in no fixed order
-    pending.zero_sum_positions.insert(pending.zero_sum_positions.end(), positions.begin(), positions.end());
-    pending.sign_sum += static_cast<int64_t>(c.sign_sum);
-    return;
-  }
+  });
 }
 
 void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds, float lam,

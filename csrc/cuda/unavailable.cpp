@@ -18,4 +18,13 @@ void ties_fix_majority(const TaskRows&, const DareSpec&, const std::vector<float
                        const std::vector<int64_t>&, void*) { unavailable(); }
 std::vector<float> ties_merge(const TaskRows&, const DareSpec&, double, float, void*) { unavailable(); }
 bool weighted_sum(const TaskRows&, const DareSpec&, const std::vector<float>&, void*) { unavailable(); }
+void factored_histogram(const TaskFactors&, const DareSpec&, const std::vector<int64_t>&, MagnitudeSelect&) {
+  unavailable();
+}
+void factored_ties_apply(const TaskFactors&, const DareSpec&, const std::vector<float>&, float, float*, TiesPending&) {
+  unavailable();
+}
+void factored_ties_fix_majority(const TaskFactors&, const DareSpec&, const std::vector<float>&, float, int,
+                                const std::vector<int64_t>&, float*) { unavailable(); }
+bool factored_weighted_sum(const TaskFactors&, const DareSpec&, const std::vector<float>&, float*) { unavailable(); }
 }  // namespace kx::cuda

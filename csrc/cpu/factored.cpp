@@ -1,0 +1,318 @@
+// The merge kernels on task rows given as factors (TaskFactors, common/factor_math.h): each
+// tile of the m x c output is recomputed for one task at a time from that task's factors into a
+// small per-thread buffer (r FMAs per entry, register-blocked so that GCC vectorises them), then
+// goes through the same per-element DARE / TIES / TA math as the row kernels. No task's row is
+// ever stored, and the per-thread memory (kTile entries plus a factor panel) does not grow with
+// the number of tasks nor with the module's size.
+//
+// Results do not depend on the thread count: every position's math is its own, histograms are
+// integer counts, the sign sum is an integer and the zero-sum positions are sorted.
+#include <omp.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <vector>
+
+#include "tile.h"
+#include "path.h"  // last
+
+namespace kx::cpu::KX_CPU_PATH {
+namespace {
+
+constexpr int kBlockRows = 4;   // rows of a register block ...
+constexpr int kBlockCols = 24;  // ... times three AVX2 vectors of columns: 12 accumulators
+constexpr int64_t kTileCols = 5 * kBlockCols;
+
+// v[i * ldv + j] (i < R, j < kBlockCols) = entries (i, j) of the block: p points at the block's
+// first row of P (rank entries a row), q at its first column of Q's row 0 (q_stride apart). Per
+// entry the chain of factor_dot (fma in k order from +0), then factor_scale: the same bits as
+// factor_entry, however GCC vectorises the loops. (Keep this loop nest simple: anything more in
+// it, e.g. a finiteness check of the results, and GCC stops vectorising it.)
+template <int R>
+inline void block_entries(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale, float* v,
+                          int64_t ldv) {
+  float acc[R * kBlockCols];
+#pragma GCC unroll 128
+  for (int t = 0; t < R * kBlockCols; ++t) acc[t] = 0.0f;
+  for (int64_t k = 0; k < rank; ++k) {
+    const float* qk = q + k * q_stride;
+    float pk[R];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) pk[i] = p[i * rank + k];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 32
+      for (int j = 0; j < kBlockCols; ++j) acc[i * kBlockCols + j] = fma_rn(pk[i], qk[j], acc[i * kBlockCols + j]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 32
+    for (int j = 0; j < kBlockCols; ++j) v[i * ldv + j] = factor_scale(scale, acc[i * kBlockCols + j]);
+}
+
+inline int64_t whole_blocks(int64_t cols) { return (cols + kBlockCols - 1) / kBlockCols * kBlockCols; }
+
+// How the m x c output is cut into tiles of `rows` x `cols` entries, the last ones smaller. A
+// tile's entries are laid out rows x ldv (ldv: its columns rounded up to whole register
+// blocks), at most kTile of them. Tiles run down a column strip first, so that a thread's
+// consecutive tiles share the same panel of every task's Q.
+struct Tile {
+  int64_t a0, ta, b0, tb, ldv;
+  int64_t len() const { return ta * ldv; }
+};
+struct Tiling {
+  int64_t m, c, rows, cols, row_tiles, col_tiles;
+
+  explicit Tiling(const TaskFactors& f) : m(f.m), c(f.c) {
+    cols = std::max<int64_t>(1, std::min(c, kTileCols));
+    rows = std::max<int64_t>(1, std::min(m, kTile / whole_blocks(cols)));
+    row_tiles = (m + rows - 1) / rows;
+    col_tiles = (c + cols - 1) / cols;
+  }
+  int64_t count() const { return m == 0 || c == 0 ? 0 : row_tiles * col_tiles; }
+  Tile at(int64_t t) const {
+    Tile tile;
+    tile.a0 = (t % row_tiles) * rows;
+    tile.b0 = (t / row_tiles) * cols;
+    tile.ta = std::min(rows, m - tile.a0);
+    tile.tb = std::min(cols, c - tile.b0);
+    tile.ldv = whole_blocks(tile.tb);
+    return tile;
+  }
+};
+
+// Every task's Q, copied once per call with rows ldq floats apart and zero columns from c to
+// ldq: a tile's partial register block reads zeros instead of running past a row, and Q's rows
+// do not share L1 sets when c is a multiple of a large power of two (a 4096-wide Q's rows are
+// 16 KB apart: the 16 rows a block reads would all map to one 8-way set). Its size is that of
+// the Q factors (the factors are small), not of a row.
+struct PaddedQ {
+  int64_t ldq = 0;
+  std::vector<float> data;
+  std::vector<size_t> offset;
+
+  explicit PaddedQ(const TaskFactors& f) {
+    ldq = whole_blocks(f.c) + 16;  // + 64 bytes: consecutive rows start in different sets
+    size_t total = 0;
+    for (const FactorTask& t : f.tasks) {
+      offset.push_back(total);
+      total += size_t(t.rank) * size_t(ldq);
+    }
+    data.resize(total);
+    const int64_t n = f.n();
+#pragma omp parallel for schedule(static) if (total > (size_t(1) << 18))
+    for (int64_t r = 0; r < n; ++r) {
+      const FactorTask& t = f.tasks[r];
+      for (int64_t k = 0; k < t.rank; ++k) {
+        float* row = data.data() + offset[r] + k * ldq;
+        std::copy(t.Q + k * f.c, t.Q + (k + 1) * f.c, row);
+        std::fill(row + f.c, row + ldq, 0.0f);
+      }
+    }
+  }
+  const float* of(int64_t r) const { return data.data() + offset[r]; }
+};
+
+// Per thread: one task's tile of entries.
+struct Scratch {
+  float v[kTile];
+};
+
+// v[i * ldv + j] = task t's entry (a0 + i, b0 + j) for i < ta, j < tb (columns tb .. ldv-1 of
+// v hold padding: entries of Q's zero columns); then, with DARE, each row's run of tb entries
+// is masked. q is t's padded Q. Returns false if an entry (before DARE, as the row kernels check
+// the stored rows) is NaN or Inf.
+bool task_tile(const FactorTask& t, const float* q, int64_t ldq, const DareSpec& d, int64_t c, const Tile& tile,
+               float* out) {
+  const int64_t rank = t.rank, a0 = tile.a0, ta = tile.ta, b0 = tile.b0, tb = tile.tb, ldv = tile.ldv;
+  const float* p = t.P + a0 * rank;
+  for (int64_t jb = 0; jb < tb; jb += kBlockCols) {
+    const float* qb = q + b0 + jb;
+    float* v = out + jb;
+    int64_t i = 0;
+    for (; i + kBlockRows <= ta; i += kBlockRows)
+      block_entries<kBlockRows>(p + i * rank, rank, qb, ldq, t.scale, v + i * ldv, ldv);
+    switch (ta - i) {
+      case 3: block_entries<3>(p + i * rank, rank, qb, ldq, t.scale, v + i * ldv, ldv); break;
+      case 2: block_entries<2>(p + i * rank, rank, qb, ldq, t.scale, v + i * ldv, ldv); break;
+      case 1: block_entries<1>(p + i * rank, rank, qb, ldq, t.scale, v + i * ldv, ldv); break;
+      default: break;
+    }
+  }
+  uint32_t nonfinite = 0;
+  for (int64_t i = 0; i < ta; ++i)
+    for (int64_t j = 0; j < tb; ++j) nonfinite |= magnitude_key(out[i * ldv + j]) >= kNonFiniteKey;
+  if (d.enabled)
+    for (int64_t i = 0; i < ta; ++i)
+      dare_run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, out + i * ldv);
+  return nonfinite == 0;
+}
+
+void check(const TaskFactors& f) {
+  if (f.m < 0 || f.c < 0) throw std::invalid_argument("negative row shape");
+  for (const FactorTask& t : f.tasks) {
+    if (t.rank < 0) throw std::invalid_argument("negative factor rank");
+    if (t.rank > 0 && f.m > 0 && t.P == nullptr) throw std::invalid_argument("null factor pointer");
+    if (t.rank > 0 && f.c > 0 && t.Q == nullptr) throw std::invalid_argument("null factor pointer");
+  }
+}
+
+}  // namespace
+
+void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vector<int64_t>& task_of_row,
+                        MagnitudeSelect& sel) {
+  check(f);
+  if (f.numel() >= (int64_t(1) << 32)) throw std::invalid_argument("arrays over 2^32 elements are not supported");
+  const int round = sel.round();
+  const int64_t bins = sel.bins();
+  const Tiling tiling(f);
+  const int64_t tiles = tiling.count();
+  const PaddedQ padded(f);
+  for (int64_t r = 0; r < f.n(); ++r) {
+    const int64_t task = task_of_row[r];
+    const uint32_t prefix = sel.prefix(task);
+    if (round == 1 && prefix == MagnitudeSelect::kNoPrefix) continue;
+    const FactorTask& t = f.tasks[r];
+    const float* q = padded.of(r);
+    uint64_t* hist = sel.hist(task);
+    uint32_t low_bits = 0;
+    bool finite = true;
+#pragma omp parallel if (tiles > 4) reduction(| : low_bits) reduction(&& : finite)
+    {
+      // Per-thread counts, added once at the end: no atomics in the hot loop.
+      std::vector<uint32_t> local(size_t(bins), 0);
+      uint32_t bin_of[kTile];
+      Scratch s;
+#pragma omp for schedule(static)
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const Tile tl = tiling.at(tile);
+        finite = task_tile(t, q, padded.ldq, d, f.c, tl, s.v) && finite;
+        // The bins first (vectorised), then the counts: a scalar loop of increments only.
+        int64_t count = 0;
+        for (int64_t i = 0; i < tl.ta; ++i) {
+          const float* v = s.v + i * tl.ldv;
+          if (round == 0) {
+            for (int64_t j = 0; j < tl.tb; ++j) {
+              const uint32_t key = magnitude_key(v[j]);
+              bin_of[count + j] = key >> kRound0Shift;
+              low_bits |= key & kLowMask;
+            }
+            count += tl.tb;
+          } else {
+            for (int64_t j = 0; j < tl.tb; ++j) {  // keys outside the prefix's bin are left out
+              const uint32_t key = magnitude_key(v[j]);
+              bin_of[count] = key & kLowMask;
+              count += (key >> kRound0Shift) == prefix;
+            }
+          }
+        }
+        for (int64_t e = 0; e < count; ++e) ++local[bin_of[e]];
+      }
+#pragma omp critical
+      for (int64_t b = 0; b < bins; ++b) hist[b] += local[b];
+    }
+    if (!finite) sel.flag_nonfinite();
+    sel.add_low_bits(task, low_bits);
+  }
+}
+
+void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vector<float>& thresholds, float lam,
+                         float* out, TiesPending& pending) {
+  check(f);
+  const int64_t n = f.n();
+  const Tiling tiling(f);
+  const int64_t tiles = tiling.count();
+  const PaddedQ padded(f);
+  const size_t listed_before = pending.zero_sum_positions.size();
+  bool finite = true;
+  int64_t sign_sum = 0;
+#pragma omp parallel if (tiles > 4) reduction(+ : sign_sum) reduction(&& : finite)
+  {
+    std::vector<int64_t> my_zero;
+    std::vector<TileAccum> storage(1);
+    TileAccum& acc = storage[0];
+    Scratch s;
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const Tile tl = tiling.at(tile);
+      const int64_t a0 = tl.a0, ta = tl.ta, b0 = tl.b0, tb = tl.tb, ldv = tl.ldv;
+      acc.clear(tl.len());  // padding columns are accumulated too, and never read
+      for (int64_t r = 0; r < n; ++r) {
+        finite = task_tile(f.tasks[r], padded.of(r), padded.ldq, d, f.c, tl, s.v) && finite;
+        acc.add_exact(s.v, tl.len(), thresholds[r]);
+      }
+      int32_t any_zero_sum = 0, tile_signs = 0;
+      for (int64_t i = 0; i < ta; ++i) {
+        float* row = out + (a0 + i) * f.c + b0;
+        for (int64_t j = 0; j < tb; ++j) {  // positions needing the majority sign get sign 0: 0
+          const TiesAccum a = acc.at(i * ldv + j);
+          const int sign = ties_sign(a);
+          row[j] = ties_mean(a, sign, lam);
+          tile_signs += sign;
+          any_zero_sum |= int32_t(ties_needs_majority(a));
+        }
+      }
+      sign_sum += tile_signs;
+      if (any_zero_sum)
+        for (int64_t i = 0; i < ta; ++i)
+          for (int64_t j = 0; j < tb; ++j)
+            if (ties_needs_majority(acc.at(i * ldv + j))) my_zero.push_back((a0 + i) * f.c + b0 + j);
+    }
+#pragma omp critical
+    pending.zero_sum_positions.insert(pending.zero_sum_positions.end(), my_zero.begin(), my_zero.end());
+  }
+  if (!finite) throw std::domain_error("input contains NaN or Inf");
+  pending.sign_sum += sign_sum;
+  // Threads list their positions in no fixed order: sorted, the list is the same for any
+  // thread count (and the same as on the GPU).
+  std::sort(pending.zero_sum_positions.begin() + int64_t(listed_before), pending.zero_sum_positions.end());
+}
+
+void factored_ties_fix_majority(const TaskFactors& f, const DareSpec& d, const std::vector<float>& thresholds,
+                                float lam, int majority, const std::vector<int64_t>& positions, float* out) {
+  check(f);
+  std::vector<TrimRange> ranges;
+  for (float t : thresholds) ranges.push_back(exact_trim(t));
+  const int64_t count = int64_t(positions.size()), n = f.n();
+#pragma omp parallel for if (count > 256)
+  for (int64_t q = 0; q < count; ++q) {
+    const int64_t j = positions[q], a = j / f.c, b = j % f.c;
+    TiesAccum acc;
+    for (int64_t r = 0; r < n; ++r) {
+      const FactorTask& t = f.tasks[r];
+      const float v = factor_entry(t, f.c, a, b);
+      ties_add(acc, d.enabled ? dare_element(v, t.dare_key, d.elem_offset + j, d) : v, ranges[r]);
+    }
+    out[j] = ties_mean(acc, majority, lam);
+  }
+}
+
+bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::vector<float>& weights, float* out) {
+  check(f);
+  const Tiling tiling(f);
+  const int64_t tiles = tiling.count();
+  const PaddedQ padded(f);
+  const int64_t n = f.n();
+  bool finite = true;
+#pragma omp parallel if (tiles > 4) reduction(&& : finite)
+  {
+    Scratch s;
+    float acc[kTile];
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const Tile tl = tiling.at(tile);
+      const int64_t len = tl.len();
+      std::fill(acc, acc + len, 0.0f);
+      for (int64_t r = 0; r < n; ++r) {
+        finite = task_tile(f.tasks[r], padded.of(r), padded.ldq, d, f.c, tl, s.v) && finite;
+        const float w = weights[r];
+        for (int64_t t = 0; t < len; ++t) acc[t] = weighted_add(acc[t], w, s.v[t]);
+      }
+      for (int64_t i = 0; i < tl.ta; ++i)
+        std::copy(acc + i * tl.ldv, acc + i * tl.ldv + tl.tb, out + (tl.a0 + i) * f.c + tl.b0);
+    }
+  }
+  return finite;
+}
+
+}  // namespace kx::cpu::KX_CPU_PATH
