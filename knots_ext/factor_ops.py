@@ -1,10 +1,14 @@
 """The merge kernels on task rows given as factors: task i's row (an m x c matrix, flattened
 row-major: element a * c + b) is s_i * P_i @ Q_i with P_i (m x r_i), Q_i (r_i x c), and is
-never stored whole. Thresholds, DARE masks (keyed by that element index) and results are those
-of the row kernels in knots_ext.ops on the materialised rows.
+never stored: the fused kernels (csrc/cpu/factored.cpp, csrc/cuda/factored.cu) recompute each
+tile of every task's entries from the factors. Thresholds, DARE masks (keyed by that element
+index) and results are those of the row kernels in knots_ext.ops on the materialised rows, with
+each entry computed as s_i * (a chain of fused multiply-adds over k = 0 .. r_i-1), rounded
+once per step (csrc/common/factor_math.h): the same bits on every CPU path and on the GPU.
 
-Rows are rebuilt in blocks of whole matrix rows, sized so that all n tasks' blocks together
-stay under BLOCK_ELEMENTS floats: memory is flat in n and in the module size."""
+`factors` is a sequence of (P, Q, s) per task: torch tensors (any float dtype, any layout; they
+are made float32 and contiguous on the device of the first P, once per call: they are small)
+and a scale s (a number). Outputs are float32 (m, c) tensors on that device."""
 
 from __future__ import annotations
 
@@ -12,9 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import ops
-
-BLOCK_ELEMENTS = 1 << 21  # floats of all tasks' rebuilt rows at a time (8 MB)
+from . import _C, ops
+from ._arrays import F32, Flat, current_stream, out_view
 
 
 def shape_of(factors) -> tuple[int, int]:
@@ -23,21 +26,72 @@ def shape_of(factors) -> tuple[int, int]:
     return int(P.shape[0]), int(Q.shape[1])
 
 
-def _ranges(factors):
-    """Blocks (a0, a1) of the rows' matrix rows."""
-    m, c = shape_of(factors)
-    step = max(1, BLOCK_ELEMENTS // max(1, len(factors) * c))
-    return [(a0, min(m, a0 + step)) for a0 in range(0, m, step)]
+class _Factors:
+    """The factors as the kernels read them (float32, contiguous, one device), kept alive while
+    a kernel runs."""
 
+    def __init__(self, factors):
+        if len(factors) == 0:
+            raise ValueError("no task factors given")
+        self.device = torch.as_tensor(factors[0][0]).device
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"factors: device {self.device} is not supported (cpu or cuda)")
+        self.m, self.c = shape_of(factors)
+        self.P: list[torch.Tensor] = []
+        self.Q: list[torch.Tensor] = []
+        self.scales: list[float] = []
+        for i, (P, Q, s) in enumerate(factors):
+            P = torch.as_tensor(P).to(device=self.device, dtype=torch.float32).contiguous()
+            Q = torch.as_tensor(Q).to(device=self.device, dtype=torch.float32).contiguous()
+            if P.dim() != 2 or Q.dim() != 2 or P.shape[1] != Q.shape[0]:
+                raise ValueError(
+                    f"factors[{i}]: P {tuple(P.shape)} and Q {tuple(Q.shape)} are not (m x r) and (r x c) factors"
+                )
+            if (P.shape[0], Q.shape[1]) != (self.m, self.c):
+                raise ValueError(
+                    f"factors[{i}]: the row is {P.shape[0]} x {Q.shape[1]}, task 0's is {self.m} x {self.c}"
+                )
+            self.P.append(P)
+            self.Q.append(Q)
+            self.scales.append(ops._check_scale(f"factors[{i}] scale", float(s)))
+        if self.device.type == "cuda" and not _C.build_info()["cuda_compiled"]:
+            raise RuntimeError("CUDA factors were given but knots_ext was built without CUDA")
+        index = -1 if self.device.type == "cpu" else self.device.index
+        self.ref = Flat(
+            None, 0, self.m * self.c, 1, F32, torch.cuda.current_device() if index is None else index, "torch"
+        )
 
-def _rows(factors, a0: int, a1: int) -> list:
-    """Every task's rows a0..a1 (flattened, float32)."""
-    return [(float(s) * (P[a0:a1].float() @ Q.float())).reshape(-1) for P, Q, s in factors]
+    def kernel_input(self, dare_p: float, seed: int, module, tasks) -> _C.FactorInput:
+        n = len(self.P)
+        tasks = list(range(n)) if tasks is None else [int(t) for t in tasks]
+        if len(tasks) != n:
+            raise ValueError(f"tasks has {len(tasks)} entries for {n} tasks' factors")
+        if any(t < 0 for t in tasks):
+            raise ValueError("task indices must be >= 0")
+        if not 0 <= int(seed) < 2**64:
+            raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+        return _C.FactorInput(
+            [p.data_ptr() for p in self.P],
+            [q.data_ptr() for q in self.Q],
+            [int(p.shape[1]) for p in self.P],
+            self.scales,
+            self.m,
+            self.c,
+            self.ref.device,
+            current_stream(self.ref),
+            ops._check_dare_p(dare_p),
+            int(seed),
+            tasks,
+            ops.module_id(module),
+            0,
+        )
 
+    def empty(self) -> torch.Tensor:
+        return torch.empty(self.m, self.c, dtype=torch.float32, device=self.device)
 
-def _blocks(factors):
-    for a0, a1 in _ranges(factors):
-        yield a0, a1, _rows(factors, a0, a1)
+    def out(self, out) -> Flat:
+        """`out` checked: an (m x c) float32 contiguous array on the factors' device."""
+        return out_view(out, self.ref)
 
 
 def histogram(
@@ -49,37 +103,41 @@ def histogram(
     tasks: Sequence[int],
     slots: Sequence[int] | None = None,
 ) -> None:
-    """Adds every task's row magnitudes (after DARE) to sel's current round, task r to slot slots[r]."""
-    c = shape_of(factors)[1]
-    for a0, _, rows in _blocks(factors):
-        sel.update_rows(
-            rows, dare_p, seed, module=module, tasks=tasks, elem_offset=a0 * c, slots=tasks if slots is None else slots
-        )
+    """Adds every task's row magnitudes (after DARE) to sel's current round, task r to slot slots[r]
+    (slots default to tasks)."""
+    f = _Factors(factors)
+    inp = f.kernel_input(dare_p, seed, module, tasks)
+    sel.selector.factored_histogram(inp, [int(t) for t in (tasks if slots is None else slots)])
+
+
+def _thresholds(thresholds, n: int) -> list[float]:
+    values = [float(t) for t in thresholds]
+    if len(values) != n:
+        raise ValueError(f"thresholds has {len(values)} entries for {n} tasks")
+    return values
 
 
 def ties_apply(
-    factors, thresholds: Sequence[float], lam: float, dare_p: float, seed: int, module: str, tasks: Sequence[int]
+    factors,
+    thresholds: Sequence[float],
+    lam: float,
+    dare_p: float,
+    seed: int,
+    module: str,
+    tasks: Sequence[int],
+    *,
+    out: torch.Tensor | None = None,
 ):
     """TIES with given per-task thresholds: (merged (m x c) float32, sign_sum, zero-sum positions),
-    the positions (flat indices) written 0 until ties_fix_majority."""
-    m, c = shape_of(factors)
-    out = torch.empty(m, c, dtype=torch.float32, device=factors[0][0].device)
-    sign_sum, positions = 0, []  # type: int, list[int]
-    for a0, a1, rows in _blocks(factors):
-        _, signs, zero = ops.ties_apply(
-            rows,
-            thresholds,
-            lam,
-            dare_p,
-            seed,
-            module=module,
-            tasks=tasks,
-            elem_offset=a0 * c,
-            out=out[a0:a1].reshape(-1),
-        )
-        sign_sum += signs
-        positions.extend(a0 * c + p for p in zero)
-    return out, sign_sum, positions
+    the positions (flat indices a * c + b, sorted) written 0 until ties_fix_majority. `out`, if
+    given ((m x c) float32, contiguous, on the factors' device), is written and returned."""
+    lam = ops._check_scale("lam", lam)
+    f = _Factors(factors)
+    result = f.empty() if out is None else out
+    o = f.out(result)
+    inp = f.kernel_input(dare_p, seed, module, tasks)
+    sign_sum, positions = _C.factored_ties_apply(inp, _thresholds(thresholds, len(f.P)), lam, o.ptr)
+    return result, sign_sum, positions
 
 
 def ties_fix_majority(
@@ -95,42 +153,42 @@ def ties_fix_majority(
     tasks: Sequence[int],
 ) -> None:
     """Rewrites out's zero-sum positions (from ties_apply) with the elected sign `majority`."""
-    c = shape_of(factors)[1]
-    todo = sorted(positions)
-    q = 0
-    for a0, a1 in _ranges(factors):
-        lo = q
-        while q < len(todo) and todo[q] < a1 * c:
-            q += 1
-        if q > lo:  # only the blocks holding positions are rebuilt
-            ops.ties_fix_majority(
-                _rows(factors, a0, a1),
-                out[a0:a1].reshape(-1),
-                thresholds,
-                [p - a0 * c for p in todo[lo:q]],
-                majority,
-                lam,
-                dare_p,
-                seed,
-                module=module,
-                tasks=tasks,
-                elem_offset=a0 * c,
-            )
+    lam = ops._check_scale("lam", lam)
+    f = _Factors(factors)
+    o = f.out(out)
+    inp = f.kernel_input(dare_p, seed, module, tasks)
+    majority = (majority > 0) - (majority < 0)
+    _C.factored_ties_fix_majority(inp, _thresholds(thresholds, len(f.P)), lam, majority, list(positions), o.ptr)
 
 
 def weighted_sum(
-    factors, weights: Sequence[float], dare_p: float, seed: int, module: str, tasks: Sequence[int]
+    factors,
+    weights: Sequence[float],
+    dare_p: float,
+    seed: int,
+    module: str,
+    tasks: Sequence[int],
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sum_i weights[i] * dare(row_i), (m x c) float32."""
-    m, c = shape_of(factors)
-    out = torch.empty(m, c, dtype=torch.float32, device=factors[0][0].device)
-    for a0, a1, rows in _blocks(factors):
-        ops.task_arithmetic(
-            rows, 1.0, weights, dare_p, seed, module=module, tasks=tasks, elem_offset=a0 * c, out=out[a0:a1].reshape(-1)
-        )
-    return out
+    """sum_i weights[i] * dare(row_i), (m x c) float32 (each product rounded, then added, in task
+    order), written into `out` if given. Raises ValueError if a row has NaN or Inf."""
+    f = _Factors(factors)
+    w = [ops._check_scale(f"weights[{i}]", v) for i, v in enumerate(weights)]
+    if len(w) != len(f.P):
+        raise ValueError(f"weights has {len(w)} entries for {len(f.P)} tasks")
+    result = f.empty() if out is None else out
+    o = f.out(result)
+    inp = f.kernel_input(dare_p, seed, module, tasks)
+    if not _C.factored_weighted_sum(inp, w, o.ptr):
+        raise ValueError("input contains NaN or Inf")
+    return result
 
 
 def is_finite(task_factors) -> bool:
-    """Whether one task's row (P, Q, s) is finite in float32, checked block by block."""
-    return all(bool(torch.isfinite(_rows([task_factors], a0, a1)[0]).all()) for a0, a1 in _ranges([task_factors]))
+    """Whether one task's row (P, Q, s) is finite in float32 (one histogram pass over its tiles:
+    nothing of the row's size is allocated)."""
+    f = _Factors([task_factors])
+    sel = _C.MagnitudeSelect(1, 1.0)
+    sel.factored_histogram(f.kernel_input(0.0, 0, "", [0]), [0])
+    return not sel.nonfinite

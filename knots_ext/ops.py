@@ -203,6 +203,11 @@ class MagnitudeThreshold:
         return self._sel.done
 
     @property
+    def selector(self) -> _C.MagnitudeSelect:
+        """The kernels' selection state (knots_ext.factor_ops adds factored rows to it)."""
+        return self._sel
+
+    @property
     def round(self) -> int:
         return self._sel.round
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import knots_ext
-from knots_ext import ops
+from knots_ext import factor_ops, ops
 
 from conftest import (
     F64, assert_ta_matches, assert_thresholds_equal, assert_ties_matches, bits32, dare_ref32, gen, randn_rows,
     ref_threshold, ref_ties, zero_sum_data,
 )
+from test_factor_ops import cancelling_factors, int_factors, rand_factors, rows64
 
 pytestmark = pytest.mark.cuda
 
@@ -238,3 +239,77 @@ def test_cuda_cupy_matches_cpu(np_dtype, t_dtype):
             with pytest.raises(ValueError, match="^out must be a contiguous"):
                 ops.ties_merge(x, 0.25, out=bad)
     assert np.array_equal(cupy.asnumpy(dared), ops.dare(x_np[2], p, seed, task=2, module=module, elem_offset=3))
+
+
+# --------------------------------------------------------------------------------------------
+# The factor-fused kernels (knots_ext.factor_ops; csrc/cuda/factored.cu): the same bits as the
+# CPU kernels (csrc/cpu/factored.cpp), on a non-default stream.
+
+
+def _factored_all(factors, top_k, lam, dare_p, seed, module, tasks):
+    """Every factored op: thresholds (all rounds), ties_apply, the majority fix, weighted_sum."""
+    n = len(factors)
+    sel = ops.MagnitudeThreshold(n, top_k)
+    while not sel.done:
+        factor_ops.histogram(sel, factors, dare_p, seed, module, tasks, slots=range(n))
+        sel.finish_round()
+    thr = sel.thresholds()
+    out, sign_sum, positions = factor_ops.ties_apply(factors, thr, lam, dare_p, seed, module, tasks)
+    applied = out.clone()
+    majority = (sign_sum > 0) - (sign_sum < 0)
+    if positions:
+        factor_ops.ties_fix_majority(factors, out, thr, positions, majority, lam, dare_p, seed, module, tasks)
+    weights = [0.5 + 0.25 * i * (-1) ** i for i in range(n)]
+    ta = factor_ops.weighted_sum(factors, weights, dare_p, seed, module, tasks)
+    return thr, applied, out, sign_sum, positions, ta
+
+
+@pytest.mark.parametrize("m,c,ranks", [(37, 131, [1, 3, 16, 64, 33]), (1, 131, [5, 2]), (37, 1, [16, 1]),
+                                        (300, 257, [16] * 7), (23, 53, [[1, 3, 16, 64][i % 4] for i in range(40)])])
+def test_cuda_factored_matches_cpu(m, c, ranks):
+    dev = torch_cuda()
+    module, seed = "model.layers.1.mlp.up_proj", 2 ** 40 + 3
+    stream = torch.cuda.Stream(device=dev)
+    for make in (rand_factors, int_factors):
+        factors = make(m, c, ranks, seed=m + c)
+        tasks = [3 * i + 1 for i in range(len(factors))]
+        for dare_p in (0.0, 0.35):
+            with torch.cuda.stream(stream):
+                on_gpu = [(P.to(dev), Q.to(dev), s) for P, Q, s in factors]
+                got = _factored_all(on_gpu, 0.25, -0.9, dare_p, seed, module, tasks)
+            stream.synchronize()
+            expected = _factored_all(factors, 0.25, -0.9, dare_p, seed, module, tasks)
+            what = f"{m}x{c} {make.__name__} dare_p={dare_p}"
+            assert_thresholds_equal(got[0], expected[0], f"{what}: CUDA vs CPU thresholds")
+            for i in (1, 2, 5):
+                assert got[i].device == dev and got[i].shape == (m, c)
+                assert_same_bits(got[i], expected[i], f"{what}: result {i}")
+            assert got[3] == expected[3] and got[4] == expected[4], f"{what}: sign sum / zero-sum positions"
+            if make is int_factors and dare_p == 0.0:
+                x64 = rows64(factors)
+                assert_thresholds_equal(got[0], [ref_threshold(x64[r], 0.25) for r in range(len(factors))])
+    # exact zero sums: positions listed, written 0, fixed with the majority sign
+    factors = cancelling_factors(301, 131, seed=3)
+    with torch.cuda.stream(stream):
+        got = _factored_all([(P.to(dev), Q.to(dev), s) for P, Q, s in factors], 0.6, 1.5, 0.0, 0, module, [0, 1, 2])
+    stream.synchronize()
+    expected = _factored_all(factors, 0.6, 1.5, 0.0, 0, module, [0, 1, 2])
+    assert len(got[4]) > 100 and got[4] == expected[4] and got[3] == expected[3]
+    for i in (1, 2, 5):
+        assert_same_bits(got[i], expected[i], f"zero sums: result {i}")
+
+
+def test_cuda_factored_nonfinite_and_finite_check():
+    dev = torch_cuda()
+    factors = [(P.to(dev), Q.to(dev), s) for P, Q, s in int_factors(9, 21, [2, 3], seed=1)]
+    P, Q, s = factors[1]
+    P = P.clone()
+    P[4, 1] = math.inf
+    bad = [factors[0], (P, Q, s)]
+    assert factor_ops.is_finite(factors[0]) and not factor_ops.is_finite(bad[1])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        factor_ops.ties_apply(bad, [0.0, 0.0], 1.0, 0.0, 0, "m", [0, 1])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        factor_ops.weighted_sum(bad, [1.0, 1.0], 0.0, 0, "m", [0, 1])
+    with pytest.raises(ValueError, match="^out must be a contiguous"):
+        factor_ops.ties_fix_majority(factors, torch.zeros(9, 21), [0.0, 0.0], [0], 1, 1.0, 0.0, 0, "m", [0, 1])
