@@ -226,6 +226,7 @@ def merge_to(
         overwrite=overwrite,
         inputs=inputs,
         manifest=_manifest(method, declared, rank, inputs),
+        reserve_keys=_tensor_keys(adapters, extra),
     ) as writer:
 
         def emit(ref, update):
@@ -237,6 +238,13 @@ def merge_to(
         for key in sorted(merged_extra):
             writer.add_extra(key, merged_extra[key])
     return MergeSummary(os.fspath(out_dir), sorted(names), dropped)
+
+
+def _tensor_keys(adapters, extra: str) -> list:
+    """Every key the merged adapter file will hold (room for its header is kept up front)."""
+    names = set().union(*(a.modules for a in adapters))
+    keys = [io.file_name(n) + suffix for n in names for suffix in (".lora_A.weight", ".lora_B.weight")]
+    return keys + (sorted(set().union(*(a.extra_tensors for a in adapters))) if extra == "average" else [])
 
 
 def _prepare(adapters, method, params, device, alpha, force, extra):

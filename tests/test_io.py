@@ -393,11 +393,10 @@ def test_save_failure_keeps_existing(tmp_path, monkeypatch):
 
     import knots_ext.io.save as save_module
 
-    def broken(src, dst, length=0):  # the tensor data copy runs out of disk half way
-        dst.write(b"partial")
+    def broken(path):  # the disk fills up while the weights are flushed
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(save_module.shutil, "copyfileobj", broken)
+    monkeypatch.setattr(save_module, "fsync_path", broken)
     with pytest.raises(AdapterError, match=re.escape(str(out)) + ": cannot write the adapter: No space left"):
         save_adapter(out, _random_factors({"model.layers.0.self_attn.q_proj": (64, 64, 3)}, seed=9),
                      base_model="m", overwrite=True)

@@ -219,7 +219,7 @@ def test_cli_ctrl_c_in_process(tmp_path, two, monkeypatch, capsys):
     import knots_ext.io.save as save_module
 
     monkeypatch.undo()
-    monkeypatch.setattr(save_module.shutil, "copyfileobj", interrupted)  # Ctrl-C in the middle of the save
+    monkeypatch.setattr(save_module, "fsync_path", interrupted)  # Ctrl-C in the middle of the save
     assert cli.main([*map(str, two), "-o", str(tmp_path / "out"), "--method", "ta"]) == 130
     assert capsys.readouterr().err.splitlines()[-1:] == ["knots-merge: interrupted"]
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]

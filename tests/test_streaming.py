@@ -164,3 +164,22 @@ def test_dense_result_saved_exactly_without_svd(three, tmp_path):
         for name, update in res.modules.items():
             assert torch.equal(back[name].float(), update.W), name  # (W, I) or (I, W): exact
             assert f.get_slice(name + ".lora_A.weight").get_shape()[0] == min(update.W.shape)
+
+
+@pytest.mark.parametrize("room", ["announced", "too-small"])
+def test_writer_header_room(tmp_path, room):
+    """The header goes into the room kept for it, or (room too small) the data are moved behind it."""
+    factors = {f"model.layers.{i}.q_proj": (torch.randn(6, 2), torch.randn(2, 5)) for i in range(12)}
+    keys = [f"base_model.model.{m}.lora_{x}.weight" for m in factors for x in "AB"]
+    writer = knots_ext.io.AdapterWriter(tmp_path / "o", base_model=None, reserve_keys=keys if room == "announced"
+                                        else keys[:1])
+    with writer:
+        for name, (B, A) in factors.items():
+            writer.add(name, B, A)
+    back = read_updates(tmp_path / "o")
+    for name, (B, A) in factors.items():
+        assert torch.equal(back["base_model.model." + name], B.double() @ A.double())
+    raw = (tmp_path / "o" / "adapter_model.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert header_len % 8 == 0 and json.loads(raw[8 : 8 + header_len])["__metadata__"] == {"format": "pt"}
+    assert sorted(os.listdir(tmp_path / "o")) == ["adapter_config.json", "adapter_model.safetensors", "knots_merge.json"]

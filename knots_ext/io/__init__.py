@@ -6,7 +6,7 @@ input or the output is an AdapterError whose message is one line, "<path>: <prob
 never replaces a folder it did not write (see _output.py; check_output tests an output path alone).
 """
 
-from ._common import AdapterError
+from ._common import AdapterError, file_name
 from ._output import MANIFEST_NAME, check_output
 from .adapter import Adapter, check_compatible, load_adapter
 from .save import AdapterWriter, save_adapter
@@ -18,6 +18,7 @@ __all__ = [
     "AdapterWriter",
     "check_compatible",
     "check_output",
+    "file_name",
     "load_adapter",
     "save_adapter",
 ]

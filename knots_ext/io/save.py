@@ -81,12 +81,21 @@ def _prepared(out_dir, t, dtype, what: str) -> torch.Tensor:
         raise AdapterError(out_dir, f"{what}: complex tensors cannot be written")
     if not t.is_floating_point():
         raise AdapterError(out_dir, f"{what}: must be floating point, got {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
-        raise AdapterError(out_dir, f"{what}: holds NaN or Inf values")
-    t = t.to(device="cpu", dtype=dtype)
-    if not bool(torch.isfinite(t).all()):
+    converted = t.to(device="cpu", dtype=dtype)
+    if not bool(torch.isfinite(converted).all()):  # one pass in the usual case; the cause only on error
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(out_dir, f"{what}: holds NaN or Inf values")
         raise AdapterError(out_dir, f"{what}: overflows {dtype}")
-    return t.contiguous()
+    return converted.contiguous()
+
+
+def _header_room(keys: Sequence[str]) -> int:
+    """Bytes that surely hold the safetensors header of these tensor keys (a multiple of 8): per
+    entry the quoted key, its dtype, a 2-D shape and two offsets of at most 20 digits each."""
+    if not keys:
+        return 0
+    room = 64 + sum(len(json.dumps(k)) + 120 for k in keys)
+    return room + (-room % 8)
 
 
 class AdapterWriter:
@@ -113,6 +122,7 @@ class AdapterWriter:
         overwrite: bool = False,
         inputs: Sequence = (),
         manifest: Mapping | None = None,
+        reserve_keys: Sequence[str] = (),
     ):
         self.target, _ = inspect_output(out_dir, inputs, overwrite)
         self.out_dir = os.fspath(out_dir)
@@ -140,7 +150,12 @@ class AdapterWriter:
             remove_stale_temps(parent, base)
             self.tmp = fresh_temp_name(parent, base)
             os.mkdir(self.tmp)
-            self.data = open(os.path.join(self.tmp, ".tensors"), "wb")  # noqa: SIM115 (closed by close / abort)
+            # The tensors go straight into the weights file, after room for the header (8 bytes of
+            # length + JSON) of the keys announced in reserve_keys; close() writes the header there,
+            # or, if it does not fit, copies the data behind a header of its own.
+            self.data_start = 8 + _header_room(reserve_keys)
+            self.data = open(os.path.join(self.tmp, WEIGHTS_NAME), "wb")  # noqa: SIM115 (closed by close / abort)
+            self.data.seek(self.data_start)
         except OSError as e:
             raise AdapterError(self.out_dir, f"cannot create a directory beside it: {e.strerror or e}") from None
 
@@ -227,18 +242,26 @@ class AdapterWriter:
         if not self.ranks:
             raise AdapterError(self.out_dir, "no modules to write")
         self._check_targets()
-        self.data.close()
-        data_path = os.path.join(tmp, ".tensors")
         weights = os.path.join(tmp, WEIGHTS_NAME)
         header = json.dumps(
             {"__metadata__": {"format": "pt"}, **dict(sorted(self.entries.items()))}, separators=(",", ":")
         ).encode()
-        header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
-        with open(weights, "wb") as f, open(data_path, "rb") as data:
-            f.write(len(header).to_bytes(8, "little"))
-            f.write(header)
-            shutil.copyfileobj(data, f, 16 << 20)
-        os.unlink(data_path)
+        if 8 + len(header) <= self.data_start:  # padded with spaces, as safetensors allows
+            self.data.seek(0)
+            self.data.write((self.data_start - 8).to_bytes(8, "little"))
+            self.data.write(header + b" " * (self.data_start - 8 - len(header)))
+            self.data.close()
+        else:
+            self.data.close()
+            moved = os.path.join(tmp, ".tensors")
+            os.rename(weights, moved)
+            header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
+            with open(weights, "wb") as f, open(moved, "rb") as data:
+                f.write(len(header).to_bytes(8, "little"))
+                f.write(header)
+                data.seek(self.data_start)
+                shutil.copyfileobj(data, f, 16 << 20)
+            os.unlink(moved)
         cfg = os.path.join(tmp, CONFIG_NAME)
         _write_text(cfg, json.dumps(self._config(), indent=2, sort_keys=True) + "\n")
         os.chmod(weights, stat.S_IMODE(os.stat(cfg).st_mode))  # the mode open() gave the config
@@ -353,6 +376,8 @@ def save_adapter(
         overwrite=overwrite,
         inputs=inputs,
         manifest=manifest,
+        reserve_keys=[file_name(k) + x for k in factors if isinstance(k, str) for x in (A_SUFFIX, B_SUFFIX)]
+        + [file_name(k) for k in (extra or {}) if isinstance(k, str)],
     )
     with writer:
         if not factors:
