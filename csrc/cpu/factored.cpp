@@ -20,8 +20,8 @@ namespace kx::cpu::KX_CPU_PATH {
 namespace {
 
 constexpr int kBlockRows = 4;   // rows of a register block ...
-constexpr int kBlockCols = 24;  // ... times three AVX2 vectors of columns: 12 accumulators
-constexpr int64_t kTileCols = 5 * kBlockCols;
+constexpr int kBlockCols = 16;  // ... times two AVX2 vectors of columns: 8 accumulators
+constexpr int64_t kTileCols = 8 * kBlockCols;
 
 // v[i * ldv + j] (i < R, j < kBlockCols) = entries (i, j) of the block: p points at the block's
 // first row of P (rank entries a row), q at its first column of Q's row 0 (q_stride apart). Per
@@ -88,34 +88,38 @@ struct Tiling {
 // the Q factors (the factors are small), not of a row.
 struct PaddedQ {
   int64_t ldq = 0;
-  std::vector<float> data;
+  std::vector<float> data;  // from `base`, 64-byte aligned
+  size_t base = 0;
   std::vector<size_t> offset;
 
   explicit PaddedQ(const TaskFactors& f) {
-    ldq = whole_blocks(f.c) + 16;  // + 64 bytes: consecutive rows start in different sets
+    // Rows start 64-byte aligned (so the blocks' vector loads, 96 bytes apart, never split a
+    // cache line), 64 bytes more than needed apart: consecutive rows start in different sets.
+    ldq = (whole_blocks(f.c) + 15) / 16 * 16 + 16;
     size_t total = 0;
     for (const FactorTask& t : f.tasks) {
       offset.push_back(total);
       total += size_t(t.rank) * size_t(ldq);
     }
-    data.resize(total);
+    data.resize(total + 16);
+    base = size_t((64 - reinterpret_cast<uintptr_t>(data.data()) % 64) % 64) / sizeof(float);
     const int64_t n = f.n();
 #pragma omp parallel for schedule(static) if (total > (size_t(1) << 18))
     for (int64_t r = 0; r < n; ++r) {
       const FactorTask& t = f.tasks[r];
       for (int64_t k = 0; k < t.rank; ++k) {
-        float* row = data.data() + offset[r] + k * ldq;
+        float* row = data.data() + base + offset[r] + k * ldq;
         std::copy(t.Q + k * f.c, t.Q + (k + 1) * f.c, row);
         std::fill(row + f.c, row + ldq, 0.0f);
       }
     }
   }
-  const float* of(int64_t r) const { return data.data() + offset[r]; }
+  const float* of(int64_t r) const { return data.data() + base + offset[r]; }
 };
 
 // Per thread: one task's tile of entries.
 struct Scratch {
-  float v[kTile];
+  alignas(64) float v[kTile];
 };
 
 // v[i * ldv + j] = task t's entry (a0 + i, b0 + j) for i < ta, j < tb (columns tb .. ldv-1 of
@@ -139,13 +143,24 @@ bool task_tile(const FactorTask& t, const float* q, int64_t ldq, const DareSpec&
       default: break;
     }
   }
+  // Padding entries come from Q's zero columns: one is NaN or Inf only if a P entry of its row
+  // is, and then so are all of the row's entries. So one flat loop over the tile, padding
+  // included, flags exactly the tiles with a non-finite entry.
   uint32_t nonfinite = 0;
-  for (int64_t i = 0; i < ta; ++i)
-    for (int64_t j = 0; j < tb; ++j) nonfinite |= magnitude_key(out[i * ldv + j]) >= kNonFiniteKey;
+  for (int64_t e = 0; e < tile.len(); ++e) nonfinite |= magnitude_key(out[e]) >= kNonFiniteKey;
   if (d.enabled)
     for (int64_t i = 0; i < ta; ++i)
       dare_run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, out + i * ldv);
   return nonfinite == 0;
+}
+
+// Asks for the tile's output lines before the tile is computed (n tasks' worth of work), so its
+// stores at the end find them in cache instead of stalling on each line's read-for-ownership.
+inline void prefetch_output(float* out, int64_t c, const Tile& tile) {
+  for (int64_t i = 0; i < tile.ta; ++i) {
+    const char* row = reinterpret_cast<const char*>(out + (tile.a0 + i) * c + tile.b0);
+    for (int64_t byte = 0; byte < tile.tb * int64_t(sizeof(float)); byte += 64) __builtin_prefetch(row + byte, 1);
+  }
 }
 
 void check(const TaskFactors& f) {
@@ -236,6 +251,7 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const Tile tl = tiling.at(tile);
       const int64_t a0 = tl.a0, ta = tl.ta, b0 = tl.b0, tb = tl.tb, ldv = tl.ldv;
+      prefetch_output(out, f.c, tl);
       acc.clear(tl.len());  // padding columns are accumulated too, and never read
       for (int64_t r = 0; r < n; ++r) {
         finite = task_tile(f.tasks[r], padded.of(r), padded.ldq, d, f.c, tl, s.v) && finite;
@@ -302,6 +318,7 @@ bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::v
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const Tile tl = tiling.at(tile);
       const int64_t len = tl.len();
+      prefetch_output(out, f.c, tl);
       std::fill(acc, acc + len, 0.0f);
       for (int64_t r = 0; r < n; ++r) {
         finite = task_tile(f.tasks[r], padded.of(r), padded.ldq, d, f.c, tl, s.v) && finite;
