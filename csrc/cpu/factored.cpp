@@ -252,10 +252,10 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
       const Tile tl = tiling.at(tile);
       const int64_t a0 = tl.a0, ta = tl.ta, b0 = tl.b0, tb = tl.tb, ldv = tl.ldv;
       prefetch_output(out, f.c, tl);
-      acc.clear(tl.len());  // padding columns are accumulated too, and never read
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t r = 0; r < n; ++r) {  // padding columns are accumulated too, and never read
         finite = task_tile(f.tasks[r], padded.of(r), padded.ldq, d, f.c, tl, s.v) && finite;
-        acc.add_exact(s.v, tl.len(), thresholds[r]);
+        if (r == 0) acc.add_exact<true>(s.v, tl.len(), thresholds[r]);
+        else acc.add_exact<false>(s.v, tl.len(), thresholds[r]);
       }
       int32_t any_zero_sum = 0, tile_signs = 0;
       for (int64_t i = 0; i < ta; ++i) {

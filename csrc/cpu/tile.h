@@ -78,11 +78,22 @@ struct alignas(64) TileAccum {
     std::fill(neg_count, neg_count + len, 0);
     std::fill(undecided, undecided + len, 0);
   }
-  // Adds one task's values at positions 0 .. len-1, trimmed by an exact threshold.
+  // Adds one task's values at positions 0 .. len-1, trimmed by an exact threshold. kFirst: the
+  // first task, added to zero accumulators (no clear() needed, nothing read).
+  template <bool kFirst>
   void add_exact(const float* v, int64_t len, float threshold) {
     const uint32_t keep_from = magnitude_key(threshold);
-    for (int64_t t = 0; t < len; ++t)
-      ties_add_kept(sum[t], pos_sum[t], neg_sum[t], pos_count[t], neg_count[t], v[t], keep_from);
+    for (int64_t t = 0; t < len; ++t) {
+      float s = kFirst ? 0.0f : sum[t], ps = kFirst ? 0.0f : pos_sum[t], ns = kFirst ? 0.0f : neg_sum[t];
+      int32_t pc = kFirst ? 0 : pos_count[t], nc = kFirst ? 0 : neg_count[t];
+      ties_add_kept(s, ps, ns, pc, nc, v[t], keep_from);
+      sum[t] = s;
+      pos_sum[t] = ps;
+      neg_sum[t] = ns;
+      pos_count[t] = pc;
+      neg_count[t] = nc;
+      if (kFirst) undecided[t] = 0;
+    }
   }
   TiesAccum at(int64_t t) const {
     TiesAccum a;
