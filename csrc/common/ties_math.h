@@ -41,8 +41,10 @@ struct TiesAccum {
 // field) and the GPU in registers.
 KX_HD void ties_add_kept(float& sum, float& pos_sum, float& neg_sum, int32_t& pos_count, int32_t& neg_count,
                          float v, uint32_t keep_from) {
-  // Keys are 31-bit: compared as int32, the same order, one vector compare on the CPU.
-  const float t = int32_t(magnitude_key(v)) >= int32_t(keep_from) ? v : 0.0f;
+  // Keys are 31-bit: compared as int32, the same order, one vector compare on the CPU. The
+  // dropped entries become +0 by a bit mask (not a select, which GCC turns into two sums).
+  const uint32_t keep = 0u - uint32_t(int32_t(magnitude_key(v)) >= int32_t(keep_from));
+  const float t = bits_float(float_bits(v) & keep);
   sum = add_rn(sum, t);
   pos_sum = add_rn(pos_sum, t > 0.0f ? t : 0.0f);
   neg_sum = add_rn(neg_sum, t < 0.0f ? t : 0.0f);
