@@ -2,8 +2,9 @@
 // tile of the m x c output is recomputed for one task at a time from that task's factors into a
 // small per-thread buffer (r FMAs per entry, register-blocked so that GCC vectorises them), then
 // goes through the same per-element DARE / TIES / TA math as the row kernels. No task's row is
-// ever stored, and the per-thread memory (kTile entries plus a factor panel) does not grow with
-// the number of tasks nor with the module's size.
+// ever stored: per thread, one task's tile of kTile entries and the tile's accumulators (about
+// 16 KB, in L1), whatever the number of tasks and the module's size; per call, a padded copy of
+// the Q factors (PaddedQ).
 //
 // Results do not depend on the thread count: every position's math is its own, histograms are
 // integer counts, the sign sum is an integer and the zero-sum positions are sorted.
@@ -93,8 +94,8 @@ struct PaddedQ {
   std::vector<size_t> offset;
 
   explicit PaddedQ(const TaskFactors& f) {
-    // Rows start 64-byte aligned (so the blocks' vector loads, 96 bytes apart, never split a
-    // cache line), 64 bytes more than needed apart: consecutive rows start in different sets.
+    // Rows start 64-byte aligned (a register block's loads never split a cache line) and 64
+    // bytes more than needed apart: consecutive rows start in different sets.
     ldq = (whole_blocks(f.c) + 15) / 16 * 16 + 16;
     size_t total = 0;
     for (const FactorTask& t : f.tasks) {
