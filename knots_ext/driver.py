@@ -133,32 +133,17 @@ def run(
         return
     space = method.space(params)
     dare_p, seed = (params["dare_p"], params["seed"]) if method.dare else (0.0, 0)
-    if method.rule == "ta":
-        lam = params["lam"]
-        _per_module(
-            space,
-            modules,
-            load,
-            emit,
-            progress,
-            method.name,
-            lambda f, m: factor_ops.weighted_sum(f, [lam] * len(f), dare_p, seed, m.name, m.tasks),
-        )
-    elif params["top_k_scope"] == "module":
-        top_k, lam = params["top_k"], params["lam"]
-        _per_module(
-            space,
-            modules,
-            load,
-            emit,
-            progress,
-            method.name,
-            lambda f, m: _ties_one_module(f, m, top_k, lam, dare_p, seed),
-        )
-    else:
-        _ties_global(
-            space, params["top_k"], params["lam"], dare_p, seed, modules, load, n_tasks, emit, progress, method.name
-        )
+    lam = params["lam"]
+    if method.rule == "ties" and params["top_k_scope"] == "task":
+        _ties_global(space, params["top_k"], lam, dare_p, seed, modules, load, n_tasks, emit, progress, method.name)
+        return
+
+    def rows_rule(factors, m):
+        if method.rule == "ta":
+            return factor_ops.weighted_sum(factors, [lam] * len(factors), dare_p, seed, m.name, m.tasks)
+        return _ties_one_module(factors, m, params["top_k"], lam, dare_p, seed)
+
+    _per_module(space, modules, load, emit, progress, method.name, rows_rule)
 
 
 def _per_module(space, modules, load, emit, progress, desc, merge_rows):
