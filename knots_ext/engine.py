@@ -1,7 +1,8 @@
-"""The merge engine and its result: knots_ext.merge(adapters, method=...) -> MergeResult.
-
-Modules are processed one at a time (factors loaded lazily), so memory stays bounded by one
-module's working set plus the output (for KnOTS, each module's SVD is part of the output)."""
+"""The merge entry points: knots_ext.merge(adapters, method=...) -> MergeResult (in memory) and
+knots_ext.merge_to(out_dir, adapters, method=...) (streamed to disk). Both check the method's
+declared parameters, load the adapters lazily (one module's factors at a time, zero updates
+dropped) and run the generic driver (driver.py); merge_to writes each module as soon as it is
+final, so its memory is one module's working set plus the bounded store of KnOTS states."""
 
 from __future__ import annotations
 
