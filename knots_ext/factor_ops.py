@@ -62,14 +62,7 @@ class _Factors:
         )
 
     def kernel_input(self, dare_p: float, seed: int, module, tasks) -> _C.FactorInput:
-        n = len(self.P)
-        tasks = list(range(n)) if tasks is None else [int(t) for t in tasks]
-        if len(tasks) != n:
-            raise ValueError(f"tasks has {len(tasks)} entries for {n} tasks' factors")
-        if any(t < 0 for t in tasks):
-            raise ValueError("task indices must be >= 0")
-        if not 0 <= int(seed) < 2**64:
-            raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+        tasks = ops._task_indices(len(self.P), tasks, seed, "tasks' factors")
         return _C.FactorInput(
             [p.data_ptr() for p in self.P],
             [q.data_ptr() for q in self.Q],

@@ -62,17 +62,22 @@ def _check_scale(name: str, value: float) -> float:
     return value
 
 
-def _kernel_input(
-    rows: list[Flat], dare_p: float, seed: int, tasks, module, elem_offset: int, stream: int | None
-) -> _C.Input:
-    n = len(rows)
+def _task_indices(n: int, tasks, seed: int, what: str = "rows") -> list[int]:
+    """The DARE task index of each of n inputs (default 0..n-1), checked with the seed."""
     tasks = list(range(n)) if tasks is None else [int(t) for t in tasks]
     if len(tasks) != n:
-        raise ValueError(f"tasks has {len(tasks)} entries for {n} rows")
+        raise ValueError(f"tasks has {len(tasks)} entries for {n} {what}")
     if any(t < 0 for t in tasks):
         raise ValueError("task indices must be >= 0")
     if not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    return tasks
+
+
+def _kernel_input(
+    rows: list[Flat], dare_p: float, seed: int, tasks, module, elem_offset: int, stream: int | None
+) -> _C.Input:
+    tasks = _task_indices(len(rows), tasks, seed)
     ref = rows[0]
     if ref.device >= 0 and not _C.build_info()["cuda_compiled"]:
         raise RuntimeError("a CUDA array was given but knots_ext was built without CUDA")
