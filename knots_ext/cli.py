@@ -42,6 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     method_flags = ap.add_argument_group("method parameters (each method takes some; see README)")
     for p in ALL_PARAMS.values():
         _add_param_flag(method_flags, p)
+    ap.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="W",
+        help="one weight per adapter: adapter i's update is scaled by W_i before merging (as if its "
+        "lora_alpha were multiplied by it; negative: task negation)",
+    )
+    ap.add_argument(
+        "--module-weights",
+        nargs="+",
+        default=None,
+        metavar="REGEX=W",
+        help="per-module weights on top of --weights: a module takes W of the first REGEX found in its "
+        "name (e.g. 'layers\\.[0-9]\\.=0.5' 'mlp=0'), 1 when none matches",
+    )
     ap.add_argument("--rank", type=int, default=None, help="truncate the saved adapter to this rank")
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha for bare .safetensors inputs")
     ap.add_argument(
@@ -133,6 +150,8 @@ def _run(args) -> int:
             force=args.force,
             extra=args.extra,
             quiet=args.quiet,
+            weights=args.weights,
+            module_weights=args.module_weights,
             **params,
         )
     except (io.AdapterError, ValueError, KeyError, OSError) as e:

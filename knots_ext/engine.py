@@ -18,6 +18,7 @@ from .driver import ModuleRef
 from .linalg import dense_factors, truncated_factors
 from .methods import get_method
 from .methods.spaces import FactoredUpdate, ModuleTasks, drop_zero_updates
+from .weights import ModuleWeights, TaskWeights
 
 PEFT_PREFIX = "base_model.model."
 
@@ -35,6 +36,7 @@ class MergeResult:
     extra: dict = field(default_factory=dict)  # merged non-LoRA tensors (extra="average")
     dropped_extra: list = field(default_factory=list)  # non-LoRA tensors left out
     inputs: list = field(default_factory=list)  # paths of the adapters merged (save() never replaces them)
+    weights: TaskWeights = field(default_factory=TaskWeights)  # the adapter and module weights applied
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense merged update of module `name` (d_out x d_in, float32, on the CPU)."""
@@ -62,7 +64,7 @@ class MergeResult:
             task_type=self.task_type,
             overwrite=overwrite,
             inputs=self.inputs,
-            manifest=_manifest(self.method, self.params, rank, self.inputs),
+            manifest=_manifest(self.method, self.params, rank, self.inputs, self.weights),
         )
 
     def fold_into(self, target, scale: float = 1.0):
@@ -102,7 +104,7 @@ def update_factors(update, rank: int | None = None) -> tuple:
     return B.float().cpu().contiguous(), A.float().cpu().contiguous()
 
 
-def _manifest(method: str, params: dict, rank, inputs) -> dict:
+def _manifest(method: str, params: dict, rank, inputs, weights: TaskWeights | None = None) -> dict:
     """What knots_merge.json records about the merge: plain JSON values (Gram files as paths)."""
     plain = {
         k: (
@@ -112,7 +114,12 @@ def _manifest(method: str, params: dict, rank, inputs) -> dict:
         )
         for k, v in params.items()
     }
-    return {"method": method, "params": plain, "rank": rank, "adapters": [os.fspath(p) for p in inputs]}
+    out = {"method": method, "params": plain, "rank": rank, "adapters": [os.fspath(p) for p in inputs]}
+    if weights is not None and weights.adapters is not None:
+        out["weights"] = list(weights.adapters)
+    if weights is not None and weights.modules.rules:
+        out["module_weights"] = [list(rule) for rule in weights.modules.rules]
+    return out
 
 
 def check_rank(rank) -> None:
@@ -145,6 +152,8 @@ def merge(
     force: bool = False,
     extra: str = "drop",
     quiet: bool = True,
+    weights=None,
+    module_weights=None,
     **params,
 ) -> MergeResult:
     """Merges n LoRA adapters (paths or loaded io.Adapter objects) into one, with `method` one
@@ -160,9 +169,17 @@ def merge(
 
     alpha: lora_alpha for bare .safetensors files; force: merge adapters of different base
     models; extra: "drop" or "average" the non-LoRA tensors (modules_to_save); device: "cpu" or
-    "cuda[:N]"; quiet: no progress line.
+    "cuda[:N]"; quiet: no progress bar.
+
+    weights: one number per adapter, adapter i's update scaled by weights[i] before the method
+    runs (as if its lora_alpha were multiplied by it; negative: task negation). module_weights:
+    (regex, weight) rules, a {regex: weight} dict or "REGEX=W" strings; a module's updates are
+    scaled, on top of the adapter weights, by the first rule whose regex re.search-matches its name
+    (without "base_model.model."), 1 when none does.
     """
-    spec, declared, device, adapters = _prepare(adapters, method, params, device, alpha, force, extra)
+    spec, declared, device, adapters, task_weights = _prepare(
+        adapters, method, params, device, alpha, force, extra, weights, module_weights
+    )
     out: dict = {}
     run_merge(
         spec,
@@ -171,6 +188,7 @@ def merge(
         device,
         lambda ref, update: out.__setitem__(ref.name, update),
         quiet,
+        task_weights,
     )
     result = MergeResult(
         dict(sorted(out.items())),
@@ -180,6 +198,7 @@ def merge(
         fan_in_fan_out=adapters[0].fan_in_fan_out,
         task_type=adapters[0].config.get("task_type"),
         inputs=[a.path for a in adapters],
+        weights=task_weights,
     )
     result.extra, result.dropped_extra = _merge_extra(adapters, extra)
     return result
@@ -207,13 +226,17 @@ def merge_to(
     force: bool = False,
     extra: str = "drop",
     quiet: bool = True,
+    weights=None,
+    module_weights=None,
     **params,
 ) -> MergeSummary:
     """merge() straight to a PEFT adapter folder (MergeResult.save's rules for out_dir, checked
     before the merge starts): each module's factors are written as soon as they are final, so the
     merge never holds its whole result. rank truncates each module (None: lossless)."""
     check_rank(rank)
-    spec, declared, device, adapters = _prepare(adapters, method, params, device, alpha, force, extra)
+    spec, declared, device, adapters, task_weights = _prepare(
+        adapters, method, params, device, alpha, force, extra, weights, module_weights
+    )
     inputs = [a.path for a in adapters]
     io.check_output(out_dir, inputs=inputs, overwrite=overwrite)
     params = _setup(spec, declared, adapters)
@@ -226,7 +249,7 @@ def merge_to(
         task_type=adapters[0].config.get("task_type"),
         overwrite=overwrite,
         inputs=inputs,
-        manifest=_manifest(method, declared, rank, inputs),
+        manifest=_manifest(method, declared, rank, inputs, task_weights),
         reserve_keys=_tensor_keys(adapters, extra),
     ) as writer:
 
@@ -234,7 +257,7 @@ def merge_to(
             writer.add(ref.name, *update_factors(update, rank))
             names.append(ref.name)
 
-        run_merge(spec, params, adapters, device, emit, quiet)
+        run_merge(spec, params, adapters, device, emit, quiet, task_weights)
         merged_extra, dropped = _merge_extra(adapters, extra)
         for key in sorted(merged_extra):
             writer.add_extra(key, merged_extra[key])
@@ -248,26 +271,30 @@ def _tensor_keys(adapters, extra: str) -> list:
     return keys + (sorted(set().union(*(a.extra_tensors for a in adapters))) if extra == "average" else [])
 
 
-def _prepare(adapters, method, params, device, alpha, force, extra):
+def _prepare(adapters, method, params, device, alpha, force, extra, weights=None, module_weights=None):
     """The checks shared by merge and merge_to: (method, its validated parameters, device, loaded
-    adapters)."""
+    adapters, their TaskWeights)."""
     spec = get_method(method)
     declared = spec.check(params)
     if extra not in ("drop", "average"):
         raise ValueError(f"extra must be 'drop' or 'average', got {extra!r}")
     device = _check_device(device, needs_kernels=spec.space is not None)
+    rules = ModuleWeights.parse(module_weights)
     adapters = _load(adapters, alpha)
     io.check_compatible(adapters, force=force)
-    return spec, declared, device, adapters
+    return spec, declared, device, adapters, TaskWeights.of(weights, len(adapters), rules)
 
 
 def _setup(spec, declared: dict, adapters: list) -> dict:
     return declared if spec.setup is None else spec.setup(declared, adapters)
 
 
-def run_merge(spec, params: dict, adapters: list, device, emit, quiet: bool = True) -> None:
+def run_merge(
+    spec, params: dict, adapters: list, device, emit, quiet: bool = True, weights: TaskWeights | None = None
+) -> None:
     """The merge of loaded adapters, each module's update handed to emit(ref, update) as soon as
-    it is final (checked finite)."""
+    it is final (checked finite). weights scale each adapter's update of each module."""
+    weights = weights or TaskWeights()
     names = sorted(set().union(*(a.modules for a in adapters)))
     modules = []
     for name in names:
@@ -277,7 +304,7 @@ def run_merge(spec, params: dict, adapters: list, device, emit, quiet: bool = Tr
     def load(ref: ModuleRef) -> ModuleTasks:
         """The module's tasks with a non-zero update (factors loaded now, on the merge device)."""
         factors = [tuple(t.to(device) for t in adapters[i].factors(ref.name)) for i in ref.tasks]
-        scales = [adapters[i].scale(ref.name) for i in ref.tasks]
+        scales = [adapters[i].scale(ref.name) * weights.scale(i, ref.name) for i in ref.tasks]
         return drop_zero_updates(ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape))
 
     def checked(ref, update):
