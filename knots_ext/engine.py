@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _C, driver, factor_ops, io
+from . import driver, factor_ops, io
 from ._progress import make_progress
+from .device import Placement, check_device
 from .driver import ModuleRef
 from .linalg import dense_factors, truncated_factors
 from .methods import get_method
@@ -278,7 +279,7 @@ def _prepare(adapters, method, params, device, alpha, force, extra, weights=None
     declared = spec.check(params)
     if extra not in ("drop", "average"):
         raise ValueError(f"extra must be 'drop' or 'average', got {extra!r}")
-    device = _check_device(device, needs_kernels=spec.space is not None)
+    device = check_device(device, needs_kernels=spec.space is not None)
     rules = ModuleWeights.parse(module_weights)
     adapters = _load(adapters, alpha)
     io.check_compatible(adapters, force=force)
@@ -301,18 +302,21 @@ def run_merge(
         tasks = [i for i, a in enumerate(adapters) if name in a.modules]
         modules.append(ModuleRef(name, tasks, tuple(adapters[tasks[0]].shape(name))))
 
+    placement = Placement(device, spec)
+
     def load(ref: ModuleRef) -> ModuleTasks:
         """The module's tasks with a non-zero update (factors loaded now, on the merge device)."""
-        factors = [tuple(t.to(device) for t in adapters[i].factors(ref.name)) for i in ref.tasks]
+        factors = [adapters[i].factors(ref.name) for i in ref.tasks]
         scales = [adapters[i].scale(ref.name) * weights.scale(i, ref.name) for i in ref.tasks]
-        return drop_zero_updates(ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape))
+        return placement.load(drop_zero_updates(ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape)))
 
     def checked(ref, update):
         _check_finite(ref, update, adapters, params.get("lam"))
         emit(ref, update)
 
     try:
-        driver.run(spec, params, modules, load, len(adapters), checked, make_progress(quiet))
+        with placement.results(checked) as deliver:
+            driver.run(spec, params, modules, load, len(adapters), deliver, make_progress(quiet))
     except ValueError as e:
         if "NaN or Inf" not in str(e):
             raise
@@ -348,29 +352,6 @@ def _blame_nonfinite(modules, load, space, adapters, error) -> None:
                     f"lora_B x lora_A) overflows float32 in the {space.name} space"
                 ) from None
     raise ValueError(f"the task updates overflow float32 after DARE's rescaling 1/(1-dare_p) ({error})") from None
-
-
-def _check_device(device, needs_kernels: bool) -> torch.device:
-    """The merge device, or a one-line ValueError: unknown names, CUDA without a device or
-    without the CUDA build of the kernels."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:N): {e}") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"device {device!r} is not supported (cpu or cuda)")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: torch sees no CUDA device on this machine")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
-    if needs_kernels and not _C.build_info()["cuda_compiled"]:
-        raise ValueError(
-            f"device {device!r}: knots_ext was built without its CUDA kernels "
-            "(reinstall with KNOTS_EXT_CUDA=1 where nvcc is available)"
-        )
-    return dev
 
 
 def _merge_extra(adapters, extra: str) -> tuple[dict, list]:

@@ -165,3 +165,18 @@ def ref_tsv_m(updates, lam):
         keep = min(r, per_task)
         Us.append(U[:, :keep]), Ss.append(S[:keep]), Vs.append(Vh[:keep].T)
     return lam * polar64(torch.cat(Us, 1)) @ torch.diag(torch.cat(Ss)) @ polar64(torch.cat(Vs, 1)).T
+
+
+def write_random_grams(path, layers=2, modules=SHAPES, seed=0):
+    """A Gram file (knots_ext.grams.save_grams) of random positive definite Grams X^T X, one per
+    module of write_adapter's layout (keyed as in the base model); returns {key: float64 Gram}."""
+    from knots_ext.grams import save_grams
+
+    gen = torch.Generator().manual_seed(seed)
+    grams = {}
+    for layer in range(layers):
+        for mod, (_, d_in) in modules.items():
+            X = torch.randn(3 * d_in, d_in, generator=gen, dtype=F64)
+            grams[f"model.layers.{layer}.{mod}"] = X.T @ X
+    save_grams(path, grams)
+    return grams
