@@ -2,6 +2,7 @@
 // stride, dtype): no Python and no libtorch here. cpu:: runs on host memory with OpenMP;
 // cuda:: on device memory, on the caller's stream.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -11,6 +12,17 @@
 #include "common/magnitude_select.h"
 
 namespace kx {
+
+// Device scratch memory for the CUDA kernels, given by the caller: the Python side allocates it
+// with the input's library (torch's caching allocator, CuPy's pool) in the order of the call's
+// stream, so it is reused only by work queued after the call's kernels (cuda:: never allocates
+// device memory itself). allocate() returns memory on the call's device, valid until the call
+// returns; it may throw (out of memory). cpu:: never uses it.
+class Scratch {
+ public:
+  virtual ~Scratch() = default;
+  virtual void* allocate(size_t bytes) = 0;
+};
 
 // n tasks' versions of one array of P elements: row r starts at rows[r], its elements are
 // `stride` elements apart. dare_keys[r] is row r's Philox key (used when DARE is on).
@@ -22,6 +34,7 @@ struct TaskRows {
   DType dtype = DType::f32;
   int device = -1;       // CUDA device ordinal of the rows (cuda:: only)
   uintptr_t stream = 0;  // CUDA stream handle (cuda:: only); 0 is the default stream
+  Scratch* scratch = nullptr;  // device scratch (cuda:: only)
   int64_t n() const { return int64_t(rows.size()); }
 };
 
@@ -35,6 +48,7 @@ struct TaskFactors {
   int64_t c = 0;
   int device = -1;       // CUDA device ordinal of the factors (cuda:: only)
   uintptr_t stream = 0;  // CUDA stream handle (cuda:: only); 0 is the default stream
+  Scratch* scratch = nullptr;  // device scratch (cuda:: only)
   int64_t n() const { return int64_t(tasks.size()); }
   int64_t numel() const { return m * c; }
 };

@@ -5,6 +5,7 @@ outputs are allocated by the same library as the input."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -210,3 +211,83 @@ def current_stream(ref: Flat) -> int:
 
     with cupy.cuda.Device(ref.device):
         return cupy.cuda.get_current_stream().ptr
+
+
+class KernelStream:
+    """The CUDA stream one kernel call runs on (`stream`, a handle; None: the current stream of
+    ref's library), ordered against that library's current stream, and the call's device scratch.
+
+    Inputs are copied and outputs allocated on the current stream, and the caller reads the
+    output there: when the kernel stream is another one, entering makes it wait for the work
+    queued so far on the current stream, and leaving makes the current stream wait for the
+    kernels (events, on the device: the host does not block). Scratch (`alloc`, called by the
+    kernels through _C) is allocated by ref's library in the kernel stream's order (torch's
+    caching allocator, CuPy's pool), kept until leaving, then freed: only work queued after the
+    kernels on that stream can reuse it. Host arrays need none of this (no-ops, no scratch)."""
+
+    def __init__(self, ref: Flat, stream: int | None = None):
+        self.ref = ref
+        self._blocks: list = []
+        self._kernel: Any = None  # the kernel stream's object where it is not the current stream
+        self._current: Any = None
+        if ref.device < 0:
+            self.ptr = 0
+            return
+        from . import _C
+
+        if not _C.build_info()["cuda_compiled"]:
+            raise RuntimeError("a CUDA array was given but knots_ext was built without CUDA")
+        current = current_stream(ref)
+        self.ptr = current if stream is None else int(stream)
+        if ref.lib == "torch":
+            torch = _torch()
+            self._current = torch.cuda.current_stream(ref.device)
+            if self.ptr != current:
+                self._kernel = torch.cuda.ExternalStream(self.ptr, device=torch.device("cuda", ref.device))
+        else:
+            import cupy
+
+            with cupy.cuda.Device(ref.device):
+                self._current = cupy.cuda.get_current_stream()
+                if self.ptr != current:
+                    self._kernel = cupy.cuda.ExternalStream(self.ptr, ref.device)
+
+    @property
+    def scratch(self):
+        """The allocator the kernels get (None for host arrays)."""
+        return None if self.ref.device < 0 else self.alloc
+
+    def alloc(self, nbytes: int) -> int:
+        """Device memory of nbytes on ref's device, in the kernel stream's order; its address."""
+        if self.ref.lib == "torch":
+            torch = _torch()
+            with torch.cuda.device(self.ref.device), torch.cuda.stream(self._kernel or self._current):
+                block = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=f"cuda:{self.ref.device}")
+            ptr = block.data_ptr()
+        else:
+            import cupy
+
+            with cupy.cuda.Device(self.ref.device), self._kernel or self._current:
+                block = cupy.empty(max(int(nbytes), 1), dtype=cupy.uint8)
+            ptr = block.data.ptr
+        self._blocks.append(block)
+        return ptr
+
+    def _wait(self, waiter, producer) -> None:
+        if self.ref.lib == "torch":
+            waiter.wait_stream(producer)
+        else:
+            import cupy
+
+            with cupy.cuda.Device(self.ref.device):
+                waiter.wait_event(producer.record())
+
+    def __enter__(self) -> KernelStream:
+        if self._kernel is not None:
+            self._wait(self._kernel, self._current)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._kernel is not None:
+            self._wait(self._current, self._kernel)
+        self._blocks.clear()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _C, ops
-from ._arrays import F32, Flat, current_stream, out_view
+from ._arrays import F32, Flat, KernelStream, out_view
 
 
 def shape_of(factors) -> tuple[int, int]:
@@ -61,7 +61,8 @@ class _Factors:
             None, 0, self.m * self.c, 1, F32, torch.cuda.current_device() if index is None else index, "torch"
         )
 
-    def kernel_input(self, dare_p: float, seed: int, module, tasks) -> _C.FactorInput:
+    def kernel_input(self, dare_p: float, seed: int, module, tasks, on: KernelStream) -> _C.FactorInput:
+        """The factors as _C takes them, for a call made inside `on` (its stream and scratch)."""
         tasks = ops._task_indices(len(self.P), tasks, seed, "tasks' factors")
         return _C.FactorInput(
             [p.data_ptr() for p in self.P],
@@ -71,12 +72,13 @@ class _Factors:
             self.m,
             self.c,
             self.ref.device,
-            current_stream(self.ref),
+            on.ptr,
             ops._check_dare_p(dare_p),
             int(seed),
             tasks,
             ops.module_id(module),
             0,
+            on.scratch,
         )
 
     def empty(self) -> torch.Tensor:
@@ -99,8 +101,9 @@ def histogram(
     """Adds every task's row magnitudes (after DARE) to sel's current round, task r to slot slots[r]
     (slots default to tasks)."""
     f = _Factors(factors)
-    inp = f.kernel_input(dare_p, seed, module, tasks)
-    sel.selector.factored_histogram(inp, [int(t) for t in (tasks if slots is None else slots)])
+    with KernelStream(f.ref) as on:
+        inp = f.kernel_input(dare_p, seed, module, tasks, on)
+        sel.selector.factored_histogram(inp, [int(t) for t in (tasks if slots is None else slots)])
 
 
 def _thresholds(thresholds, n: int) -> list[float]:
@@ -128,8 +131,9 @@ def ties_apply(
     f = _Factors(factors)
     result = f.empty() if out is None else out
     o = f.out(result)
-    inp = f.kernel_input(dare_p, seed, module, tasks)
-    sign_sum, positions = _C.factored_ties_apply(inp, _thresholds(thresholds, len(f.P)), lam, o.ptr)
+    with KernelStream(f.ref) as on:
+        inp = f.kernel_input(dare_p, seed, module, tasks, on)
+        sign_sum, positions = _C.factored_ties_apply(inp, _thresholds(thresholds, len(f.P)), lam, o.ptr)
     return result, sign_sum, positions
 
 
@@ -149,9 +153,10 @@ def ties_fix_majority(
     lam = ops._check_scale("lam", lam)
     f = _Factors(factors)
     o = f.out(out)
-    inp = f.kernel_input(dare_p, seed, module, tasks)
     majority = (majority > 0) - (majority < 0)
-    _C.factored_ties_fix_majority(inp, _thresholds(thresholds, len(f.P)), lam, majority, list(positions), o.ptr)
+    with KernelStream(f.ref) as on:
+        inp = f.kernel_input(dare_p, seed, module, tasks, on)
+        _C.factored_ties_fix_majority(inp, _thresholds(thresholds, len(f.P)), lam, majority, list(positions), o.ptr)
 
 
 def weighted_sum(
@@ -172,8 +177,9 @@ def weighted_sum(
         raise ValueError(f"weights has {len(w)} entries for {len(f.P)} tasks")
     result = f.empty() if out is None else out
     o = f.out(result)
-    inp = f.kernel_input(dare_p, seed, module, tasks)
-    if not _C.factored_weighted_sum(inp, w, o.ptr):
+    with KernelStream(f.ref) as on:
+        finite = _C.factored_weighted_sum(f.kernel_input(dare_p, seed, module, tasks, on), w, o.ptr)
+    if not finite:
         raise ValueError("input contains NaN or Inf")
     return result
 
@@ -183,5 +189,6 @@ def is_finite(task_factors) -> bool:
     nothing of the row's size is allocated)."""
     f = _Factors([task_factors])
     sel = _C.MagnitudeSelect(1, 1.0)
-    sel.factored_histogram(f.kernel_input(0.0, 0, "", [0]), [0])
+    with KernelStream(f.ref) as on:
+        sel.factored_histogram(f.kernel_input(0.0, 0, "", [0], on), [0])
     return not sel.nonfinite

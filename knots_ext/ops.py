@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _C
-from ._arrays import Flat, current_stream, empty_like_rows, flat, out_view, rows_of
+from ._arrays import Flat, KernelStream, empty_like_rows, flat, out_view, rows_of
 
 __all__ = [
     "MagnitudeThreshold",
@@ -75,26 +75,24 @@ def _task_indices(n: int, tasks, seed: int, what: str = "rows") -> list[int]:
 
 
 def _kernel_input(
-    rows: list[Flat], dare_p: float, seed: int, tasks, module, elem_offset: int, stream: int | None
+    rows: list[Flat], dare_p: float, seed: int, tasks, module, elem_offset: int, on: KernelStream
 ) -> _C.Input:
+    """The rows as _C takes them, for a call made inside `on` (its stream and scratch)."""
     tasks = _task_indices(len(rows), tasks, seed)
     ref = rows[0]
-    if ref.device >= 0 and not _C.build_info()["cuda_compiled"]:
-        raise RuntimeError("a CUDA array was given but knots_ext was built without CUDA")
-    if stream is None:
-        stream = current_stream(ref)
     return _C.Input(
         [r.ptr for r in rows],
         ref.numel,
         ref.stride,
         ref.dtype,
         ref.device,
-        int(stream),
+        on.ptr,
         _check_dare_p(dare_p),
         int(seed),
         tasks,
         module_id(module),
         int(elem_offset),
+        on.scratch,
     )
 
 
@@ -130,8 +128,9 @@ def ties_merge(
     asked)."""
     top_k, lam = _check_top_k(top_k), _check_scale("lam", lam)
     rows, out = _rows_and_out(x, out)
-    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
-    thresholds = _C.ties_merge(inp, top_k, lam, out.ptr)
+    with KernelStream(rows[0], stream) as on:
+        inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, on)
+        thresholds = _C.ties_merge(inp, top_k, lam, out.ptr)
     return (out.array, thresholds) if return_thresholds else out.array
 
 
@@ -154,8 +153,9 @@ def ties_apply(
     Returns (out, sign_sum, zero_sum_positions)."""
     lam = _check_scale("lam", lam)
     rows, out = _rows_and_out(x, out)
-    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
-    sign_sum, positions = _C.ties_apply(inp, [float(t) for t in thresholds], lam, out.ptr)
+    with KernelStream(rows[0], stream) as on:
+        inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, on)
+        sign_sum, positions = _C.ties_apply(inp, [float(t) for t in thresholds], lam, out.ptr)
     return out.array, sign_sum, positions
 
 
@@ -177,9 +177,10 @@ def ties_fix_majority(
     """Rewrites out at `positions` (from ties_apply) with the elected sign `majority`."""
     lam = _check_scale("lam", lam)
     rows, o = _rows_and_out(x, out)
-    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
     majority = (majority > 0) - (majority < 0)
-    _C.ties_fix_majority(inp, [float(t) for t in thresholds], lam, majority, list(positions), o.ptr)
+    with KernelStream(rows[0], stream) as on:
+        inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, on)
+        _C.ties_fix_majority(inp, [float(t) for t in thresholds], lam, majority, list(positions), o.ptr)
     return out
 
 
@@ -230,8 +231,8 @@ class MagnitudeThreshold:
         if not 0 <= int(task) < self.n_tasks:
             raise ValueError(f"task {task} out of range for {self.n_tasks} tasks")
         row = flat(array, "array")
-        inp = _kernel_input([row], dare_p, seed, [task], module, elem_offset, stream)
-        self._sel.histogram(inp, [int(task)])
+        with KernelStream(row, stream) as on:
+            self._sel.histogram(_kernel_input([row], dare_p, seed, [task], module, elem_offset, on), [int(task)])
 
     def update_rows(
         self,
@@ -248,10 +249,11 @@ class MagnitudeThreshold:
         """Adds every row of x, row r to task slots[r]; slots default to tasks (the rows' DARE
         task indices), which default to 0..n-1."""
         rows = rows_of(x)
-        inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
         if slots is None:
             slots = range(len(rows)) if tasks is None else tasks
-        self._sel.histogram(inp, [int(t) for t in slots])
+        with KernelStream(rows[0], stream) as on:
+            inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, on)
+            self._sel.histogram(inp, [int(t) for t in slots])
 
     def finish_round(self):
         """Closes the round; raises ValueError if any value sent was NaN or Inf."""
@@ -289,8 +291,10 @@ def magnitude_threshold(
 
 def _weighted_sum(rows, weights, dare_p, seed, tasks, module, elem_offset, stream, out=None):
     out = _output(rows[0], out)
-    inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, stream)
-    if not _C.weighted_sum(inp, [float(w) for w in weights], out.ptr):
+    with KernelStream(rows[0], stream) as on:
+        inp = _kernel_input(rows, dare_p, seed, tasks, module, elem_offset, on)
+        finite = _C.weighted_sum(inp, [float(w) for w in weights], out.ptr)
+    if not finite:
         raise ValueError("input contains NaN or Inf")
     return out.array
 

@@ -6,8 +6,10 @@
 
 #include <array>
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "kernels.h"
 
@@ -16,16 +18,49 @@ using namespace kx;
 
 namespace {
 
+// The CUDA kernels' scratch memory (kernels.h Scratch) from a Python callable: alloc(nbytes)
+// returns the address of device memory that the Python side keeps alive until the kernel call
+// returns and frees in the order of the call's stream (knots_ext/_arrays.py KernelStream).
+class PyScratch final : public Scratch {
+ public:
+  // Made and destroyed with the GIL held (Input objects are owned by Python).
+  explicit PyScratch(py::object alloc) : alloc_(std::move(alloc)) {}
+  void* allocate(size_t bytes) override {
+    std::string error;
+    {
+      py::gil_scoped_acquire gil;  // the kernels run with the GIL released
+      try {
+        return reinterpret_cast<void*>(alloc_(bytes).cast<uintptr_t>());
+      } catch (py::error_already_set& e) {
+        error = e.what();  // formatted with the GIL held; a C++ error carries it out
+      }
+    }
+    throw std::runtime_error("device scratch allocation of " + std::to_string(bytes) + " bytes failed: " + error);
+  }
+
+ private:
+  py::object alloc_;
+};
+
+std::shared_ptr<PyScratch> make_scratch(const py::object& alloc, int device) {
+  if (alloc.is_none()) {
+    if (device >= 0) throw std::invalid_argument("CUDA inputs need a scratch allocator");
+    return nullptr;
+  }
+  return std::make_shared<PyScratch>(alloc);
+}
+
 // The rows of one kernel call plus DARE's settings for them.
 struct Input {
   TaskRows rows;
   DareSpec dare;
+  std::shared_ptr<PyScratch> scratch;  // CUDA only: rows.scratch points to it
   bool on_cuda() const { return rows.device >= 0; }
 };
 
 Input make_input(const std::vector<uintptr_t>& ptrs, int64_t P, int64_t stride, int dtype, int device,
                  uintptr_t stream, double dare_p, uint64_t seed, const std::vector<int64_t>& tasks,
-                 uint64_t module_id, int64_t elem_offset) {
+                 uint64_t module_id, int64_t elem_offset, const py::object& scratch) {
   if (ptrs.empty()) throw std::invalid_argument("no input rows");
   if (tasks.size() != ptrs.size()) throw std::invalid_argument("one task index per row is needed");
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("unsupported dtype code");
@@ -40,6 +75,8 @@ Input make_input(const std::vector<uintptr_t>& ptrs, int64_t P, int64_t stride, 
   in.rows.dtype = DType(dtype);
   in.rows.device = device;
   in.rows.stream = stream;
+  in.scratch = make_scratch(scratch, device);
+  in.rows.scratch = in.scratch.get();
   in.dare = make_dare_spec(dare_p, elem_offset);
   return in;
 }
@@ -51,13 +88,15 @@ float* out_f32(uintptr_t p) { return reinterpret_cast<float*>(p); }
 struct FactorInput {
   TaskFactors f;
   DareSpec dare;
+  std::shared_ptr<PyScratch> scratch;  // CUDA only: f.scratch points to it
   bool on_cuda() const { return f.device >= 0; }
 };
 
 FactorInput make_factor_input(const std::vector<uintptr_t>& P, const std::vector<uintptr_t>& Q,
                               const std::vector<int64_t>& ranks, const std::vector<float>& scales, int64_t m,
                               int64_t c, int device, uintptr_t stream, double dare_p, uint64_t seed,
-                              const std::vector<int64_t>& tasks, uint64_t module_id, int64_t elem_offset) {
+                              const std::vector<int64_t>& tasks, uint64_t module_id, int64_t elem_offset,
+                              const py::object& scratch) {
   const size_t n = P.size();
   if (n == 0) throw std::invalid_argument("no task factors");
   if (Q.size() != n || ranks.size() != n || scales.size() != n || tasks.size() != n)
@@ -82,6 +121,8 @@ FactorInput make_factor_input(const std::vector<uintptr_t>& P, const std::vector
   in.f.c = c;
   in.f.device = device;
   in.f.stream = stream;
+  in.scratch = make_scratch(scratch, device);
+  in.f.scratch = in.scratch.get();
   in.dare = make_dare_spec(dare_p, elem_offset);
   return in;
 }
@@ -100,7 +141,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Input>(m, "Input")
       .def(py::init(&make_input), py::arg("ptrs"), py::arg("P"), py::arg("stride"), py::arg("dtype"),
            py::arg("device"), py::arg("stream"), py::arg("dare_p"), py::arg("seed"), py::arg("tasks"),
-           py::arg("module_id"), py::arg("elem_offset"));
+           py::arg("module_id"), py::arg("elem_offset"), py::arg("scratch") = py::none());
 
   cpu::path();  // reads KNOTS_EXT_CPU_PATH now: a bad value fails the import, not a later call
 
@@ -162,7 +203,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<FactorInput>(m, "FactorInput")
       .def(py::init(&make_factor_input), py::arg("P"), py::arg("Q"), py::arg("ranks"), py::arg("scales"),
            py::arg("m"), py::arg("c"), py::arg("device"), py::arg("stream"), py::arg("dare_p"), py::arg("seed"),
-           py::arg("tasks"), py::arg("module_id"), py::arg("elem_offset"));
+           py::arg("tasks"), py::arg("module_id"), py::arg("elem_offset"), py::arg("scratch") = py::none());
 
   m.def("factored_ties_apply", [](const FactorInput& in, const std::vector<float>& thresholds, float lam,
                                   uintptr_t out) {

@@ -1,5 +1,5 @@
 // Host and device plumbing shared by the CUDA kernels: error checks, the device guard,
-// stream-ordered device buffers, the upload of a TaskRows' row table, dtype dispatch, and
+// views of the caller's scratch memory, the upload of a TaskRows' row table, dtype dispatch, and
 // the device-side row loader. The per-element math itself lives in csrc/common.
 #pragma once
 #include <cuda_runtime.h>
@@ -9,7 +9,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "../kernels.h"
@@ -34,7 +33,19 @@ constexpr unsigned kFullWarp = 0xffffffffu;
 // next synchronising call).
 #define KX_CUDA_CHECK_LAUNCH() KX_CUDA_CHECK(cudaGetLastError())
 
-inline cudaStream_t stream_of(const TaskRows& x) { return reinterpret_cast<cudaStream_t>(x.stream); }
+// Where a call's device work goes: the caller's stream and the caller's scratch memory
+// (kernels.h Scratch: the kernels never allocate device memory themselves).
+struct CallContext {
+  cudaStream_t stream;
+  Scratch* scratch;
+};
+
+inline CallContext context_of(uintptr_t stream, Scratch* scratch) {
+  if (scratch == nullptr) throw std::invalid_argument("the CUDA kernels need device scratch memory from the caller");
+  return CallContext{reinterpret_cast<cudaStream_t>(stream), scratch};
+}
+inline CallContext context_of(const TaskRows& x) { return context_of(x.stream, x.scratch); }
+inline CallContext context_of(const TaskFactors& f) { return context_of(f.stream, f.scratch); }
 
 // Makes `device` current for the scope and restores the caller's device on exit, so a call
 // never leaves the thread on another device. device < 0 keeps the current one.
@@ -59,33 +70,16 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
-// `count` elements of T in device memory, allocated and freed in the order of `stream`:
-// the free is queued behind every kernel already launched on that stream, so a buffer may
-// go out of scope while those kernels still run. Contents are uninitialised.
+// `count` elements of T in the caller's scratch memory: valid until the call returns, and for
+// every kernel the call queues on its stream (the caller frees scratch in that stream's order).
+// Contents are uninitialised. A view: nothing is freed here.
 template <class T>
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  DeviceBuffer(size_t count, cudaStream_t stream) : count_(count), stream_(stream) {
-    if (count > 0) KX_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&ptr_), count * sizeof(T), stream));
+  DeviceBuffer(size_t count, const CallContext& ctx) : count_(count), stream_(ctx.stream) {
+    if (count > 0) ptr_ = static_cast<T*>(ctx.scratch->allocate(count * sizeof(T)));
   }
-  ~DeviceBuffer() { release(); }
-  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), count_(o.count_), stream_(o.stream_) {
-    o.ptr_ = nullptr;
-    o.count_ = 0;
-  }
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
-    if (this != &o) {
-      release();
-      ptr_ = std::exchange(o.ptr_, nullptr);
-      count_ = std::exchange(o.count_, 0);
-      stream_ = o.stream_;
-    }
-    return *this;
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-
   T* get() const { return ptr_; }
   size_t size() const { return count_; }
   size_t bytes() const { return count_ * sizeof(T); }
@@ -94,22 +88,18 @@ class DeviceBuffer {
   }
 
  private:
-  void release() noexcept {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);  // errors here are left to the next call
-    ptr_ = nullptr;
-  }
   T* ptr_ = nullptr;
   size_t count_ = 0;
   cudaStream_t stream_ = nullptr;
 };
 
-// Copies a host vector to a new device buffer on `stream`. A pageable source is staged by
-// the driver before cudaMemcpyAsync returns, so `host` may be freed right after.
+// Copies a host vector to new scratch on the call's stream. A pageable source is staged by the
+// driver before cudaMemcpyAsync returns, so `host` may be freed right after.
 template <class T>
-DeviceBuffer<T> upload(const std::vector<T>& host, cudaStream_t stream) {
-  DeviceBuffer<T> buf(host.size(), stream);
+DeviceBuffer<T> upload(const std::vector<T>& host, const CallContext& ctx) {
+  DeviceBuffer<T> buf(host.size(), ctx);
   if (!host.empty())
-    KX_CUDA_CHECK(cudaMemcpyAsync(buf.get(), host.data(), buf.bytes(), cudaMemcpyHostToDevice, stream));
+    KX_CUDA_CHECK(cudaMemcpyAsync(buf.get(), host.data(), buf.bytes(), cudaMemcpyHostToDevice, ctx.stream));
   return buf;
 }
 
@@ -132,7 +122,7 @@ struct RowsView {
   DareSpec dare;
 };
 
-// The row table of a TaskRows on the device: pointers then keys, in one allocation.
+// The row table of a TaskRows on the device: pointers then keys, in one scratch buffer.
 struct DeviceRows {
   DeviceBuffer<unsigned char> storage;
   RowsView view{};
@@ -148,7 +138,7 @@ inline void check_rows(const TaskRows& x, const DareSpec& d) {
     if (p == nullptr && x.P > 0) throw std::invalid_argument("null row pointer");
 }
 
-inline DeviceRows upload_rows(const TaskRows& x, const DareSpec& d, cudaStream_t stream) {
+inline DeviceRows upload_rows(const TaskRows& x, const DareSpec& d, const CallContext& ctx) {
   const size_t n = x.rows.size();
   static_assert(sizeof(PhiloxKey) == 8 && alignof(PhiloxKey) <= alignof(void*), "row table layout");
   const size_t ptr_bytes = n * sizeof(void*);
@@ -156,7 +146,7 @@ inline DeviceRows upload_rows(const TaskRows& x, const DareSpec& d, cudaStream_t
   if (n > 0) std::memcpy(host.data(), x.rows.data(), ptr_bytes);
   if (d.enabled && n > 0) std::memcpy(host.data() + ptr_bytes, x.dare_keys.data(), n * sizeof(PhiloxKey));
   DeviceRows out;
-  out.storage = upload(host, stream);
+  out.storage = upload(host, ctx);
   unsigned char* base = out.storage.get();
   out.view.rows = reinterpret_cast<const void* const*>(base);
   out.view.keys = reinterpret_cast<const PhiloxKey*>(base == nullptr ? nullptr : base + ptr_bytes);

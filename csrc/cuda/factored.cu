@@ -187,10 +187,11 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
   check_histogram(f.tasks.size(), f.numel(), task_of_row, sel);
   if (sel.done() || f.numel() == 0 || f.tasks.empty()) return;
   DeviceGuard guard(f.device);
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(f.stream);
-  const DeviceBuffer<FactorTask> tasks = upload(f.tasks, stream);
+  const CallContext ctx = context_of(f);
+  const cudaStream_t stream = ctx.stream;
+  const DeviceBuffer<FactorTask> tasks = upload(f.tasks, ctx);
   const TileGrid g(f);
-  histogram_rows(f.tasks.size(), f.numel(), task_of_row, sel, stream,
+  histogram_rows(f.tasks.size(), f.numel(), task_of_row, sel, ctx,
                  [&](const HistogramItem* items, size_t count, int round, const HistogramOut& out) {
                    const dim3 grid(tile_blocks(g, int64_t(count)), unsigned(count));
                    factored_histogram_kernel<<<grid, kThreads, 0, stream>>>(tasks.get(), g, d, items, round, out);
@@ -203,12 +204,13 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
   if (thresholds.size() != f.tasks.size()) throw std::invalid_argument("one threshold per task is needed");
   if (f.numel() == 0) return;
   DeviceGuard guard(f.device);
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(f.stream);
-  const DeviceBuffer<FactorTask> tasks = upload(f.tasks, stream);
-  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, stream);
+  const CallContext ctx = context_of(f);
+  const cudaStream_t stream = ctx.stream;
+  const DeviceBuffer<FactorTask> tasks = upload(f.tasks, ctx);
+  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
   const TileGrid g(f);
   const unsigned blocks = tile_blocks(g);
-  run_ties_pass(f.numel(), stream, pending, [&](const ZeroList& list) {
+  run_ties_pass(f.numel(), ctx, pending, [&](const ZeroList& list) {
     factored_ties_apply_kernel<<<blocks, kThreads, 0, stream>>>(tasks.get(), f.n(), g, d, keys.get(), lam, out, list);
   });
 }
@@ -221,15 +223,16 @@ void factored_ties_fix_majority(const TaskFactors& f, const DareSpec& d, const s
     if (j < 0 || j >= f.numel()) throw std::invalid_argument("position out of range");
   if (positions.empty()) return;
   DeviceGuard guard(f.device);
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(f.stream);
-  const DeviceBuffer<FactorTask> tasks = upload(f.tasks, stream);
-  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, stream);
-  const DeviceBuffer<int64_t> device_positions = upload(positions, stream);
+  const CallContext ctx = context_of(f);
+  const cudaStream_t stream = ctx.stream;
+  const DeviceBuffer<FactorTask> tasks = upload(f.tasks, ctx);
+  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
+  const DeviceBuffer<int64_t> device_positions = upload(positions, ctx);
   const int64_t count = int64_t(positions.size());
   factored_ties_fix_majority_kernel<<<grid_blocks(count), kThreads, 0, stream>>>(
       tasks.get(), f.n(), f.c, d, keys.get(), device_positions.get(), count, majority, lam, out);
   KX_CUDA_CHECK_LAUNCH();
-  // No synchronisation: the buffers are freed in stream order, after the kernel.
+  // No synchronisation: the caller frees the scratch in stream order, after the kernel.
 }
 
 bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::vector<float>& weights, float* out) {
@@ -237,10 +240,11 @@ bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::v
   if (weights.size() != f.tasks.size()) throw std::invalid_argument("one weight per task is needed");
   if (f.numel() == 0) return true;
   DeviceGuard guard(f.device);
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(f.stream);
-  const DeviceBuffer<FactorTask> tasks = upload(f.tasks, stream);
-  const DeviceBuffer<float> device_weights = upload(weights, stream);
-  DeviceBuffer<uint32_t> nonfinite(1, stream);
+  const CallContext ctx = context_of(f);
+  const cudaStream_t stream = ctx.stream;
+  const DeviceBuffer<FactorTask> tasks = upload(f.tasks, ctx);
+  const DeviceBuffer<float> device_weights = upload(weights, ctx);
+  DeviceBuffer<uint32_t> nonfinite(1, ctx);
   nonfinite.zero();
   const TileGrid g(f);
   factored_weighted_sum_kernel<<<tile_blocks(g), kThreads, 0, stream>>>(tasks.get(), f.n(), g, d,

@@ -84,12 +84,12 @@ inline void check_histogram(size_t n_rows, int64_t P, const std::vector<int64_t>
 
 // Histograms n_rows rows of P entries each into sel's current round, row r into task
 // task_of_row[r]'s histogram: launch(items, item_count, round, HistogramOut) launches a kernel
-// on `stream` that counts each item's row into its slot. Rows are grouped into chunks of at
+// on the call's stream that counts each item's row into its slot. Rows are grouped into chunks of at
 // most kMaxSlots distinct tasks and kMaxItems rows, and a chunk closes before any task's entry
 // count would reach 2^32 (its uint32 bins' limit).
 template <class Launch>
 void histogram_rows(size_t n_rows, int64_t P, const std::vector<int64_t>& task_of_row, MagnitudeSelect& sel,
-                    cudaStream_t stream, Launch&& launch) {
+                    const CallContext& ctx, Launch&& launch) {
   check_histogram(n_rows, P, task_of_row, sel);
   if (sel.done() || P == 0 || n_rows == 0) return;
   const int round = sel.round();
@@ -102,13 +102,13 @@ void histogram_rows(size_t n_rows, int64_t P, const std::vector<int64_t>& task_o
     if (items.empty()) return;
     const size_t bins = size_t(sel.bins()), slots = slot_task.size();
     const size_t low_at = slots * bins, flag_at = low_at + slots;
-    DeviceBuffer<uint32_t> counts(flag_at + 1, stream);
+    DeviceBuffer<uint32_t> counts(flag_at + 1, ctx);
     counts.zero();
-    DeviceBuffer<HistogramItem> device_items = upload(items, stream);
+    DeviceBuffer<HistogramItem> device_items = upload(items, ctx);
     launch(device_items.get(), items.size(), round,
            HistogramOut{counts.get(), counts.get() + low_at, counts.get() + flag_at});
     KX_CUDA_CHECK_LAUNCH();
-    const std::vector<uint32_t> host = download(counts.get(), counts.size(), stream);
+    const std::vector<uint32_t> host = download(counts.get(), counts.size(), ctx.stream);
     for (size_t s = 0; s < slots; ++s) {
       const int64_t task = slot_task[s];
       uint64_t* h = sel.hist(task);

@@ -38,9 +38,10 @@ void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector
   check_histogram(x.rows.size(), x.P, task_of_row, sel);
   if (sel.done() || x.P == 0 || x.rows.empty()) return;
   DeviceGuard guard(x.device);
-  const cudaStream_t stream = stream_of(x);
-  const DeviceRows rows = upload_rows(x, d, stream);
-  histogram_rows(x.rows.size(), x.P, task_of_row, sel, stream,
+  const CallContext ctx = context_of(x);
+  const cudaStream_t stream = ctx.stream;
+  const DeviceRows rows = upload_rows(x, d, ctx);
+  histogram_rows(x.rows.size(), x.P, task_of_row, sel, ctx,
                  [&](const HistogramItem* items, size_t count, int round, const HistogramOut& out) {
                    const dim3 grid(grid_blocks(x.P, int64_t(count)), unsigned(count));
                    dispatch_dtype(x.dtype, [&](auto tag) {

@@ -55,12 +55,13 @@ void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& 
   if (thresholds.size() != x.rows.size()) throw std::invalid_argument("one threshold per row is needed");
   if (x.P == 0) return;
   DeviceGuard guard(x.device);
-  const cudaStream_t stream = stream_of(x);
-  const DeviceRows rows = upload_rows(x, d, stream);
-  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, stream);
+  const CallContext ctx = context_of(x);
+  const cudaStream_t stream = ctx.stream;
+  const DeviceRows rows = upload_rows(x, d, ctx);
+  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
   const unsigned blocks = grid_blocks(x.P);
 
-  run_ties_pass(x.P, stream, pending, [&](const ZeroList& list) {
+  run_ties_pass(x.P, ctx, pending, [&](const ZeroList& list) {
     dispatch_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       ties_apply_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, keys.get(), x.n(), x.P, lam,
@@ -77,10 +78,11 @@ void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<f
     if (j < 0 || j >= x.P) throw std::invalid_argument("position out of range");
   if (positions.empty()) return;
   DeviceGuard guard(x.device);
-  const cudaStream_t stream = stream_of(x);
-  const DeviceRows rows = upload_rows(x, d, stream);
-  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, stream);
-  const DeviceBuffer<int64_t> device_positions = upload(positions, stream);
+  const CallContext ctx = context_of(x);
+  const cudaStream_t stream = ctx.stream;
+  const DeviceRows rows = upload_rows(x, d, ctx);
+  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
+  const DeviceBuffer<int64_t> device_positions = upload(positions, ctx);
   const int64_t count = int64_t(positions.size());
   const unsigned blocks = grid_blocks(count);
   dispatch_dtype(x.dtype, [&](auto tag) {
@@ -90,7 +92,7 @@ void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<f
                                                                  static_cast<T*>(out));
   });
   KX_CUDA_CHECK_LAUNCH();
-  // No synchronisation: the buffers are freed in stream order, after the kernel.
+  // No synchronisation: the caller frees the scratch in stream order, after the kernel.
 }
 
 std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k, float lam, void* out) {

@@ -71,18 +71,18 @@ __device__ __forceinline__ void ties_totals(int64_t sign_sum, uint32_t nonfinite
 // Room for this many listed positions at first (8 MiB); a pass that needs more runs again.
 constexpr int64_t kInitialZeroCapacity = int64_t(1) << 20;
 
-// Runs a TIES pass over P positions (launch(ZeroList) launches it on `stream`) and adds its sign
+// Runs a TIES pass over P positions (launch(ZeroList) launches it on the call's stream) and adds its sign
 // sum and its zero-sum positions, sorted, to pending. Throws on NaN or Inf.
 template <class Launch>
-void run_ties_pass(int64_t P, cudaStream_t stream, TiesPending& pending, Launch&& launch) {
+void run_ties_pass(int64_t P, const CallContext& ctx, TiesPending& pending, Launch&& launch) {
   int64_t capacity = std::min(P, kInitialZeroCapacity);
   for (;;) {
-    DeviceBuffer<int64_t> zero_positions(size_t(capacity), stream);
-    DeviceBuffer<TiesCounters> counters(1, stream);
+    DeviceBuffer<int64_t> zero_positions(size_t(capacity), ctx);
+    DeviceBuffer<TiesCounters> counters(1, ctx);
     counters.zero();
     launch(ZeroList{zero_positions.get(), static_cast<unsigned long long>(capacity), counters.get()});
     KX_CUDA_CHECK_LAUNCH();
-    const TiesCounters c = download(counters.get(), 1, stream)[0];
+    const TiesCounters c = download(counters.get(), 1, ctx.stream)[0];
     if (c.nonfinite != 0) throw std::domain_error("input contains NaN or Inf");
     const int64_t count = int64_t(c.zero_count);  // <= P: each position is listed at most once
     if (count > capacity) {
@@ -91,7 +91,7 @@ void run_ties_pass(int64_t P, cudaStream_t stream, TiesPending& pending, Launch&
       capacity = count;
       continue;
     }
-    std::vector<int64_t> positions = download(zero_positions.get(), size_t(count), stream);
+    std::vector<int64_t> positions = download(zero_positions.get(), size_t(count), ctx.stream);
     std::sort(positions.begin(), positions.end());  // atomics list them in no fixed order
     pending.zero_sum_positions.insert(pending.zero_sum_positions.end(), positions.begin(), positions.end());
     pending.sign_sum += static_cast<int64_t>(c.sign_sum);
@@ -99,10 +99,10 @@ void run_ties_pass(int64_t P, cudaStream_t stream, TiesPending& pending, Launch&
   }
 }
 
-inline DeviceBuffer<uint32_t> upload_threshold_keys(const std::vector<float>& thresholds, cudaStream_t stream) {
+inline DeviceBuffer<uint32_t> upload_threshold_keys(const std::vector<float>& thresholds, const CallContext& ctx) {
   std::vector<uint32_t> keys(thresholds.size());
   for (size_t r = 0; r < thresholds.size(); ++r) keys[r] = magnitude_key(thresholds[r]);
-  return upload(keys, stream);
+  return upload(keys, ctx);
 }
 
 // Row r's exact threshold as a TrimRange: keep iff key >= key(t), nothing undecided.

@@ -25,10 +25,11 @@ bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>
   if (weights.size() != x.rows.size()) throw std::invalid_argument("one weight per row is needed");
   if (x.P == 0) return true;
   DeviceGuard guard(x.device);
-  const cudaStream_t stream = stream_of(x);
-  const DeviceRows rows = upload_rows(x, d, stream);
-  const DeviceBuffer<float> device_weights = upload(weights, stream);
-  DeviceBuffer<uint32_t> nonfinite(1, stream);
+  const CallContext ctx = context_of(x);
+  const cudaStream_t stream = ctx.stream;
+  const DeviceRows rows = upload_rows(x, d, ctx);
+  const DeviceBuffer<float> device_weights = upload(weights, ctx);
+  DeviceBuffer<uint32_t> nonfinite(1, ctx);
   nonfinite.zero();
   const unsigned blocks = grid_blocks(x.P);
   dispatch_dtype(x.dtype, [&](auto tag) {
