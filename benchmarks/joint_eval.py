@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -143,6 +144,7 @@ class Bench:
         self.cache = {}
         self.evaluations = 0
         self.embed_seconds = 0.0
+        self.on_pass = lambda: None  # called after each encoder pass (the progress bar)
 
     def reset(self):
         self.model.load_state_dict(self.base_state)
@@ -155,6 +157,7 @@ class Bench:
         emb = jt.embed(self.model, self.tokenizer, self.inputs[split].texts)
         self.embed_seconds += time.perf_counter() - t0
         self.evaluations += 1
+        self.on_pass()
         self.reset()
         return emb
 
@@ -339,7 +342,18 @@ def run(args) -> dict:
     bench = Bench(tasks, Path(args.adapters), args.top_k_scope)
     names = [t.name for t in tasks]
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    log = print if not args.silent else (lambda *a, **k: None)
+    # Quick mode takes the hyperparameters the shipped full run chose (the defaults where it has none).
+    shipped = shipped_choices() if args.quick else {}
+    quick = {m: shipped.get(m) or {s: {p: DEFAULTS[p] for p in method_params(m)} for s in SETTINGS} for m in methods}
+    # A bar over the encoder passes (most of the time), with the time left where their number is
+    # known in advance (quick mode: the finetuned models, zero-shot, one per distinct merge; the full
+    # mode's searches stop early, so no total). tqdm leaves it out when stderr is not a terminal.
+    merges = sum(len({tuple(sorted(quick[m][s].items())) for s in SETTINGS}) for m in methods)
+    passes = len(tasks) + 1 + merges if args.quick else None
+    bar = tqdm(total=passes, desc="encoder passes", unit="pass", file=sys.stderr, disable=True if args.silent else None)
+    bench.on_pass = bar.update
+    log = (lambda *a, **k: tqdm.write(" ".join(map(str, a)), file=sys.stdout)) if not args.silent else (
+        lambda *a, **k: None)
     grid = {**GRID, "lam": [round(0.1 * i, 1) for i in range(1, round(10 * args.lam_max) + 1)]}
 
     # Finetuned models: each adapter alone, on every input of the split (the Ensemble needs them
@@ -365,12 +379,11 @@ def run(args) -> dict:
     add_row("ensemble", ens, ens)
     add_row("finetuned", {"acc": ft_acc["test"]}, {"hits1": None, "hits3": None})  # no joint model
 
-    shipped = shipped_choices() if args.quick else {}
     for method in methods:
         t0 = time.perf_counter()
         params = method_params(method)
         if args.quick:
-            chosen = shipped.get(method) or {s: {p: DEFAULTS[p] for p in params} for s in SETTINGS}
+            chosen = quick[method]
         else:
             chosen = {s: linear_search(lambda cfg: bench.evaluate(method, cfg, "val"), params, criteria[s], grid)
                       for s in SETTINGS}
@@ -392,6 +405,7 @@ def run(args) -> dict:
         "rows": rows,
         "val_evaluations": {f"{m} {fmt_params(dict(p))}": r for (m, p, s), r in bench.cache.items() if s == "val"},
     }
+    bar.close()
     results["cka"] = cka_summary(bench)
     results["cka_mean_offdiag"] = {space: {m: mean_offdiag(c) for m, c in per.items()}
                                    for space, per in results["cka"].items()}

@@ -1,24 +1,19 @@
-"""A progress line on a terminal for long loops; silent when stderr is not a terminal or when quiet."""
+"""Progress bars (tqdm, on stderr) for the merge's passes over the modules: elapsed time, rate and
+an estimate of the time left. Off when quiet, and when stderr is not a terminal (logs, CI)."""
 
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm import tqdm
 
 
 def make_progress(quiet: bool):
-    show = not quiet and sys.stderr.isatty()
+    """progress(items, desc) yields the items, with a bar over them unless disabled."""
+    disable = quiet or not sys.stderr.isatty()
 
     def progress(items, desc: str):
         items = list(items)
-        if not show:
-            yield from items
-            return
-        start, total = time.perf_counter(), len(items)
-        for i, item in enumerate(items):
-            sys.stderr.write(f"\r{desc}: {i}/{total} ({time.perf_counter() - start:.1f}s)")
-            sys.stderr.flush()
-            yield item
-        sys.stderr.write(f"\r{desc}: {total}/{total} ({time.perf_counter() - start:.1f}s)\n")
+        yield from tqdm(items, desc=desc, total=len(items), unit="module", file=sys.stderr, disable=disable)
 
     return progress

@@ -88,17 +88,64 @@ def _offsets(sizes):
     return out
 
 
-def truncated_factors(P: torch.Tensor, Q: torch.Tensor, rank: int | None = None, tol: float = 0.0):
-    """Factors (B, A) of the best rank-`rank` approximation of P @ Q (P: d_out x k, Q: k x d_in),
-    through QR of P and Q^T and an SVD of the k x k core. rank=None keeps every singular value
-    above tol. B = U_r diag(S_r), A = V_r^T, in float64."""
+@dataclass
+class Truncated:
+    """The kept singular directions of a matrix as factors B = U_r diag(S_r), A = V_r^T (float64,
+    signs fixed), and what the truncation cost: the sum of the squared singular values dropped
+    and of all of them (||M||_F^2), so ||M - B A||_F / ||M||_F = sqrt(dropped / total)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    dropped: float
+    total: float
+
+
+def energy_rank(S: torch.Tensor, energy: float) -> int:
+    """The fewest leading singular directions whose squared singular values hold at least
+    `energy` (0 < energy <= 1) of the total, sum S^2 = ||M||_F^2; 0 for a zero matrix."""
+    cum = torch.cumsum(S.to(torch.float64) ** 2, 0)
+    if cum.numel() == 0 or float(cum[-1]) == 0.0:
+        return 0
+    return int((cum < energy * cum[-1]).sum()) + 1
+
+
+def _kept(S: torch.Tensor, rank: int | None, energy: float | None, tol: float) -> tuple[int, float, float]:
+    """(how many directions to keep, dropped, total) (see Truncated): at most `rank`, at most
+    energy_rank(S, energy), and with no rank and no energy every singular value above tol."""
+    keep = S.numel() if rank is not None or energy is not None else int((tol < S).sum())
+    if rank is not None:
+        keep = min(keep, int(rank))
+    if energy is not None:
+        keep = min(keep, energy_rank(S, energy))
+    sq = S.to(torch.float64) ** 2
+    return keep, float(sq[keep:].sum()), float(sq.sum())
+
+
+def truncate(P: torch.Tensor, Q: torch.Tensor, rank=None, energy=None, tol: float = 0.0) -> Truncated:
+    """The truncated SVD of P @ Q (P: d_out x k, Q: k x d_in) from the factors: QR of P and Q^T,
+    an SVD of the k x k core; only the kept directions are formed (see _kept for which)."""
     P64, Q64 = P.to(torch.float64), Q.to(torch.float64)
     Q_P, R_P = torch.linalg.qr(P64)
     Q_Q, R_Q = torch.linalg.qr(Q64.T)
     U, S, Vt = torch.linalg.svd(R_P @ R_Q.T, full_matrices=False)
-    keep = int((tol < S).sum()) if rank is None else min(int(rank), S.numel())
+    keep, dropped, total = _kept(S, rank, energy, tol)
     U, Vt = fix_signs(Q_P @ U[:, :keep], Vt[:keep])
-    return U * S[:keep], Vt @ Q_Q.T
+    return Truncated(U * S[:keep], Vt @ Q_Q.T, dropped, total)
+
+
+def truncate_dense(dW: torch.Tensor, rank=None, energy=None) -> Truncated:
+    """The truncated SVD of a dense matrix (float64; see _kept for which directions stay)."""
+    U, S, Vt = torch.linalg.svd(dW.to(torch.float64), full_matrices=False)
+    keep, dropped, total = _kept(S, rank, energy, 0.0)
+    U, Vt = fix_signs(U[:, :keep], Vt[:keep])
+    return Truncated(U * S[:keep], Vt, dropped, total)
+
+
+def truncated_factors(P: torch.Tensor, Q: torch.Tensor, rank: int | None = None, tol: float = 0.0):
+    """Factors (B, A) of the best rank-`rank` approximation of P @ Q (truncate); rank=None keeps
+    every singular value above tol. B = U_r diag(S_r), A = V_r^T, in float64."""
+    t = truncate(P, Q, rank, tol=tol)
+    return t.B, t.A
 
 
 def dense_factors(dW: torch.Tensor, rank: int | None = None):
@@ -113,7 +160,5 @@ def dense_factors(dW: torch.Tensor, rank: int | None = None):
         if d_in <= d_out:
             return dW, torch.eye(d_in, dtype=dW.dtype, device=dW.device)
         return torch.eye(d_out, dtype=dW.dtype, device=dW.device), dW
-    U, S, Vt = torch.linalg.svd(dW.to(torch.float64), full_matrices=False)
-    keep = min(int(rank), S.numel())
-    U, Vt = fix_signs(U[:, :keep], Vt[:keep])
-    return U * S[:keep], Vt
+    t = truncate_dense(dW, rank)
+    return t.B, t.A

@@ -3,7 +3,9 @@ Ensemble baseline and the linear search against references written here; the tas
 small end-to-end run on the shipped adapters."""
 from __future__ import annotations
 
+import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -169,10 +171,22 @@ def test_shipped_adapters_cover_the_attention_projections():
                    for m in a.modules)
 
 
-def test_quick_run_end_to_end(tmp_path):
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_quick_run_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    monkeypatch.setattr(sys, "stderr", Terminal())
     je.main(["--quick", "--tasks", "questions,sms_spam", "--methods", "ta,knots-ta,knots-ties",
-             "--out", str(out), "--silent"])
+             "--out", str(out)])
+    # progress on a terminal: a bar over the encoder passes that ends at its total, with the time left
+    # shown on the way (2 finetuned models, zero-shot, one pass per distinct merge of the 3 methods)
+    bar = sys.stderr.getvalue()
+    total = int(re.search(r"encoder passes: +\d+%\|.*\| *\d+/(\d+)", bar).group(1))
+    assert 2 + 1 + 3 <= total <= 2 + 1 + 6 and f"{total}/{total}" in bar and "<" in bar
+    assert "knots-ties" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     for f in ("results.md", "normalized_accuracy.png", "joint_hits1.png", "cka_heatmaps.png"):
         assert (out / f).stat().st_size > 0
