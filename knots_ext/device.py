@@ -154,8 +154,9 @@ def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[tor
     """Host tensors on `device`: for CUDA one pinned staging buffer and one non-blocking copy on
     the current stream, the results views of one device buffer. The pinned buffer goes back to
     torch's caching host allocator when dropped, which reuses it only once the copy has run (the
-    copy records an event on it), so it is safe to drop at once."""
-    if device.type != "cuda":
+    copy records an event on it), so it is safe to drop at once. Tensors not all on the host (an
+    in-memory adapter's, already on a GPU) are moved one by one."""
+    if device.type != "cuda" or any(t.device.type != "cpu" for t in tensors):
         return [t.to(device) for t in tensors]
     staged, layout = pack(tensors, pin=True)
     return unpack(staged.to(device, non_blocking=True), layout)
