@@ -42,8 +42,25 @@ KX_HD float dare_apply(float v, uint32_t word, const DareSpec& d) {
   return word >= d.drop_below ? mul_rn(v, d.scale) : 0.0f;
 }
 
-// One element, computing its own Philox block (the GPU path; the CPU path shares a block
-// across four consecutive elements).
+// Word `index` (0 .. 7) of two consecutive Philox blocks, by selects: a dynamic index would put
+// the words in GPU local memory.
+KX_HD uint32_t pick_word(const Philox4& lo, const Philox4& hi, int index) {
+  const Philox4& b = index < 4 ? lo : hi;
+  const int i = index & 3;
+  return i == 0 ? b.w[0] : i == 1 ? b.w[1] : i == 2 ? b.w[2] : b.w[3];
+}
+
+// The mask words of the 4 consecutive elements first .. first+3: one Philox block when first
+// is a multiple of 4, else the two blocks they straddle.
+KX_HD void dare_words4(PhiloxKey key, uint64_t first, uint32_t (&words)[4]) {
+  const Philox4 lo = dare_words(key, first >> 2);
+  const int lead = int(first & 3u);
+  const Philox4 hi = lead != 0 ? dare_words(key, (first >> 2) + 1) : lo;
+  for (int i = 0; i < 4; ++i) words[i] = pick_word(lo, hi, lead + i);
+}
+
+// One element, computing its own Philox block (scattered positions; runs of elements share
+// blocks: dare_words4, the CPU's dare_run).
 KX_HD float dare_element(float v, PhiloxKey key, int64_t index, const DareSpec& d) {
   Philox4 w = dare_words(key, uint64_t(index) >> 2);
   const int lane = int(index & 3);  // selects, not w.w[lane]: a dynamic index puts w in GPU local memory

@@ -181,13 +181,57 @@ void dispatch_dtype(DType dtype, F&& f) {
 __device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
 
-// Element j of row r as float, DARE applied. `nonfinite` collects whether the stored value
-// (before DARE, as on the CPU) was NaN or Inf.
+// The row kernels' unit of work: a group of 4 consecutive positions sharing one Philox block
+// (DESIGN.md §1: counter = module element / 4, word = module element % 4), so DARE costs one
+// Philox call per 4 elements. Group k covers positions first(k) .. first(k) + 3, clipped to
+// [0, P): with DARE on, group 0 starts `lead` = elem_offset % 4 positions before the array, so
+// that every group is one Philox block.
+struct Groups {
+  int64_t P;
+  int64_t lead;       // 0 .. 3
+  uint64_t counter0;  // group 0's Philox counter
+  int64_t count;
+  __device__ __forceinline__ int64_t first(int64_t k) const { return 4 * k - lead; }
+  __device__ __forceinline__ bool inside(int64_t j) const { return j >= 0 && j < P; }
+};
+
+inline Groups groups_of(int64_t P, const DareSpec& d) {
+  // Unsigned like dare_element (elem_offset + j as uint64): the same counter for any offset.
+  const uint64_t offset = uint64_t(d.elem_offset);
+  Groups g;
+  g.P = P;
+  g.lead = d.enabled ? int64_t(offset & 3u) : 0;
+  g.counter0 = offset >> 2;
+  g.count = P > 0 ? (g.lead + P + 3) / 4 : 0;
+  return g;
+}
+
+// Row r's values at group k's positions as float, DARE applied (one Philox block); 0 outside
+// [0, P). `nonfinite` collects whether a stored value (before DARE, as on the CPU) was NaN or Inf.
 template <class T>
-__device__ __forceinline__ float load_row_value(const RowsView& v, int64_t r, int64_t j, uint32_t& nonfinite) {
+__device__ __forceinline__ void load_group(const RowsView& v, int64_t r, const Groups& g, int64_t k, float (&x)[4],
+                                           uint32_t& nonfinite) {
+  const T* row = static_cast<const T*>(v.rows[r]);
+  const int64_t j0 = g.first(k);
+  Philox4 w{};
+  if (v.dare.enabled) w = dare_words(v.keys[r], g.counter0 + uint64_t(k));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // i is a constant after unrolling: w stays in registers
+    float value = 0.0f;
+    if (g.inside(j0 + i)) {
+      value = to_float(row[(j0 + i) * v.stride]);
+      nonfinite |= uint32_t(magnitude_key(value) >= kNonFiniteKey);
+      if (v.dare.enabled) value = dare_apply(value, w.w[i], v.dare);
+    }
+    x[i] = value;
+  }
+}
+
+// Element j of row r as float, DARE applied, on its own (scattered positions).
+template <class T>
+__device__ __forceinline__ float load_row_value(const RowsView& v, int64_t r, int64_t j) {
   const T* row = static_cast<const T*>(v.rows[r]);
   const float x = to_float(row[j * v.stride]);
-  nonfinite |= uint32_t(magnitude_key(x) >= kNonFiniteKey);
   return v.dare.enabled ? dare_element(x, v.keys[r], v.dare.elem_offset + j, v.dare) : x;
 }
 

@@ -1,9 +1,9 @@
 // The merge kernels on task rows given as factors (TaskFactors, common/factor_math.h) on the GPU:
 // a block per output tile of kTileRows x kTileCols entries (grid-stride over tiles); for each task
 // in turn the block stages the tile's rows of P and columns of Q in shared memory, kChunk ranks
-// at a time, and each thread computes its kRowsPerThread entries (one column) as the same fma
-// chain as the CPU (k order from 0), then the per-element DARE / TIES / TA math shared with the
-// CPU. No task's row is ever stored. Same bits as csrc/cpu/factored.cpp.
+// at a time, and each thread computes its kPerThread entries (4 consecutive columns of one row,
+// so that DARE needs at most two Philox blocks for them, one when aligned) as the same fma chain
+// as the CPU (k order from 0), then the per-element DARE / TIES / TA math shared with the CPU. No task's row is ever stored. Same bits as csrc/cpu/factored.cpp.
 #include "histogram.cuh"
 #include "ties_pass.cuh"
 
@@ -12,11 +12,13 @@ namespace {
 
 constexpr int kTileRows = 16;
 constexpr int kTileCols = 64;
-constexpr int kRowsPerThread = kTileRows * kTileCols / kThreads;  // 4: one column, 4 rows
-constexpr int kChunk = 32;                                        // ranks staged at a time
-static_assert(kRowsPerThread * kThreads == kTileRows * kTileCols, "a thread per column and row group");
+constexpr int kPerThread = 4;                          // consecutive columns of one row
+constexpr int kThreadsPerRow = kTileCols / kPerThread;  // 16
+constexpr int kChunk = 32;                             // ranks staged at a time
+static_assert(kThreadsPerRow * kTileRows == kThreads, "a thread per 4 columns of a tile row");
 
-struct Staged {
+// 16-byte aligned: threads read q 4 columns at a time (float4).
+struct alignas(16) Staged {
   float p[kTileRows][kChunk + 1];  // +1: no bank conflicts when loading
   float q[kChunk][kTileCols];
 };
@@ -30,25 +32,25 @@ struct TileGrid {
   }
 };
 
-// This thread's place in a tile: rows a0 + i (i < kRowsPerThread), column b.
+// This thread's place in a tile: row a, columns b0 + i (i < kPerThread).
 struct Place {
-  int64_t a0, b;
+  int64_t a, b0;
   __device__ Place(const TileGrid& g, int64_t tile)
-      : a0((tile % g.row_tiles) * kTileRows + (threadIdx.x / kTileCols) * kRowsPerThread),
-        b((tile / g.row_tiles) * kTileCols + threadIdx.x % kTileCols) {}
-  __device__ bool inside(const TileGrid& g, int i) const { return a0 + i < g.m && b < g.c; }
-  __device__ int64_t index(const TileGrid& g, int i) const { return (a0 + i) * g.c + b; }
+      : a((tile % g.row_tiles) * kTileRows + threadIdx.x / kThreadsPerRow),
+        b0((tile / g.row_tiles) * kTileCols + (threadIdx.x % kThreadsPerRow) * kPerThread) {}
+  __device__ bool inside(const TileGrid& g, int i) const { return a < g.m && b0 + i < g.c; }
+  __device__ int64_t index(const TileGrid& g, int i) const { return a * g.c + b0 + i; }
 };
 
 // v[i] = task t's entry at this thread's place (0 outside the row). Every thread of the block
 // calls it together (it synchronises the block).
 __device__ __forceinline__ void tile_entries(const FactorTask& t, const TileGrid& g, int64_t tile, Staged& s,
-                                             float (&v)[kRowsPerThread]) {
+                                             float (&v)[kPerThread]) {
   const int64_t a_first = (tile % g.row_tiles) * kTileRows, b_first = (tile / g.row_tiles) * kTileCols;
-  const int col = int(threadIdx.x % kTileCols), row = int(threadIdx.x / kTileCols) * kRowsPerThread;
-  float acc[kRowsPerThread];
+  const int row = int(threadIdx.x / kThreadsPerRow), col = int(threadIdx.x % kThreadsPerRow) * kPerThread;
+  float acc[kPerThread];
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < kPerThread; ++i) acc[i] = 0.0f;
   for (int64_t k0 = 0; k0 < t.rank; k0 += kChunk) {
     const int kc = int(t.rank - k0 < kChunk ? t.rank - k0 : kChunk);
     __syncthreads();  // the previous chunk (or task, or tile) is read by every thread
@@ -64,22 +66,34 @@ __device__ __forceinline__ void tile_entries(const FactorTask& t, const TileGrid
     }
     __syncthreads();
     for (int k = 0; k < kc; ++k) {
-      const float q = s.q[k][col];
-#pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) acc[i] = fma_rn(s.p[row + i][k], q, acc[i]);
+      const float p = s.p[row][k];
+      const float4 q = *reinterpret_cast<const float4*>(&s.q[k][col]);  // 16-byte aligned: col % 4 == 0
+      acc[0] = fma_rn(p, q.x, acc[0]);
+      acc[1] = fma_rn(p, q.y, acc[1]);
+      acc[2] = fma_rn(p, q.z, acc[2]);
+      acc[3] = fma_rn(p, q.w, acc[3]);
     }
   }
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) v[i] = factor_scale(t.scale, acc[i]);
+  for (int i = 0; i < kPerThread; ++i) v[i] = factor_scale(t.scale, acc[i]);
 }
 
-// Entry i of this thread's place after DARE; `nonfinite` collects NaN / Inf (before DARE, as
-// the row kernels check the stored rows) at places inside the row.
-__device__ __forceinline__ float entry_value(float v, const FactorTask& t, const DareSpec& d, const TileGrid& g,
-                                             const Place& at, int i, uint32_t& nonfinite) {
-  if (!at.inside(g, i)) return 0.0f;
-  nonfinite |= uint32_t(magnitude_key(v) >= kNonFiniteKey);
-  return d.enabled ? dare_element(v, t.dare_key, d.elem_offset + at.index(g, i), d) : v;
+// This thread's entries after DARE (their consecutive indices share Philox blocks), 0 outside
+// the row; `nonfinite` collects NaN / Inf (before DARE, as the row kernels check the stored
+// rows) at places inside the row.
+__device__ __forceinline__ void dare_entries(float (&v)[kPerThread], const FactorTask& t, const DareSpec& d,
+                                             const TileGrid& g, const Place& at, uint32_t& nonfinite) {
+  uint32_t words[kPerThread] = {0u, 0u, 0u, 0u};
+  if (d.enabled) dare_words4(t.dare_key, uint64_t(d.elem_offset + at.index(g, 0)), words);
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    if (!at.inside(g, i)) {
+      v[i] = 0.0f;
+      continue;
+    }
+    nonfinite |= uint32_t(magnitude_key(v[i]) >= kNonFiniteKey);
+    if (d.enabled) v[i] = dare_apply(v[i], words[i], d);
+  }
 }
 
 // blockIdx.y picks the item (task); blocks along x stride over the tiles.
@@ -92,12 +106,13 @@ __global__ void __launch_bounds__(kThreads)
   KeyCounter counter(out, item, round);
   uint32_t nonfinite = 0;
   for (int64_t tile = blockIdx.x; tile < g.tiles; tile += gridDim.x) {
-    float v[kRowsPerThread];
+    float v[kPerThread];
     tile_entries(t, g, tile, s, v);
     const Place at(g, tile);
+    dare_entries(v, t, d, g, at, nonfinite);
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i)
-      if (at.inside(g, i)) counter.add(magnitude_key(entry_value(v[i], t, d, g, at, i, nonfinite)));
+    for (int i = 0; i < kPerThread; ++i)
+      if (at.inside(g, i)) counter.add(magnitude_key(v[i]));
   }
   counter.flush(out, item, nonfinite);  // every lane gets here
 }
@@ -110,18 +125,19 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t nonfinite = 0;
   for (int64_t tile = blockIdx.x; tile < g.tiles; tile += gridDim.x) {
     const Place at(g, tile);
-    TiesAccum acc[kRowsPerThread];
+    TiesAccum acc[kPerThread];
     for (int64_t r = 0; r < n; ++r) {
       const FactorTask t = tasks[r];
-      float v[kRowsPerThread];
+      float v[kPerThread];
       tile_entries(t, g, tile, s, v);
+      dare_entries(v, t, d, g, at, nonfinite);
       const TrimRange range = exact_range(threshold_keys, r);
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) ties_add(acc[i], entry_value(v[i], t, d, g, at, i, nonfinite), range);
+      for (int i = 0; i < kPerThread; ++i) ties_add(acc[i], v[i], range);  // 0 outside the row: adds nothing
     }
     // Whole warps get here together (every thread runs every tile of its block).
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) ties_finish(acc[i], at.inside(g, i), at.index(g, i), lam, out, list, sign_sum);
+    for (int i = 0; i < kPerThread; ++i) ties_finish(acc[i], at.inside(g, i), at.index(g, i), lam, out, list, sign_sum);
   }
   ties_totals(sign_sum, nonfinite, list);
 }
@@ -149,19 +165,20 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t nonfinite = 0;
   for (int64_t tile = blockIdx.x; tile < g.tiles; tile += gridDim.x) {
     const Place at(g, tile);
-    float acc[kRowsPerThread];
+    float acc[kPerThread];
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < kPerThread; ++i) acc[i] = 0.0f;
     for (int64_t r = 0; r < n; ++r) {
       const FactorTask t = tasks[r];
-      float v[kRowsPerThread];
+      float v[kPerThread];
       tile_entries(t, g, tile, s, v);
+      dare_entries(v, t, d, g, at, nonfinite);
       const float w = weights[r];
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) acc[i] = weighted_add(acc[i], w, entry_value(v[i], t, d, g, at, i, nonfinite));
+      for (int i = 0; i < kPerThread; ++i) acc[i] = weighted_add(acc[i], w, v[i]);
     }
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i)
+    for (int i = 0; i < kPerThread; ++i)
       if (at.inside(g, i)) out[at.index(g, i)] = acc[i];
   }
   warp_flag_nonfinite(nonfinite, nonfinite_flag);  // every lane gets here

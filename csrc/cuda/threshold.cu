@@ -18,15 +18,21 @@ int device_count() {
 
 namespace {
 
-// blockIdx.y picks the item (row); blocks along x stride over its P elements.
+// blockIdx.y picks the item (row); blocks along x stride over its groups of 4 elements.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    magnitude_histogram_kernel(RowsView v, const HistogramItem* items, int64_t P, int round, HistogramOut out) {
+    magnitude_histogram_kernel(RowsView v, const HistogramItem* items, Groups g, int round, HistogramOut out) {
   const HistogramItem item = items[blockIdx.y];
   KeyCounter counter(out, item, round);
   uint32_t nonfinite = 0;
-  for (int64_t j = global_thread(); j < P; j += grid_threads())
-    counter.add(magnitude_key(load_row_value<T>(v, item.row, j, nonfinite)));
+  for (int64_t k = global_thread(); k < g.count; k += grid_threads()) {
+    float x[4];
+    load_group<T>(v, item.row, g, k, x, nonfinite);
+    const int64_t j0 = g.first(k);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (g.inside(j0 + i)) counter.add(magnitude_key(x[i]));
+  }
   counter.flush(out, item, nonfinite);  // every lane gets here (no early exit above)
 }
 
@@ -41,12 +47,13 @@ void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector
   const CallContext ctx = context_of(x);
   const cudaStream_t stream = ctx.stream;
   const DeviceRows rows = upload_rows(x, d, ctx);
+  const Groups g = groups_of(x.P, d);
   histogram_rows(x.rows.size(), x.P, task_of_row, sel, ctx,
                  [&](const HistogramItem* items, size_t count, int round, const HistogramOut& out) {
-                   const dim3 grid(grid_blocks(x.P, int64_t(count)), unsigned(count));
+                   const dim3 grid(grid_blocks(g.count, int64_t(count)), unsigned(count));
                    dispatch_dtype(x.dtype, [&](auto tag) {
                      using T = decltype(tag);
-                     magnitude_histogram_kernel<T><<<grid, kThreads, 0, stream>>>(rows.view, items, x.P, round, out);
+                     magnitude_histogram_kernel<T><<<grid, kThreads, 0, stream>>>(rows.view, items, g, round, out);
                    });
                  });
 }

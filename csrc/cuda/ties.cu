@@ -1,5 +1,5 @@
 // Fused TIES on the GPU: trim, elect and disjoint mean in one pass over the n rows, one
-// thread per position, with no n x P temporary. Same results as csrc/cpu/ties.cpp (the rows
+// thread per group of 4 positions, with no n x P temporary. Same results as csrc/cpu/ties.cpp (the rows
 // are added in the same order with the same shared math).
 #include <algorithm>
 
@@ -10,27 +10,36 @@ namespace {
 
 template <class T>
 __device__ __forceinline__ TiesAccum accumulate_position(const RowsView& v, const uint32_t* threshold_keys,
-                                                         int64_t n, int64_t j, uint32_t& nonfinite) {
+                                                         int64_t n, int64_t j) {
   TiesAccum a;
-  for (int64_t r = 0; r < n; ++r) ties_add(a, load_row_value<T>(v, r, j, nonfinite), exact_range(threshold_keys, r));
+  for (int64_t r = 0; r < n; ++r) ties_add(a, load_row_value<T>(v, r, j), exact_range(threshold_keys, r));
   return a;
 }
 
-// Writes every position; those whose trimmed sum is exactly 0 are written 0 and listed
-// (ties_pass.cuh). The loop condition is the warp's first position, so whole warps iterate
-// together (ties_finish's list append is warp-wide).
+// Writes every position, a group of 4 per thread (cuda_utils.cuh Groups); those whose trimmed
+// sum is exactly 0 are written 0 and listed (ties_pass.cuh). The loop condition is the warp's
+// first group, so whole warps iterate together (ties_finish's list append is warp-wide).
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    ties_apply_kernel(RowsView v, const uint32_t* threshold_keys, int64_t n, int64_t P, float lam, T* out,
+    ties_apply_kernel(RowsView v, const uint32_t* threshold_keys, int64_t n, Groups g, float lam, T* out,
                       ZeroList list) {
   const int lane = int(threadIdx.x & 31);
   int64_t sign_sum = 0;
   uint32_t nonfinite = 0;
-  for (int64_t j = global_thread(); j - lane < P; j += grid_threads()) {
-    const bool inside = j < P;
-    TiesAccum a;  // empty (nothing listed, sign 0) for lanes past the end
-    if (inside) a = accumulate_position<T>(v, threshold_keys, n, j, nonfinite);
-    ties_finish(a, inside, j, lam, out, list, sign_sum);
+  for (int64_t k = global_thread(); k - lane < g.count; k += grid_threads()) {
+    TiesAccum a[4];  // empty (nothing listed, sign 0) for groups past the end
+    if (k < g.count) {
+      for (int64_t r = 0; r < n; ++r) {
+        float x[4];
+        load_group<T>(v, r, g, k, x, nonfinite);
+        const TrimRange range = exact_range(threshold_keys, r);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ties_add(a[i], x[i], range);  // 0 outside [0, P): adds nothing
+      }
+    }
+    const int64_t j0 = g.first(k);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ties_finish(a[i], k < g.count && g.inside(j0 + i), j0 + i, lam, out, list, sign_sum);
   }
   // Every lane gets here (whole warps leave the loop together).
   ties_totals(sign_sum, nonfinite, list);
@@ -40,10 +49,9 @@ template <class T>
 __global__ void __launch_bounds__(kThreads)
     ties_fix_majority_kernel(RowsView v, const uint32_t* threshold_keys, int64_t n, const int64_t* positions,
                              int64_t count, int majority, float lam, T* out) {
-  uint32_t nonfinite = 0;  // checked by ties_apply already
   for (int64_t q = global_thread(); q < count; q += grid_threads()) {
     const int64_t j = positions[q];
-    store(out + j, ties_mean(accumulate_position<T>(v, threshold_keys, n, j, nonfinite), majority, lam));
+    store(out + j, ties_mean(accumulate_position<T>(v, threshold_keys, n, j), majority, lam));
   }
 }
 
@@ -59,12 +67,13 @@ void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& 
   const cudaStream_t stream = ctx.stream;
   const DeviceRows rows = upload_rows(x, d, ctx);
   const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
-  const unsigned blocks = grid_blocks(x.P);
+  const Groups g = groups_of(x.P, d);
+  const unsigned blocks = grid_blocks(g.count);
 
   run_ties_pass(x.P, ctx, pending, [&](const ZeroList& list) {
     dispatch_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      ties_apply_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, keys.get(), x.n(), x.P, lam,
+      ties_apply_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, keys.get(), x.n(), g, lam,
                                                             static_cast<T*>(out), list);
     });
   });

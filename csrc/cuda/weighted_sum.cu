@@ -1,4 +1,5 @@
-// Task Arithmetic on the GPU: out = sum_r w_r * dare(row r), one thread per position. With
+// Task Arithmetic on the GPU: out = sum_r w_r * dare(row r), one thread per group of 4
+// positions (cuda_utils.cuh Groups). With
 // one row and weight 1 this is the plain DARE op.
 #include "cuda_utils.cuh"
 
@@ -7,13 +8,22 @@ namespace {
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    weighted_sum_kernel(RowsView v, const float* weights, int64_t n, int64_t P, T* out, uint32_t* nonfinite_flag) {
+    weighted_sum_kernel(RowsView v, const float* weights, int64_t n, Groups g, T* out, uint32_t* nonfinite_flag) {
   uint32_t nonfinite = 0;
-  for (int64_t j = global_thread(); j < P; j += grid_threads()) {
-    float acc = 0.0f;
-    // In row order, rounded as on the CPU (common/rounding.h).
-    for (int64_t r = 0; r < n; ++r) acc = weighted_add(acc, weights[r], load_row_value<T>(v, r, j, nonfinite));
-    store(out + j, acc);
+  for (int64_t k = global_thread(); k < g.count; k += grid_threads()) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t r = 0; r < n; ++r) {
+      float x[4];
+      load_group<T>(v, r, g, k, x, nonfinite);
+      const float w = weights[r];
+      // In row order, rounded as on the CPU (common/rounding.h).
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] = weighted_add(acc[i], w, x[i]);
+    }
+    const int64_t j0 = g.first(k);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (g.inside(j0 + i)) store(out + j0 + i, acc[i]);
   }
   warp_flag_nonfinite(nonfinite, nonfinite_flag);  // every lane gets here
 }
@@ -31,10 +41,11 @@ bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>
   const DeviceBuffer<float> device_weights = upload(weights, ctx);
   DeviceBuffer<uint32_t> nonfinite(1, ctx);
   nonfinite.zero();
-  const unsigned blocks = grid_blocks(x.P);
+  const Groups g = groups_of(x.P, d);
+  const unsigned blocks = grid_blocks(g.count);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    weighted_sum_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, device_weights.get(), x.n(), x.P,
+    weighted_sum_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, device_weights.get(), x.n(), g,
                                                             static_cast<T*>(out), nonfinite.get());
   });
   KX_CUDA_CHECK_LAUNCH();
