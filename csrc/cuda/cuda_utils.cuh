@@ -155,14 +155,21 @@ inline DeviceRows upload_rows(const TaskRows& x, const DareSpec& d, const CallCo
   return out;
 }
 
-// Blocks for a grid-stride loop over `work` items: enough to fill the current device
-// (8 resident blocks of 256 threads per SM), never more than the work needs, at least 1.
-inline unsigned grid_blocks(int64_t work, int64_t share = 1) {
-  int device = 0, sms = 0;
+// Blocks of `threads` threads that `items` work items need, one item per thread.
+inline int64_t blocks_for(int64_t items, int threads = kThreads) { return (items + threads - 1) / threads; }
+
+// Blocks for a grid-stride loop that could use `wanted` blocks: at most as many as the device
+// keeps resident at once for this kernel (the occupancy API: its registers and shared memory
+// decide the blocks per SM), shared among `share` launches side by side (grid.y); at least 1.
+template <class Kernel>
+unsigned grid_blocks(Kernel kernel, int64_t wanted, int64_t share = 1, size_t dynamic_smem = 0,
+                     int threads = kThreads) {
+  int device = 0, sms = 0, per_sm = 0;
   KX_CUDA_CHECK(cudaGetDevice(&device));
   KX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t wanted = (work + kThreads - 1) / kThreads;
-  const int64_t fill = std::max<int64_t>(1, int64_t(sms) * 8 / std::max<int64_t>(share, 1));
+  KX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem));
+  // per_sm == 0: the kernel cannot run with these resources; the launch reports it.
+  const int64_t fill = std::max<int64_t>(1, int64_t(std::max(per_sm, 1)) * sms / std::max<int64_t>(share, 1));
   return unsigned(std::max<int64_t>(1, std::min(wanted, fill)));
 }
 

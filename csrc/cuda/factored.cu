@@ -193,9 +193,6 @@ void check_factors(const TaskFactors& f) {
   }
 }
 
-// Blocks for a grid-stride loop over the tiles (`share`: launches side by side along y).
-unsigned tile_blocks(const TileGrid& g, int64_t share = 1) { return grid_blocks(g.tiles * kThreads, share); }
-
 }  // namespace
 
 void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vector<int64_t>& task_of_row,
@@ -210,7 +207,7 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
   const TileGrid g(f);
   histogram_rows(f.tasks.size(), f.numel(), task_of_row, sel, ctx,
                  [&](const HistogramItem* items, size_t count, int round, const HistogramOut& out) {
-                   const dim3 grid(tile_blocks(g, int64_t(count)), unsigned(count));
+                   const dim3 grid(grid_blocks(factored_histogram_kernel, g.tiles, int64_t(count)), unsigned(count));
                    factored_histogram_kernel<<<grid, kThreads, 0, stream>>>(tasks.get(), g, d, items, round, out);
                  });
 }
@@ -226,7 +223,7 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
   const DeviceBuffer<FactorTask> tasks = upload(f.tasks, ctx);
   const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
   const TileGrid g(f);
-  const unsigned blocks = tile_blocks(g);
+  const unsigned blocks = grid_blocks(factored_ties_apply_kernel, g.tiles);
   run_ties_pass(f.numel(), ctx, pending, [&](const ZeroList& list) {
     factored_ties_apply_kernel<<<blocks, kThreads, 0, stream>>>(tasks.get(), f.n(), g, d, keys.get(), lam, out, list);
   });
@@ -246,7 +243,8 @@ void factored_ties_fix_majority(const TaskFactors& f, const DareSpec& d, const s
   const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
   const DeviceBuffer<int64_t> device_positions = upload(positions, ctx);
   const int64_t count = int64_t(positions.size());
-  factored_ties_fix_majority_kernel<<<grid_blocks(count), kThreads, 0, stream>>>(
+  factored_ties_fix_majority_kernel<<<grid_blocks(factored_ties_fix_majority_kernel, blocks_for(count)), kThreads, 0,
+                                      stream>>>(
       tasks.get(), f.n(), f.c, d, keys.get(), device_positions.get(), count, majority, lam, out);
   KX_CUDA_CHECK_LAUNCH();
   // No synchronisation: the caller frees the scratch in stream order, after the kernel.
@@ -264,7 +262,7 @@ bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::v
   DeviceBuffer<uint32_t> nonfinite(1, ctx);
   nonfinite.zero();
   const TileGrid g(f);
-  factored_weighted_sum_kernel<<<tile_blocks(g), kThreads, 0, stream>>>(tasks.get(), f.n(), g, d,
+  factored_weighted_sum_kernel<<<grid_blocks(factored_weighted_sum_kernel, g.tiles), kThreads, 0, stream>>>(tasks.get(), f.n(), g, d,
                                                                        device_weights.get(), out, nonfinite.get());
   KX_CUDA_CHECK_LAUNCH();
   return download(nonfinite.get(), 1, stream)[0] == 0;

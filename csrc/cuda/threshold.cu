@@ -50,9 +50,10 @@ void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector
   const Groups g = groups_of(x.P, d);
   histogram_rows(x.rows.size(), x.P, task_of_row, sel, ctx,
                  [&](const HistogramItem* items, size_t count, int round, const HistogramOut& out) {
-                   const dim3 grid(grid_blocks(g.count, int64_t(count)), unsigned(count));
                    dispatch_dtype(x.dtype, [&](auto tag) {
                      using T = decltype(tag);
+                     const dim3 grid(grid_blocks(magnitude_histogram_kernel<T>, blocks_for(g.count), int64_t(count)),
+                                     unsigned(count));
                      magnitude_histogram_kernel<T><<<grid, kThreads, 0, stream>>>(rows.view, items, g, round, out);
                    });
                  });

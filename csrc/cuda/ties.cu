@@ -68,11 +68,10 @@ void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& 
   const DeviceRows rows = upload_rows(x, d, ctx);
   const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
   const Groups g = groups_of(x.P, d);
-  const unsigned blocks = grid_blocks(g.count);
-
   run_ties_pass(x.P, ctx, pending, [&](const ZeroList& list) {
     dispatch_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
+      const unsigned blocks = grid_blocks(ties_apply_kernel<T>, blocks_for(g.count));
       ties_apply_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, keys.get(), x.n(), g, lam,
                                                             static_cast<T*>(out), list);
     });
@@ -93,9 +92,9 @@ void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<f
   const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
   const DeviceBuffer<int64_t> device_positions = upload(positions, ctx);
   const int64_t count = int64_t(positions.size());
-  const unsigned blocks = grid_blocks(count);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
+    const unsigned blocks = grid_blocks(ties_fix_majority_kernel<T>, blocks_for(count));
     ties_fix_majority_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, keys.get(), x.n(),
                                                                  device_positions.get(), count, majority, lam,
                                                                  static_cast<T*>(out));

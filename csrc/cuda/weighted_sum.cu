@@ -42,9 +42,9 @@ bool weighted_sum(const TaskRows& x, const DareSpec& d, const std::vector<float>
   DeviceBuffer<uint32_t> nonfinite(1, ctx);
   nonfinite.zero();
   const Groups g = groups_of(x.P, d);
-  const unsigned blocks = grid_blocks(g.count);
   dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
+    const unsigned blocks = grid_blocks(weighted_sum_kernel<T>, blocks_for(g.count));
     weighted_sum_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, device_weights.get(), x.n(), g,
                                                             static_cast<T*>(out), nonfinite.get());
   });
