@@ -32,19 +32,23 @@ struct HistogramOut {
 };
 
 // One thread's counting of one item's keys. Round 0 counts key >> kRound0Shift and ORs the low
-// bits; round 1 counts the low bits of the keys whose top bits are the task's prefix. Bins are
-// global atomics (in round 1 only the keys of one round-0 bin reach them), except bin 0: it
-// holds every zero (DARE's dropped entries, untrained modules), so it is counted per thread
-// and added once per warp instead of serialising the whole grid on one address.
+// bits; round 1 counts the low bits of the keys whose top bits are the task's prefix. Bin 0 holds
+// every zero (DARE's dropped entries, untrained modules): it is counted per thread and added once
+// per warp. The other bins are counted either in global memory (`shared` null: one atomic per
+// key), or, so that repeated magnitudes (bf16, quantised data) do not all queue on one global
+// address, in the block's shared memory: two 16-bit counts per 32-bit word (65536 bins in
+// 128 KiB), moved to the global bins by drain(), one atomic per nonzero bin, before any count
+// can reach 2^16.
 struct KeyCounter {
   uint32_t* h;
   int round;
   uint32_t prefix;
+  uint32_t* shared;
   uint32_t low_bits = 0, bin0 = 0;
 
-  __device__ KeyCounter(const HistogramOut& out, const HistogramItem& item, int round_)
+  __device__ KeyCounter(const HistogramOut& out, const HistogramItem& item, int round_, uint32_t* shared_ = nullptr)
       : h(out.hist + int64_t(item.slot) * (round_ == 0 ? kRound0Bins : kRound1Bins)), round(round_),
-        prefix(item.prefix) {}
+        prefix(item.prefix), shared(shared_) {}
 
   __device__ __forceinline__ void add(uint32_t key) {
     uint32_t bin;
@@ -57,7 +61,26 @@ struct KeyCounter {
       return;
     }
     if (bin == 0) ++bin0;
+    else if (shared != nullptr) atomicAdd(shared + (bin >> 1), 1u << ((bin & 1u) * 16u));
     else atomicAdd(h + bin, 1u);
+  }
+
+  // Block-wide (every thread of the block calls them, at the same point): zero the shared words,
+  // and move their counts to the global bins, leaving them zero.
+  __device__ void clear_shared(int words) {
+    for (int w = int(threadIdx.x); w < words; w += int(blockDim.x)) shared[w] = 0u;
+    __syncthreads();
+  }
+  __device__ void drain(int words) {
+    __syncthreads();  // every add of the period is done
+    for (int w = int(threadIdx.x); w < words; w += int(blockDim.x)) {
+      const uint32_t c = shared[w];
+      if (c == 0u) continue;
+      shared[w] = 0u;
+      if ((c & 0xffffu) != 0u) atomicAdd(h + 2 * w, c & 0xffffu);
+      if ((c >> 16) != 0u) atomicAdd(h + 2 * w + 1, c >> 16);
+    }
+    __syncthreads();  // cleared before the next adds
   }
 
   // Warp-wide reductions, one atomic per warp; every lane of the warp calls it. (bin0 sums stay
@@ -72,6 +95,22 @@ struct KeyCounter {
     warp_flag_nonfinite(nonfinite, out.nonfinite);
   }
 };
+
+// Dynamic shared memory for a block's bins in KeyCounter's 16-bit layout, with the kernel allowed
+// to use it; 0 where the device cannot give that much beside the kernel's static shared memory
+// (the kernel then counts in global memory).
+template <class Kernel>
+size_t shared_bins_bytes(Kernel kernel, int64_t bins) {
+  int device = 0, optin = 0;
+  KX_CUDA_CHECK(cudaGetDevice(&device));
+  KX_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attr{};
+  KX_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const size_t bytes = size_t(bins / 2) * sizeof(uint32_t);
+  if (attr.sharedSizeBytes + bytes > size_t(optin)) return 0;
+  KX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  return bytes;
+}
 
 // The arguments of a histogram call, checked before anything is uploaded.
 inline void check_histogram(size_t n_rows, int64_t P, const std::vector<int64_t>& task_of_row,
