@@ -15,7 +15,7 @@ import knots_ext
 from knots_ext import ops
 from conftest import ref_ties
 from merge_refs import (F64, SHAPES, close, read_scaled_factors, read_updates, ref_core, ref_global_ties, ref_knots,
-                        ref_tsv_m, write_adapter)
+                        ref_tsv_m, write_adapter, write_random_grams)
 
 
 @pytest.fixture
@@ -248,23 +248,10 @@ def test_tsv_m(adapters, tmp_path, lam):
         close(res.delta(name), ref_tsv_m([u[name] for u in updates], lam), 1e-4, name)
 
 
-def _random_grams(path, layers, modules, seed):
-    from knots_ext.grams import save_grams
-
-    gen = torch.Generator().manual_seed(seed)
-    grams = {}
-    for layer in range(layers):
-        for mod, (_, d_in) in modules.items():
-            X = torch.randn(3 * d_in, d_in, generator=gen, dtype=F64)
-            grams[f"model.layers.{layer}.{mod}"] = X.T @ X
-    save_grams(path, grams)
-    return grams
-
-
 @pytest.mark.parametrize("alpha", [0.9, 1.0])
 def test_regmean_end_to_end(adapters, tmp_path, alpha):
     updates = [read_updates(q) for q in adapters]
-    grams = [_random_grams(tmp_path / f"g{i}.safetensors", 2, SHAPES, 20 + i) for i in range(len(adapters))]
+    grams = [write_random_grams(tmp_path / f"g{i}.safetensors", 2, SHAPES, 20 + i) for i in range(len(adapters))]
     res = knots_ext.merge(adapters, method="regmean", grams=[tmp_path / f"g{i}.safetensors" for i in range(3)],
                           regmean_alpha=alpha, lam=1.0)
     for name in updates[0]:
