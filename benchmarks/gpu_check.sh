@@ -50,6 +50,7 @@ done
 if [ -n "$ONLY" ] && [[ " $STEPS " != *" $ONLY "* ]]; then usage_error "unknown step '$ONLY' (one of: $STEPS)"; fi
 case "$OUT_DIR" in /*) ;; *) OUT_DIR="$PWD/$OUT_DIR" ;; esac
 cd "$ROOT" || exit 1
+ulimit -n 65536 2>/dev/null || true  # the n = 1000 merges open 1000 adapter files
 
 # name, time box in seconds, command (one shell string: what --dry-run prints is what runs)
 CHECK_PY='import os, torch, knots_ext
