@@ -2,6 +2,7 @@
 
     knots-merge ADAPTER... -o OUT --method knots-ties [--top-k 0.2] [--lam 1.0] [--dare-p P]
                 [--seed S] [--rank R] [--device cpu|cuda] [--overwrite] [--quiet]
+    knots-merge --config recipe.yaml [-o OUT] [any flag above, overriding the recipe's value]
 
 Exit code 0 on success; 2 on bad input or a refused OUT (one error line on stderr, nothing
 written; OUT is checked before the merge starts); 130 on Ctrl-C and 143 on SIGTERM (one line,
@@ -16,6 +17,7 @@ import sys
 import threading
 
 from .methods import ALL_PARAMS, METHODS
+from .recipe import DTYPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,12 +27,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="knots-merge", description="Merge LoRA adapters (PEFT format) into one.")
-    ap.add_argument("adapters", nargs="+", help="PEFT adapter directories or .safetensors files")
+    ap = _Parser(
+        prog="knots-merge",
+        description="Merge LoRA adapters (PEFT format) into one. Every output holds its recipe "
+        "(recipe.yaml, README.md, safetensors metadata): knots-merge --config OUT/recipe.yaml -o NEW redoes it.",
+    )
+    ap.add_argument(
+        "adapters",
+        nargs="*",
+        help="PEFT adapter directories, .safetensors files, or Hub names org/name[@revision] found in the "
+        "local Hugging Face cache (a local path that exists wins; nothing is downloaded)",
+    )
+    ap.add_argument(
+        "--config",
+        metavar="RECIPE",
+        default=None,
+        help="a merge recipe (.yaml/.yml or .json: adapters, method, params, weights, module_weights, output, "
+        "rank, dtype, ...; see README); flags given on the command line override the recipe's values",
+    )
     ap.add_argument(
         "-o",
         "--output",
-        required=True,
+        default=None,
         help="output adapter directory: new, empty, or an earlier knots-merge output with --overwrite",
     )
     ap.add_argument(
@@ -60,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "name (e.g. 'layers\\.[0-9]\\.=0.5' 'mlp=0'), 1 when none matches",
     )
     ap.add_argument("--rank", type=int, default=None, help="truncate the saved adapter to this rank")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved factors")
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha for bare .safetensors inputs")
     ap.add_argument(
         "--extra",
@@ -113,11 +132,47 @@ def _error_line(e: BaseException) -> str:
     return " ".join(str(e).strip("'\"").split())
 
 
+def _given_on_command_line(parser: argparse.ArgumentParser, argv, dests: set) -> set:
+    """The options argv sets (a recipe's values fill the others): parsed again into a namespace
+    whose every attribute is a marker, which argparse's defaults leave alone."""
+    unset = object()
+    marked = argparse.Namespace(**{name: unset for name in dests})
+    parser.parse_args(argv, marked)
+    return {name for name, value in vars(marked).items() if value is not unset and value != []}
+
+
+def _apply_recipe(args, given: set, parser_dests: set) -> list:
+    """Fills args from the --config recipe where the command line left them; returns the warning
+    lines (adapter files whose hashes differ from the recipe's). A recipe's params for another
+    method than a --method given here are dropped (they belong to the recipe's method)."""
+    from . import recipe
+    from .methods import get_method
+
+    loaded = recipe.load(args.config)
+    values = dict(loaded.values)
+    params = values.pop("params", {})
+    if "method" in given:
+        params = {k: v for k, v in params.items() if k in get_method(args.method).param_names}
+    for name, value in params.items():
+        if not hasattr(args, name):  # (method flags are absent unless given)
+            setattr(args, name, value)
+    for key, value in values.items():
+        if key not in parser_dests:
+            if value is not None:
+                raise ValueError(f"{args.config}: {key}: this knots-merge has no such setting")
+        elif key not in given:
+            setattr(args, key, value)
+    return loaded.hash_warnings() if "adapters" not in given else []
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    dests = set(vars(parser.parse_args([])))  # every option but the method's (absent unless given)
+    given = _given_on_command_line(parser, argv, dests) if args.config is not None else set()
     try:
         with _sigterm_raises():
-            return _run(args)
+            return _run(args, given, dests)
     except KeyboardInterrupt:
         print("knots-merge: interrupted", file=sys.stderr)
         return 130
@@ -126,7 +181,7 @@ def main(argv=None) -> int:
         return 143
 
 
-def _run(args) -> int:
+def _run(args, given: set, parser_dests: set) -> int:
     from . import io
     from .engine import merge_to
 
@@ -134,6 +189,16 @@ def _run(args) -> int:
         print(f"knots-merge: error: {msg}", file=sys.stderr)
         return 2
 
+    if args.config is not None:
+        try:
+            for line in _apply_recipe(args, given, parser_dests):
+                print(f"knots-merge: warning: {line}", file=sys.stderr)
+        except ValueError as e:
+            return fail(_error_line(e))
+    if not args.adapters:
+        return fail("no adapters to merge: give them as arguments or in a --config recipe")
+    if args.output is None:
+        return fail("no output folder: give -o OUT, or output in a --config recipe")
     if args.rank is not None and args.rank < 1:
         return fail(f"--rank must be >= 1, got {args.rank}")
     params = {name: getattr(args, name) for name in ALL_PARAMS if hasattr(args, name)}
@@ -144,6 +209,7 @@ def _run(args) -> int:
             args.adapters,
             method=args.method,
             rank=args.rank,
+            dtype=DTYPES[args.dtype],
             overwrite=args.overwrite,
             device=args.device,
             alpha=args.alpha,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import driver, factor_ops, io
+from . import driver, factor_ops, hub, io, recipe
 from ._progress import make_progress
 from .device import Placement, check_device
 from .driver import ModuleRef
@@ -38,6 +38,8 @@ class MergeResult:
     dropped_extra: list = field(default_factory=list)  # non-LoRA tensors left out
     inputs: list = field(default_factory=list)  # paths of the adapters merged (save() never replaces them)
     weights: TaskWeights = field(default_factory=TaskWeights)  # the adapter and module weights applied
+    sources: list = field(default_factory=list)  # recipe.sources of the inputs (their files are hashed by save())
+    settings: dict = field(default_factory=dict)  # merge()'s other recipe settings (alpha, extra, force)
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense merged update of module `name` (d_out x d_in, float32, on the CPU)."""
@@ -66,6 +68,9 @@ class MergeResult:
             overwrite=overwrite,
             inputs=self.inputs,
             manifest=_manifest(self.method, self.params, rank, self.inputs, self.weights),
+            **_provenance(
+                out_dir, self.sources, self.method, self.params, self.weights, rank=rank, dtype=dtype, **self.settings
+            ),
         )
 
     def fold_into(self, target, scale: float = 1.0):
@@ -116,11 +121,26 @@ def _manifest(method: str, params: dict, rank, inputs, weights: TaskWeights | No
         for k, v in params.items()
     }
     out = {"method": method, "params": plain, "rank": rank, "adapters": [os.fspath(p) for p in inputs]}
+    return {**out, **_weight_entries(weights)}
+
+
+def _weight_entries(weights: TaskWeights | None) -> dict:
+    """weights and module_weights as plain lists, where the merge had them."""
+    out: dict = {}
     if weights is not None and weights.adapters is not None:
         out["weights"] = list(weights.adapters)
     if weights is not None and weights.modules.rules:
         out["module_weights"] = [list(rule) for rule in weights.modules.rules]
     return out
+
+
+def _provenance(out_dir, sources, method: str, params: dict, weights: TaskWeights | None, **settings) -> dict:
+    """The writer's metadata and text_files that carry the merge's recipe (knots_ext.recipe):
+    settings are merge_to's keywords that shape the output (rank, rank_energy, dtype, format,
+    alpha, extra, force)."""
+    described = recipe.describe(sources, method, params, settings, _weight_entries(weights))
+    metadata, text_files = recipe.output_parts(recipe.with_output(described, out_dir))
+    return {"metadata": metadata, "text_files": text_files}
 
 
 def check_rank(rank) -> None:
@@ -140,7 +160,7 @@ def _load(adapters, alpha):
         raise ValueError("no adapters to merge")
     loaded = []
     for a in adapters:
-        loaded.append(a if isinstance(a, io.Adapter) else io.load_adapter(a, alpha=alpha))
+        loaded.append(a if isinstance(a, io.Adapter) else io.load_adapter(hub.local_path(a), alpha=alpha))
     return loaded
 
 
@@ -200,6 +220,8 @@ def merge(
         task_type=adapters[0].config.get("task_type"),
         inputs=[a.path for a in adapters],
         weights=task_weights,
+        sources=recipe.sources(adapters),
+        settings={"alpha": alpha, "extra": extra, "force": force},
     )
     result.extra, result.dropped_extra = _merge_extra(adapters, extra)
     return result
@@ -252,6 +274,18 @@ def merge_to(
         inputs=inputs,
         manifest=_manifest(method, declared, rank, inputs, task_weights),
         reserve_keys=_tensor_keys(adapters, extra),
+        **_provenance(
+            out_dir,
+            recipe.sources(adapters),
+            method,
+            declared,
+            task_weights,
+            rank=rank,
+            dtype=dtype,
+            alpha=alpha,
+            extra=extra,
+            force=force,
+        ),
     ) as writer:
 
         def emit(ref, update):

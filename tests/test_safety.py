@@ -113,7 +113,8 @@ def test_cli_overwrite_replaces_only_its_own_files(tmp_path, two, main):
     assert done.returncode == 0, done.stderr
     manifest = json.loads((out / "knots_merge.json").read_text())
     assert manifest["tool"] == "knots-ext" and manifest["merge"]["method"] == "ta"
-    assert manifest["files"] == ["adapter_config.json", "adapter_model.safetensors", "knots_merge.json"]
+    assert manifest["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors", "knots_merge.json",
+                                 "recipe.yaml"]
     (out / "notes.txt").write_text("keep me")
     before = snapshot(tmp_path)
     line = one_line(main(*two, "-o", out, "--method", "knots-ta"))

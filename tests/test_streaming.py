@@ -121,7 +121,8 @@ def test_written_safetensors_is_valid(three, tmp_path):
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + header_len])
-    assert (8 + header_len) % 8 == 0 and header["__metadata__"] == {"format": "pt"}
+    assert (8 + header_len) % 8 == 0 and header["__metadata__"]["format"] == "pt"
+    assert json.loads(header["__metadata__"]["knots_ext.recipe"])["method"] == "ties"  # (test_recipe.py)
     ends = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
     assert ends[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
     assert ends[-1][1] == len(raw) - 8 - header_len  # the data exactly fill the file

@@ -6,7 +6,9 @@ Rules (the writer never destroys a user's files):
 - A missing OUT, or an existing empty folder, is written. Any other existing path is refused,
   except an earlier knots-merge output -- a folder holding the manifest knots_merge.json -- and
   that only with overwrite: then the files this tool writes are replaced one by one (os.replace),
-  files the old manifest lists and this save does not write are removed, nothing else is touched.
+  files the old manifest lists and this save does not write are removed, nothing else is touched;
+  a file this save would write that the old manifest does not list (a user's README.md beside it)
+  makes it refuse.
 - Files are first written into a fresh hidden folder beside OUT, ".<OUT>.tmp-<pid>-<hex>", which
   becomes OUT (or whose files are moved into it). Such folders (and ".<OUT>.old-<pid>-<hex>" of
   older versions) left by a killed process are removed by the next save to the same OUT; those
@@ -25,6 +27,8 @@ import stat
 from ._common import AdapterError, read_json
 
 MANIFEST_NAME = "knots_merge.json"
+RECIPE_NAME = "recipe.yaml"  # the merge's recipe (knots_ext.recipe), loadable by knots-merge --config
+CARD_NAME = "README.md"  # the model card
 TOOL = "knots-ext"
 
 
@@ -44,7 +48,7 @@ def _protected_folders(inputs) -> list[str]:
     return folders
 
 
-def _plain_file_name(name) -> bool:
+def plain_file_name(name) -> bool:
     return (
         isinstance(name, str)
         and name not in ("", ".", "..")
@@ -61,7 +65,7 @@ def _manifest_files(path: str) -> list[str]:
         isinstance(data, dict)
         and data.get("tool") == TOOL
         and isinstance(data.get("files"), list)
-        and all(_plain_file_name(f) for f in data["files"])
+        and all(plain_file_name(f) for f in data["files"])
     )
     if not ok:
         raise AdapterError(
@@ -72,9 +76,10 @@ def _manifest_files(path: str) -> list[str]:
     return data["files"]
 
 
-def inspect_output(out_dir, inputs=(), overwrite: bool = False) -> tuple[str, list | None]:
+def inspect_output(out_dir, inputs=(), overwrite: bool = False, files=()) -> tuple[str, list | None]:
     """Runs the refusal checks (module docstring) and returns (OUT as an absolute path, the files
-    of the earlier output to replace: None when OUT does not exist, [] for an empty folder)."""
+    of the earlier output to replace: None when OUT does not exist, [] for an empty folder).
+    `files`, the names about to be written, may replace only files the earlier output wrote."""
     if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir).strip():
         raise AdapterError(f"output path {out_dir!r}: empty or not a path")
     out_dir = os.fspath(out_dir)
@@ -97,18 +102,24 @@ def inspect_output(out_dir, inputs=(), overwrite: bool = False) -> tuple[str, li
             out_dir,
             f"exists, is not empty and is not a knots-merge output (no {MANIFEST_NAME}); refusing to write into it",
         )
-    files = _manifest_files(os.path.join(target, MANIFEST_NAME))
+    old_files = _manifest_files(os.path.join(target, MANIFEST_NAME))
     if not overwrite:
         raise AdapterError(
             out_dir, "holds an earlier knots-merge output; pass --overwrite (overwrite=True) to replace it"
         )
-    return target, files
+    for name in sorted(set(files) - set(old_files)):  # e.g. a README.md of the user's beside an older output
+        if os.path.lexists(os.path.join(target, name)):
+            raise AdapterError(
+                out_dir, f"holds a {name} that knots-merge did not write; refusing to replace it (move it away)"
+            )
+    return target, old_files
 
 
-def check_output(out_dir, inputs=(), overwrite: bool = False) -> None:
+def check_output(out_dir, inputs=(), overwrite: bool = False, files=(RECIPE_NAME, CARD_NAME)) -> None:
     """Raises AdapterError if save_adapter(out_dir, ..., inputs=inputs, overwrite=overwrite) would
-    refuse the output path; writes nothing. Call it before a long merge."""
-    inspect_output(out_dir, inputs, overwrite)
+    refuse the output path (writing `files` besides the adapter's own); writes nothing. Call it
+    before a long merge."""
+    inspect_output(out_dir, inputs, overwrite, files)
 
 
 def manifest_text(files, metadata) -> str:

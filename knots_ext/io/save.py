@@ -29,6 +29,7 @@ from ._output import (
     inspect_output,
     install,
     manifest_text,
+    plain_file_name,
     remove_stale_temps,
 )
 from .adapter import CONFIG_NAME, WEIGHTS_NAME
@@ -89,12 +90,13 @@ def _prepared(out_dir, t, dtype, what: str) -> torch.Tensor:
     return converted.contiguous()
 
 
-def _header_room(keys: Sequence[str]) -> int:
-    """Bytes that surely hold the safetensors header of these tensor keys (a multiple of 8): per
-    entry the quoted key, its dtype, a 2-D shape and two offsets of at most 20 digits each."""
+def _header_room(keys: Sequence[str], metadata: Mapping[str, str]) -> int:
+    """Bytes that surely hold the safetensors header of these tensor keys and this metadata (a
+    multiple of 8): per entry the quoted key, its dtype, a 2-D shape and two offsets of at most 20
+    digits each."""
     if not keys:
         return 0
-    room = 64 + sum(len(json.dumps(k)) + 120 for k in keys)
+    room = 64 + len(json.dumps(dict(metadata))) + sum(len(json.dumps(k)) + 120 for k in keys)
     return room + (-room % 8)
 
 
@@ -103,6 +105,9 @@ class AdapterWriter:
     add() is called, so a merge never holds its whole result; close() writes the safetensors
     header, the config and the manifest and puts the folder in place (the rules and guarantees of
     save_adapter); abort() (or an exception inside a `with` block) leaves nothing behind.
+    `metadata` (string values) joins the safetensors header's metadata; `text_files` ({name:
+    text}, e.g. a recipe and a model card) are written beside the adapter and listed in the
+    manifest like its own files.
 
         with AdapterWriter(out, base_model=...) as w:
             for name, (B, A) in ...:
@@ -123,8 +128,13 @@ class AdapterWriter:
         inputs: Sequence = (),
         manifest: Mapping | None = None,
         reserve_keys: Sequence[str] = (),
+        metadata: Mapping[str, str] | None = None,
+        text_files: Mapping[str, str] | None = None,
     ):
-        self.target, _ = inspect_output(out_dir, inputs, overwrite)
+        own_files = [CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME]
+        self.metadata, self.text_files = _checked_extras(out_dir, metadata, text_files, own_files)
+        self.files = own_files + sorted(self.text_files)
+        self.target, _ = inspect_output(out_dir, inputs, overwrite, self.files)
         self.out_dir = os.fspath(out_dir)
         if dtype not in WRITABLE_DTYPES:
             raise AdapterError(self.out_dir, f"unsupported output dtype {dtype} (float32, float16, bfloat16, float64)")
@@ -133,7 +143,7 @@ class AdapterWriter:
         if manifest is not None and not isinstance(manifest, Mapping):
             raise AdapterError(self.out_dir, f"manifest must be a dict, got {type(manifest).__name__}")
         try:
-            self.manifest = manifest_text([CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME], manifest)
+            self.manifest = manifest_text(self.files, manifest)
         except (TypeError, ValueError) as e:
             raise AdapterError(self.out_dir, f"manifest metadata cannot be written as JSON: {e}") from None
         self.inputs, self.overwrite = inputs, overwrite
@@ -153,7 +163,7 @@ class AdapterWriter:
             # The tensors go straight into the weights file, after room for the header (8 bytes of
             # length + JSON) of the keys announced in reserve_keys; close() writes the header there,
             # or, if it does not fit, copies the data behind a header of its own.
-            self.data_start = 8 + _header_room(reserve_keys)
+            self.data_start = 8 + _header_room(reserve_keys, self.metadata)
             self.data = open(os.path.join(self.tmp, WEIGHTS_NAME), "wb")  # noqa: SIM115 (closed by close / abort)
             self.data.seek(self.data_start)
         except OSError as e:
@@ -244,7 +254,8 @@ class AdapterWriter:
         self._check_targets()
         weights = os.path.join(tmp, WEIGHTS_NAME)
         header = json.dumps(
-            {"__metadata__": {"format": "pt"}, **dict(sorted(self.entries.items()))}, separators=(",", ":")
+            {"__metadata__": {"format": "pt", **self.metadata}, **dict(sorted(self.entries.items()))},
+            separators=(",", ":"),
         ).encode()
         if 8 + len(header) <= self.data_start:  # padded with spaces, as safetensors allows
             self.data.seek(0)
@@ -266,10 +277,12 @@ class AdapterWriter:
         _write_text(cfg, json.dumps(self._config(), indent=2, sort_keys=True) + "\n")
         os.chmod(weights, stat.S_IMODE(os.stat(cfg).st_mode))  # the mode open() gave the config
         fsync_path(weights)
+        for name, text in sorted(self.text_files.items()):
+            _write_text(os.path.join(tmp, name), text)
         _write_text(os.path.join(tmp, MANIFEST_NAME), self.manifest)
         fsync_path(tmp)
         # Checked again: the folder may have changed during a long write.
-        _, old_files = inspect_output(self.out_dir, self.inputs, self.overwrite)
+        _, old_files = inspect_output(self.out_dir, self.inputs, self.overwrite, self.files)
         install(tmp, self.target, old_files)
         self.tmp = None
 
@@ -330,6 +343,19 @@ class AdapterWriter:
         }
 
 
+def _checked_extras(out_dir, metadata, text_files, own_files) -> tuple[dict, dict]:
+    """(safetensors metadata, {file name: text}) checked: string metadata beside "format", plain
+    file names that are not the adapter's own files."""
+    metadata, text_files = dict(metadata or {}), dict(text_files or {})
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str) or key == "format":
+            raise AdapterError(out_dir, f"safetensors metadata must map names (not 'format') to strings, got {key!r}")
+    for name, text in text_files.items():
+        if not plain_file_name(name) or name in own_files or not isinstance(text, str):
+            raise AdapterError(out_dir, f"cannot write the extra file {name!r} (a plain new file name and its text)")
+    return metadata, text_files
+
+
 def save_adapter(
     out_dir,
     factors: Mapping[str, tuple],
@@ -343,6 +369,8 @@ def save_adapter(
     overwrite: bool = False,
     inputs: Sequence = (),
     manifest: Mapping | None = None,
+    metadata: Mapping[str, str] | None = None,
+    text_files: Mapping[str, str] | None = None,
 ) -> None:
     """Writes a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose update
     for each module m is exactly `B @ A` with `(B, A) = factors[m]` (B: d_out x r, A: r x d_in;
@@ -363,7 +391,8 @@ def save_adapter(
     be or hold any of `inputs` (the adapters merged). check_output runs these checks alone;
     knots_ext.io._output says the rules in full. Everything is written into a fresh folder beside
     `out_dir` first: on any error (or Ctrl-C) nothing is left behind and an existing out_dir is
-    intact. Files get the permissions 0o666 & ~umask, a new folder 0o777 & ~umask.
+    intact. Files get the permissions 0o666 & ~umask, a new folder 0o777 & ~umask. `metadata` and
+    `text_files` are AdapterWriter's (safetensors metadata; more files beside the adapter).
     PeftModel.from_pretrained(base, out_dir) loads the result as it is.
     """
     writer = AdapterWriter(
@@ -376,6 +405,8 @@ def save_adapter(
         overwrite=overwrite,
         inputs=inputs,
         manifest=manifest,
+        metadata=metadata,
+        text_files=text_files,
         reserve_keys=[file_name(k) + x for k in factors if isinstance(k, str) for x in (A_SUFFIX, B_SUFFIX)]
         + [file_name(k) for k in (extra or {}) if isinstance(k, str)],
     )
