@@ -65,11 +65,11 @@ def sha256_file(path) -> str:
 
 def sources(adapters) -> list:
     """(absolute path, [files to hash]) of each loaded adapter: its weights file and, for a folder,
-    its config; no files for an adapter held in memory. Nothing is read here."""
+    its config; (its name, []) for an adapter held in memory. Nothing is read here."""
     out: list = []
     for a in adapters:
         path = getattr(a, "path", None)
-        if not isinstance(path, (str, os.PathLike)):
+        if not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):  # held in memory: a name
             out.append((str(path), []))
             continue
         path = os.path.abspath(os.fspath(path))

@@ -294,3 +294,13 @@ def test_the_example_recipe_is_the_flags_merge(tmp_path):
     assert header_and_data(tmp_path / "r" / "adapter_model.safetensors")[1:] == \
         header_and_data(tmp_path / "f" / "adapter_model.safetensors")[1:]
     assert recipe_of(tmp_path / "r")["module_weights"] == [["layers\\.0\\.", 0.5]]
+
+
+def test_sources_of_files_and_of_adapters_in_memory(three):
+    from types import SimpleNamespace
+
+    loaded = knots_ext.io.load_adapter(three[0])
+    assert knots_ext.recipe.sources([loaded, SimpleNamespace(path="peft:task_b", weights_path=None)]) == [
+        (str(three[0]), [str(three[0] / "adapter_model.safetensors"), str(three[0] / "adapter_config.json")]),
+        ("peft:task_b", []),
+    ]
