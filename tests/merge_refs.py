@@ -180,3 +180,23 @@ def write_random_grams(path, layers=2, modules=SHAPES, seed=0):
             grams[f"model.layers.{layer}.{mod}"] = X.T @ X
     save_grams(path, grams)
     return grams
+
+
+def read_kohya_updates(path):
+    """Float64 updates of a kohya / sd-scripts LoRA file, read by the test's own rules: per module
+    "<name>.lora_up.weight" @ "<name>.lora_down.weight" (conv factors flattened to 2-D: up
+    (c_out, r, 1, 1) -> c_out x r, down (r, c_in, kh, kw) -> r x c_in*kh*kw) times alpha / r, with
+    alpha missing or 0 taken as r (sd-scripts' LoRAModule)."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    out = {}
+    for key in t:
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            down = t[key].to(F64).reshape(t[key].shape[0], -1)
+            up = t[name + ".lora_up.weight"].to(F64).reshape(-1, down.shape[0])
+            r = down.shape[0]
+            alpha = float(t[name + ".alpha"]) if name + ".alpha" in t else 0.0
+            out[name] = (alpha / r if alpha else 1.0) * up @ down
+    return out

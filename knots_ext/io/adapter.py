@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 
 import torch
 
+from . import formats
 from ._common import (
-    A_SUFFIX,
-    B_SUFFIX,
     PICKLE_MESSAGE,
     PICKLE_SUFFIXES,
     SUPPORTED_DTYPES,
@@ -101,8 +99,18 @@ class Adapter:
     releases it, and a closed or unpickled Adapter reopens the file when it next reads.
     """
 
-    def __init__(self, path: str, weights_path: str, config: dict, *, alpha: float | None = None, rank_hint=None):
+    def __init__(
+        self,
+        path: str,
+        weights_path: str,
+        config: dict,
+        *,
+        alpha: float | None = None,
+        rank_hint=None,
+        fmt: str = "peft",
+    ):
         self.path = path
+        self.format = fmt
         self.weights_path = weights_path
         self.config = config
         base = config.get("base_model_name_or_path")
@@ -115,9 +123,7 @@ class Adapter:
         self.lora_alpha = self._number(
             cfg_path, "lora_alpha", alpha if alpha is not None else config.get("lora_alpha", _DEFAULT_ALPHA)
         )
-        self._config_r = config.get("r", _DEFAULT_R)
-        self._rank_pattern = self._pattern(cfg_path, "rank_pattern")
-        self._alpha_pattern = self._pattern(cfg_path, "alpha_pattern")
+        self._rule = self._scale_rule(cfg_path, config, self.lora_alpha)
 
         self._scan_header()
         self._resolve(cfg_path, rank_hint)
@@ -130,8 +136,21 @@ class Adapter:
             raise AdapterError(where, f"{field} must be a finite number, got {value!r}")
         return value
 
-    def _pattern(self, where, field) -> dict:
-        value = self.config.get(field) or {}
+    @classmethod
+    def _scale_rule(cls, where, config: dict, lora_alpha) -> tuple:
+        """(r, rank_pattern, alpha_pattern, lora_alpha, use_rslora) of a LoraConfig's fields, checked;
+        r is None without a config (nothing to check the stored ranks against)."""
+        return (
+            config.get("r", _DEFAULT_R) if config else None,
+            cls._pattern(where, config, "rank_pattern"),
+            cls._pattern(where, config, "alpha_pattern"),
+            lora_alpha,
+            bool(config.get("use_rslora", False)),
+        )
+
+    @classmethod
+    def _pattern(cls, where, config: dict, field) -> dict:
+        value = config.get(field) or {}
         if not isinstance(value, dict):
             raise AdapterError(where, f"{field} must be an object mapping module patterns to numbers")
         for key, v in value.items():
@@ -140,7 +159,7 @@ class Adapter:
                 raise AdapterError(where, f"{field} key {key[:80]!r} {problem}")
             if field == "rank_pattern" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise AdapterError(where, f"{field}[{key!r}] must be a positive integer, got {v!r}")
-            self._number(where, f"{field}[{key!r}]", v)
+            cls._number(where, f"{field}[{key!r}]", v)
         return dict(value)
 
     def _scan_header(self) -> None:
@@ -157,51 +176,25 @@ class Adapter:
         self._handle = handle
         self._info = info
 
-        a_mods, b_mods, extras = set(), set(), []
-        for key in info:
-            if key.endswith(A_SUFFIX):
-                a_mods.add(key[: -len(A_SUFFIX)])
-            elif key.endswith(B_SUFFIX):
-                b_mods.add(key[: -len(B_SUFFIX)])
-            elif "lora_magnitude_vector" in key:
-                raise AdapterError(path, f"DoRA adapters are not supported (found {key!r})")
-            elif ".lora_embedding_A" in key or ".lora_embedding_B" in key:
-                raise AdapterError(path, f"LoRA on embedding layers is not supported (found {key!r})")
-            elif key.endswith(".lora_B.bias"):
-                raise AdapterError(path, f"adapters with a LoRA bias (lora_bias) are not supported (found {key!r})")
-            elif re.search(r"\.lora_[AB]\.", key):
-                raise AdapterError(
-                    path,
-                    f"unrecognised LoRA key {key!r} (expected '<module>.lora_A.weight' and "
-                    "'<module>.lora_B.weight', as PeftModel.save_pretrained writes them)",
-                )
-            else:
-                extras.append(key)
-        for m in sorted(a_mods - b_mods):
-            raise AdapterError(path, f"module {m}: lora_A without its lora_B")
-        for m in sorted(b_mods - a_mods):
-            raise AdapterError(path, f"module {m}: lora_B without its lora_A")
-        if not a_mods:
-            raise AdapterError(path, "no LoRA tensors (expected keys ending in '.lora_A.weight' and '.lora_B.weight')")
-
-        self.modules = sorted(a_mods)
-        self.extra_tensors = sorted(extras)
-        self._rank, self._shape, self._dtype = {}, {}, {}
+        self._keys, self.extra_tensors = formats.group_keys(path, self.format, info)
+        self.modules = sorted(self._keys)
+        self._rank, self._shape, self._dtype, self._conv = {}, {}, {}, {}
         for m in self.modules:
-            (sa, da), (sb, db) = info[m + A_SUFFIX], info[m + B_SUFFIX]
-            for key, shape, code in ((m + A_SUFFIX, sa, da), (m + B_SUFFIX, sb, db)):
+            keys = self._keys[m]
+            (sb, db), (sa, da) = info[keys.up], info[keys.down]
+            for key, shape, code in ((keys.down, sa, da), (keys.up, sb, db)):
                 if code not in SUPPORTED_DTYPES:
                     raise AdapterError(
                         path, f"{key}: unsupported dtype {code} (float32, float16, bfloat16 and float64 are read)"
                     )
-                if len(shape) != 2:
-                    raise AdapterError(
-                        path,
-                        f"{key}: expected a 2-D tensor, got shape {list(shape)} "
-                        "(only LoRA on Linear layers is supported)",
-                    )
                 if 0 in shape:
                     raise AdapterError(path, f"{key}: empty tensor of shape {list(shape)}")
+            if not (len(sa) == len(sb) == 2 or (len(sa) == len(sb) == 4 and sb[2:] == (1, 1))):
+                raise AdapterError(
+                    path,
+                    f"module {m}: expected a 2-D tensor for each factor (a Linear layer), or a conv "
+                    f"layer's down (r, c_in, kh, kw) and up (c_out, r, 1, 1); got down {list(sa)} and up {list(sb)}",
+                )
             if sb[1] != sa[0]:
                 raise AdapterError(
                     path,
@@ -209,26 +202,34 @@ class Adapter:
                     f"{list(sa)} (lora_B's columns must equal lora_A's rows, the rank)",
                 )
             self._rank[m] = sa[0]
-            self._shape[m] = (sb[0], sa[1])
+            self._shape[m] = (sb[0], math.prod(sa[1:]))
             self._dtype[m] = SUPPORTED_DTYPES[da]
+            if len(sa) == 4:  # a conv LoRA is merged as the 2-D factors it is
+                self._conv[m] = (sb[0], *sa[1:])
 
     def _resolve(self, cfg_path, rank_hint) -> None:
         """Per-module scale, exactly as PEFT's LoraModel._create_and_replace computes it."""
         self._scale = {}
-        has_config = bool(self.config)
+        rules = {}
+        if self.format == "diffusers":  # a LoraConfig per component in the metadata, else scale 1
+            for component, config in formats.diffusers_configs(self.weights_path, self._file().metadata()).items():
+                where = f"{self.weights_path} ({formats.DIFFUSERS_METADATA_KEY}, {component})"
+                _check_config(where, config)
+                lora_alpha = self._number(where, "lora_alpha", config.get("lora_alpha", _DEFAULT_ALPHA))
+                rules[component] = self._scale_rule(where, config, lora_alpha)
         for m in self.modules:
-            name = relative_name(m)
             r = self._rank[m]
-            if has_config:
-                r_cfg = lookup_pattern(self._rank_pattern, name, self._config_r)
-                if r_cfg != r:
-                    raise AdapterError(
-                        self.weights_path,
-                        f"module {m}: stored rank {r} but {os.path.basename(cfg_path)} gives "
-                        f"r={r_cfg} (r / rank_pattern); PEFT would not load this adapter",
-                    )
-            alpha = lookup_pattern(self._alpha_pattern, name, self.lora_alpha)
-            self._scale[m] = float(alpha / math.sqrt(r) if self.use_rslora else alpha / r)
+            if self.format == "kohya":
+                alpha_key = self._keys[m].alpha
+                alpha = None if alpha_key is None else self._read(alpha_key, f"module {m}")
+                self._scale[m] = formats.kohya_scale(self.weights_path, m, alpha, r)
+            elif self.format == "diffusers":
+                component = formats.component_of(m)
+                rule = rules.get(component)
+                name = m[len(component) + 1 :]
+                self._scale[m] = 1.0 if rule is None else self._rule_scale(rule, m, name, r, "its metadata")
+            else:
+                self._scale[m] = self._rule_scale(self._rule, m, relative_name(m), r, os.path.basename(cfg_path))
         if rank_hint is not None:
             for m in self.modules:
                 want = (
@@ -238,6 +239,21 @@ class Adapter:
                     raise AdapterError(
                         self.weights_path, f"module {m}: rank {self._rank[m]}, expected {int(want)} (rank_hint)"
                     )
+
+    def _rule_scale(self, rule: tuple, module: str, name: str, r: int, source: str) -> float:
+        """The scale of a module as PEFT's LoraModel._create_and_replace computes it; `name` is
+        the module's name inside the model, matched against the patterns."""
+        config_r, rank_pattern, alpha_pattern, lora_alpha, use_rslora = rule
+        if config_r is not None:
+            r_cfg = lookup_pattern(rank_pattern, name, config_r)
+            if r_cfg != r:
+                raise AdapterError(
+                    self.weights_path,
+                    f"module {module}: stored rank {r} but {source} gives "
+                    f"r={r_cfg} (r / rank_pattern); PEFT would not load this adapter",
+                )
+        alpha = lookup_pattern(alpha_pattern, name, lora_alpha)
+        return float(alpha / math.sqrt(r) if use_rslora else alpha / r)
 
     # ---------------------------------------------------------------- file handle
 
@@ -293,6 +309,12 @@ class Adapter:
         self._check_module(module)
         return self._shape[module]
 
+    def conv_shape(self, module) -> tuple[int, int, int, int] | None:
+        """(c_out, c_in, kh, kw) of a conv module's weight (its update is shape(module) reshaped),
+        None for a Linear one."""
+        self._check_module(module)
+        return self._conv.get(module)
+
     def stored_dtype(self, module) -> torch.dtype:
         """The dtype lora_A is stored in."""
         self._check_module(module)
@@ -309,9 +331,11 @@ class Adapter:
         AdapterError if either holds NaN or Inf (or overflows when converted to `dtype`)."""
         self._check_module(module)
         out = []
-        for suffix in (B_SUFFIX, A_SUFFIX):
-            t = self._read(module + suffix, f"module {module}")
-            which = "lora_B" if suffix == B_SUFFIX else "lora_A"
+        keys = self._keys[module]
+        for key, which in ((keys.up, "lora_B"), (keys.down, "lora_A")):
+            t = self._read(key, f"module {module}")
+            if module in self._conv:  # B (c_out, r, 1, 1) -> c_out x r, A (r, c_in, kh, kw) -> r x c_in*kh*kw
+                t = t.reshape(t.shape[0], -1)
             stored = t
             if dtype is not None and t.dtype != dtype:
                 t = t.to(dtype)
@@ -372,6 +396,11 @@ def _read_config(cfg_path: str) -> dict:
     config = read_json(cfg_path)
     if not isinstance(config, dict):
         raise AdapterError(cfg_path, "invalid adapter config: expected a JSON object")
+    return _check_config(cfg_path, config)
+
+
+def _check_config(cfg_path: str, config: dict) -> dict:
+    """A LoraConfig's fields checked: their JSON types, LoRA, no variant whose update is not s * B @ A."""
     _check_field_types(cfg_path, config)
     peft_type = config.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
@@ -386,8 +415,9 @@ def _read_config(cfg_path: str) -> dict:
 
 def _find_weights(directory: str) -> str:
     names = sorted(os.listdir(directory))
-    if WEIGHTS_NAME in names:
-        return os.path.join(directory, WEIGHTS_NAME)
+    for name in (WEIGHTS_NAME, formats.DIFFUSERS_WEIGHTS_NAME):
+        if name in names:
+            return os.path.join(directory, name)
     st = [n for n in names if n.endswith(".safetensors") and os.path.isfile(os.path.join(directory, n))]
     if len(st) == 1:
         return os.path.join(directory, st[0])
@@ -405,7 +435,11 @@ def load_adapter(path, alpha: float | None = None, *, rank_hint=None) -> Adapter
     """Opens a LoRA adapter: a PEFT adapter directory (adapter_config.json +
     adapter_model.safetensors), or a bare .safetensors file with PEFT-style keys
     ("<module>.lora_A.weight" / "<module>.lora_B.weight"), which needs `alpha` (lora_alpha; each
-    module's scale is then alpha / r).
+    module's scale is then alpha / r), or a Stable Diffusion LoRA in kohya or diffusers format
+    (a .safetensors file, or a folder holding one, without adapter_config.json; detected from the
+    keys, see io.formats; kohya files carry their alphas, diffusers files have scale 1 or a
+    LoraConfig in their metadata). A file with diffusers keys given `alpha` is read as a bare PEFT
+    file (e.g. a GPT-2 LoRA's "transformer.h.0..." keys).
 
     For a directory, `alpha` (if given) replaces the config's lora_alpha; alpha_pattern still
     applies. `rank_hint` (an int, or {module: int}) is a check: a module stored with another rank
@@ -422,6 +456,8 @@ def load_adapter(path, alpha: float | None = None, *, rank_hint=None) -> Adapter
         weights = _find_weights(path)
         if os.path.lexists(cfg_path):  # a FIFO or directory there is refused, not ignored
             config = _read_config(cfg_path)
+        elif sd_format := _sd_format(weights, alpha):
+            return _sd_adapter(path, weights, sd_format, alpha, rank_hint)
         elif alpha is not None:
             config = {}
         else:
@@ -434,6 +470,8 @@ def load_adapter(path, alpha: float | None = None, *, rank_hint=None) -> Adapter
         _refuse_pickle(path)
     if os.path.basename(path) == CONFIG_NAME:
         return load_adapter(os.path.dirname(path) or ".", alpha, rank_hint=rank_hint)
+    if sd_format := _sd_format(path, alpha):
+        return _sd_adapter(path, path, sd_format, alpha, rank_hint)
     if alpha is None:
         hint = ""
         if os.path.isfile(os.path.join(os.path.dirname(path), CONFIG_NAME)):
@@ -442,11 +480,34 @@ def load_adapter(path, alpha: float | None = None, *, rank_hint=None) -> Adapter
     return Adapter(path, path, {}, alpha=alpha, rank_hint=rank_hint)
 
 
+def _sd_format(weights: str, alpha) -> str | None:
+    """'kohya' or 'diffusers' when the file's keys are in that format (diffusers keys with an
+    alpha given are read as a bare PEFT file), else None."""
+    handle = _open_safetensors(weights)
+    try:
+        fmt = formats.detect_format(handle.keys())
+    except _safetensors_error_types() as e:
+        raise AdapterError(weights, f"cannot read the safetensors header: {e}") from None
+    return None if fmt == "diffusers" and alpha is not None else fmt
+
+
+def _sd_adapter(path: str, weights: str, fmt: str, alpha, rank_hint) -> Adapter:
+    if alpha is not None:
+        raise AdapterError(weights, f"alpha= is for PEFT-format files; this {fmt}-format file stores its own alphas")
+    return Adapter(path, weights, {}, rank_hint=rank_hint, fmt=fmt)
+
+
 # -------------------------------------------------------------------- compatibility
 
 
 def _norm_base(name: str) -> str:
     return name.rstrip("/\\")
+
+
+def _conv_shape(adapter, module):
+    """A conv module's weight shape (None for Linear ones and adapters that have no conv modules)."""
+    conv_shape = getattr(adapter, "conv_shape", None)
+    return conv_shape(module) if conv_shape else None
 
 
 def check_compatible(adapters, force: bool = False) -> None:
@@ -476,6 +537,15 @@ def check_compatible(adapters, force: bool = False) -> None:
                     f"(fan_in_fan_out={ref.fan_in_fan_out}); they are not for the same "
                     "base model (force=True merges anyway)",
                 )
+    for a in adapters[1:]:  # names of different formats do not meet: refused, not merged apart
+        ref = adapters[0]
+        fa, fr = getattr(a, "format", "peft"), getattr(ref, "format", "peft")
+        if fa != fr:
+            raise AdapterError(
+                a.path,
+                f"is in {fa} format and {ref.path} in {fr} format; merge adapters of one format "
+                "(convert one by merging it alone with format=...)",
+            )
     first_seen: dict[str, Adapter] = {}
     for a in adapters:
         for m in a.modules:
@@ -484,6 +554,12 @@ def check_compatible(adapters, force: bool = False) -> None:
                 raise AdapterError(
                     a.path,
                     f"module {m}: update shape (d_out, d_in) = {a.shape(m)} differs from {ref.shape(m)} in {ref.path}",
+                )
+            if ref is not a and _conv_shape(ref, m) != _conv_shape(a, m):
+                raise AdapterError(
+                    a.path,
+                    f"module {m}: conv weight shape {_conv_shape(a, m)} differs from {_conv_shape(ref, m)} in "
+                    f"{ref.path} (None: a Linear layer)",
                 )
     # Same modules under different key prefixes would silently never meet: say so.
     for a in adapters[1:]:
