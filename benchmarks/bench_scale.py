@@ -112,7 +112,13 @@ def _imports() -> dict:
 
 
 def _folder_bytes(folder) -> int:
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+    """The bytes of the written tensors and config: the safetensors header (whose metadata holds the
+    recipe, with the output's own path and the date) and the recipe / model card files are left
+    out, so that two outputs of one merge compare."""
+    weights = Path(folder) / "adapter_model.safetensors"
+    with open(weights, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return weights.stat().st_size - 8 - header + (Path(folder) / "adapter_config.json").stat().st_size
 
 
 def job_stream(paths, method, params, out_dir, out_rank, out_dtype) -> dict:
