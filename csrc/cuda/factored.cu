@@ -224,9 +224,10 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
   const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
   const TileGrid g(f);
   const unsigned blocks = grid_blocks(factored_ties_apply_kernel, g.tiles);
-  run_ties_pass(f.numel(), ctx, pending, [&](const ZeroList& list) {
+  const TiesPassResult pass = run_ties_pass(f.numel(), ctx, [&](const ZeroList& list) {
     factored_ties_apply_kernel<<<blocks, kThreads, 0, stream>>>(tasks.get(), f.n(), g, d, keys.get(), lam, out, list);
   });
+  add_to_pending(pass, f.numel(), ctx, pending);
 }
 
 void factored_ties_fix_majority(const TaskFactors& f, const DareSpec& d, const std::vector<float>& thresholds,

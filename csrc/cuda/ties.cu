@@ -55,52 +55,69 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The device side of one call: the row table and the thresholds' keys, uploaded once.
+struct TiesCall {
+  const TaskRows& x;
+  CallContext ctx;
+  DeviceRows rows;
+  DeviceBuffer<uint32_t> keys;
+  Groups groups;
+
+  TiesCall(const TaskRows& x_, const DareSpec& d, const std::vector<float>& thresholds)
+      : x(x_), ctx(context_of(x_)), rows(upload_rows(x_, d, ctx)), keys(upload_threshold_keys(thresholds, ctx)),
+        groups(groups_of(x_.P, d)) {}
+
+  TiesPassResult apply(float lam, void* out) const {
+    return run_ties_pass(x.P, ctx, [&](const ZeroList& list) {
+      dispatch_dtype(x.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        const unsigned blocks = grid_blocks(ties_apply_kernel<T>, blocks_for(groups.count));
+        ties_apply_kernel<T><<<blocks, kThreads, 0, ctx.stream>>>(rows.view, keys.get(), x.n(), groups, lam,
+                                                                  static_cast<T*>(out), list);
+      });
+    });
+  }
+
+  // Rewrites the `count` positions of the device list with the elected sign `majority`. No
+  // synchronisation: the caller frees the scratch in stream order, after the kernel.
+  void fix_majority(const int64_t* positions, int64_t count, int majority, float lam, void* out) const {
+    if (count == 0) return;
+    dispatch_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const unsigned blocks = grid_blocks(ties_fix_majority_kernel<T>, blocks_for(count));
+      ties_fix_majority_kernel<T><<<blocks, kThreads, 0, ctx.stream>>>(rows.view, keys.get(), x.n(), positions,
+                                                                       count, majority, lam, static_cast<T*>(out));
+    });
+    KX_CUDA_CHECK_LAUNCH();
+  }
+};
+
+void check_thresholds(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds) {
+  check_rows(x, d);
+  if (thresholds.size() != x.rows.size()) throw std::invalid_argument("one threshold per row is needed");
+}
+
 }  // namespace
 
 void ties_apply(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds, float lam,
                 void* out, TiesPending& pending) {
-  check_rows(x, d);
-  if (thresholds.size() != x.rows.size()) throw std::invalid_argument("one threshold per row is needed");
+  check_thresholds(x, d, thresholds);
   if (x.P == 0) return;
   DeviceGuard guard(x.device);
-  const CallContext ctx = context_of(x);
-  const cudaStream_t stream = ctx.stream;
-  const DeviceRows rows = upload_rows(x, d, ctx);
-  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
-  const Groups g = groups_of(x.P, d);
-  run_ties_pass(x.P, ctx, pending, [&](const ZeroList& list) {
-    dispatch_dtype(x.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      const unsigned blocks = grid_blocks(ties_apply_kernel<T>, blocks_for(g.count));
-      ties_apply_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, keys.get(), x.n(), g, lam,
-                                                            static_cast<T*>(out), list);
-    });
-  });
+  const TiesCall call(x, d, thresholds);
+  add_to_pending(call.apply(lam, out), x.P, call.ctx, pending);
 }
 
 void ties_fix_majority(const TaskRows& x, const DareSpec& d, const std::vector<float>& thresholds, float lam,
                        int majority, const std::vector<int64_t>& positions, void* out) {
-  check_rows(x, d);
-  if (thresholds.size() != x.rows.size()) throw std::invalid_argument("one threshold per row is needed");
+  check_thresholds(x, d, thresholds);
   for (int64_t j : positions)
     if (j < 0 || j >= x.P) throw std::invalid_argument("position out of range");
   if (positions.empty()) return;
   DeviceGuard guard(x.device);
-  const CallContext ctx = context_of(x);
-  const cudaStream_t stream = ctx.stream;
-  const DeviceRows rows = upload_rows(x, d, ctx);
-  const DeviceBuffer<uint32_t> keys = upload_threshold_keys(thresholds, ctx);
-  const DeviceBuffer<int64_t> device_positions = upload(positions, ctx);
-  const int64_t count = int64_t(positions.size());
-  dispatch_dtype(x.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const unsigned blocks = grid_blocks(ties_fix_majority_kernel<T>, blocks_for(count));
-    ties_fix_majority_kernel<T><<<blocks, kThreads, 0, stream>>>(rows.view, keys.get(), x.n(),
-                                                                 device_positions.get(), count, majority, lam,
-                                                                 static_cast<T*>(out));
-  });
-  KX_CUDA_CHECK_LAUNCH();
-  // No synchronisation: the caller frees the scratch in stream order, after the kernel.
+  const TiesCall call(x, d, thresholds);
+  const DeviceBuffer<int64_t> device_positions = upload(positions, call.ctx);
+  call.fix_majority(device_positions.get(), int64_t(positions.size()), majority, lam, out);
 }
 
 std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k, float lam, void* out) {
@@ -115,11 +132,16 @@ std::vector<float> ties_merge(const TaskRows& x, const DareSpec& d, double top_k
   }
   std::vector<float> thresholds(static_cast<size_t>(n));
   for (int64_t r = 0; r < n; ++r) thresholds[size_t(r)] = sel.threshold(r);
+  check_thresholds(x, d, thresholds);
+  if (x.P == 0) return thresholds;
 
-  TiesPending pending;
-  ties_apply(x, d, thresholds, lam, out, pending);
-  const int majority = (pending.sign_sum > 0) - (pending.sign_sum < 0);
-  ties_fix_majority(x, d, thresholds, lam, majority, pending.zero_sum_positions, out);
+  // The zero-sum positions stay on the device: the fix reads the pass's list where it is
+  // (each position is rewritten on its own, so their order does not matter).
+  DeviceGuard guard(x.device);
+  const TiesCall call(x, d, thresholds);
+  const TiesPassResult pass = call.apply(lam, out);
+  const int majority = (pass.sign_sum > 0) - (pass.sign_sum < 0);
+  call.fix_majority(pass.positions.get(), pass.count, majority, lam, out);
   return thresholds;
 }
 

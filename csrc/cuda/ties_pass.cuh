@@ -1,9 +1,10 @@
 // The plumbing of a TIES pass on the GPU, shared by the row kernel (ties.cu) and the factored
 // one (factored.cu): finishing a position (the merged value, or 0 and a place in the list of
-// zero-sum positions), the pass's totals, and the host loop that reruns a pass whose list
-// overflowed.
+// zero-sum positions), the pass's totals, the host loop that reruns a pass whose list
+// overflowed, and the sorted copy of the list for the caller.
 #pragma once
 #include <algorithm>
+#include <cub/device/device_radix_sort.cuh>
 #include <vector>
 
 #include "cuda_utils.cuh"
@@ -71,10 +72,18 @@ __device__ __forceinline__ void ties_totals(int64_t sign_sum, uint32_t nonfinite
 // Room for this many listed positions at first (8 MiB); a pass that needs more runs again.
 constexpr int64_t kInitialZeroCapacity = int64_t(1) << 20;
 
-// Runs a TIES pass over P positions (launch(ZeroList) launches it on the call's stream) and adds its sign
-// sum and its zero-sum positions, sorted, to pending. Throws on NaN or Inf.
+// What a TIES pass leaves: its sign sum, and its zero-sum positions in a device list, in no
+// fixed order (atomics list them).
+struct TiesPassResult {
+  DeviceBuffer<int64_t> positions;
+  int64_t count = 0;
+  int64_t sign_sum = 0;
+};
+
+// Runs a TIES pass over P positions (launch(ZeroList) launches it on the call's stream) and
+// waits for its totals. Throws on NaN or Inf.
 template <class Launch>
-void run_ties_pass(int64_t P, const CallContext& ctx, TiesPending& pending, Launch&& launch) {
+TiesPassResult run_ties_pass(int64_t P, const CallContext& ctx, Launch&& launch) {
   int64_t capacity = std::min(P, kInitialZeroCapacity);
   for (;;) {
     DeviceBuffer<int64_t> zero_positions(size_t(capacity), ctx);
@@ -91,12 +100,32 @@ void run_ties_pass(int64_t P, const CallContext& ctx, TiesPending& pending, Laun
       capacity = count;
       continue;
     }
-    std::vector<int64_t> positions = download(zero_positions.get(), size_t(count), ctx.stream);
-    std::sort(positions.begin(), positions.end());  // atomics list them in no fixed order
-    pending.zero_sum_positions.insert(pending.zero_sum_positions.end(), positions.begin(), positions.end());
-    pending.sign_sum += static_cast<int64_t>(c.sign_sum);
-    return;
+    TiesPassResult result;
+    result.positions = zero_positions;
+    result.count = count;
+    result.sign_sum = static_cast<int64_t>(c.sign_sum);
+    return result;
   }
+}
+
+// Adds a pass's sign sum and its zero-sum positions, sorted on the device (CUB radix sort over
+// the bits that positions below P have), to pending: the same list as the CPU's.
+inline void add_to_pending(const TiesPassResult& pass, int64_t P, const CallContext& ctx, TiesPending& pending) {
+  pending.sign_sum += pass.sign_sum;
+  if (pass.count == 0) return;
+  int end_bit = 1;
+  while (end_bit < 63 && (uint64_t(P - 1) >> end_bit) != 0) ++end_bit;
+  // Positions are >= 0: sorted as unsigned keys.
+  const auto* keys_in = reinterpret_cast<const unsigned long long*>(pass.positions.get());
+  DeviceBuffer<unsigned long long> sorted(size_t(pass.count), ctx);
+  size_t temp_bytes = 0;
+  KX_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, temp_bytes, keys_in, sorted.get(), pass.count, 0, end_bit,
+                                               ctx.stream));
+  DeviceBuffer<unsigned char> temp(std::max<size_t>(temp_bytes, 1), ctx);
+  KX_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(temp.get(), temp_bytes, keys_in, sorted.get(), pass.count, 0, end_bit,
+                                               ctx.stream));
+  const std::vector<unsigned long long> host = download(sorted.get(), size_t(pass.count), ctx.stream);
+  pending.zero_sum_positions.insert(pending.zero_sum_positions.end(), host.begin(), host.end());
 }
 
 inline DeviceBuffer<uint32_t> upload_threshold_keys(const std::vector<float>& thresholds, const CallContext& ctx) {
