@@ -28,3 +28,20 @@ def test_set_num_threads_is_reported(restore_threads):
 
 def test_version():
     assert isinstance(knots_ext.__version__, str) and knots_ext.__version__.count(".") >= 1
+
+
+def test_cuda_inputs_need_a_scratch_allocator():
+    """The CUDA kernels allocate no device memory themselves: a CUDA input without the caller's
+    scratch allocator is refused when it is built, before any CUDA call."""
+    import pytest
+
+    from knots_ext import _C
+
+    args = dict(ptrs=[1], P=4, stride=1, dtype=0, stream=0, dare_p=0.0, seed=0, tasks=[0], module_id=0,
+                elem_offset=0)
+    with pytest.raises(ValueError, match="scratch allocator"):
+        _C.Input(device=0, **args)
+    with pytest.raises(ValueError, match="scratch allocator"):
+        _C.FactorInput(P=[1], Q=[1], ranks=[1], scales=[1.0], m=1, c=1, device=0, stream=0, dare_p=0.0, seed=0,
+                       tasks=[0], module_id=0, elem_offset=0)
+    _C.Input(device=-1, **args)  # host rows need none

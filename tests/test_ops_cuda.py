@@ -11,8 +11,8 @@ import knots_ext
 from knots_ext import factor_ops, ops
 
 from conftest import (
-    F64, assert_ta_matches, assert_thresholds_equal, assert_ties_matches, bits32, dare_ref32, gen, randn_rows,
-    ref_threshold, ref_ties, zero_sum_data,
+    F64, assert_ta_matches, assert_thresholds_equal, assert_ties_matches, bits32, dare_ref32, gen, quantized,
+    randn_rows, ref_threshold, ref_ties, zero_sum_data,
 )
 from test_factor_ops import cancelling_factors, int_factors, rand_factors, rows64
 
@@ -313,3 +313,173 @@ def test_cuda_factored_nonfinite_and_finite_check():
         factor_ops.weighted_sum(bad, [1.0, 1.0], 0.0, 0, "m", [0, 1])
     with pytest.raises(ValueError, match="^out must be a contiguous"):
         factor_ops.ties_fix_majority(factors, torch.zeros(9, 21), [0.0, 0.0], [0], 1, 1.0, 0.0, 0, "m", [0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 12's first GPU checks: tails, 64-bit indexing, degenerate TIES inputs, hot histogram
+# bins, and stream ordering, each against the CPU kernels bit for bit and a float64 reference.
+
+SENTINEL = -1152.0  # exact in float32, float16 and bfloat16
+
+
+def assert_same_bits_on(dev, got, expected_cpu, what):
+    """Bit equality compared on the device (for arrays too large to copy back twice)."""
+    as_int = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    expected = expected_cpu.to(dev)
+    assert got.dtype == expected.dtype and got.shape == expected.shape, what
+    differ = int((got.view(as_int) != expected.view(as_int)).sum())
+    assert differ == 0, f"{what}: CUDA and CPU differ in the bits of {differ} positions"
+
+
+def out_in_sentinel_buffer(P, dtype, dev, pad=37):
+    """A P-element `out` inside a sentinel-filled buffer (odd offset: no alignment assumed)."""
+    buf = torch.full((P + 2 * pad,), SENTINEL, dtype=dtype, device=dev)
+    return buf, buf[pad:pad + P]
+
+
+def assert_sentinels_kept(buf, P, pad=37, what="out"):
+    host = buf.cpu()
+    assert bool((host[:pad] == SENTINEL).all()) and bool((host[pad + P:] == SENTINEL).all()), \
+        f"{what}: a kernel wrote outside its output"
+
+
+@pytest.mark.parametrize("n", [1, 3, 65])
+@pytest.mark.parametrize("P", [1, 31, 33, 257, 270_337, 1_048_577])
+def test_cuda_tails_bit_identical(P, n):
+    """Every op at tail sizes (groups of 4 cut by P and by a DARE offset that is not a multiple of 4),
+    every dtype, contiguous and strided rows, DARE off and on, out inside a sentinel-filled buffer."""
+    dev = torch_cuda()
+    stream = torch.cuda.Stream(device=dev)
+    module, seed, offset = "model.layers.3.self_attn.o_proj", 2 ** 33 + 5, 2 ** 34 + 3
+    tasks = [2 * r + 1 for r in range(n)]
+    weights = [1.0 - 0.03 * r for r in range(n)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        wide_cpu = randn_rows(n, 2 * P, seed=P + n, dtype=dtype)
+        for strided in (False, True):
+            x_cpu = wide_cpu[:, ::2] if strided else wide_cpu[:, :P].contiguous()
+            for dare_p in (0.0, 0.3):
+                what = f"P={P} n={n} {dtype} strided={strided} dare_p={dare_p}"
+                kw = dict(dare_p=dare_p, seed=seed, module=module, tasks=tasks, elem_offset=offset)
+                with torch.cuda.stream(stream):
+                    wide = wide_cpu.to(dev)
+                    x = wide[:, ::2] if strided else wide[:, :P]
+                    buf, out = out_in_sentinel_buffer(P, dtype, dev)
+                    merged, thr = ops.ties_merge(x, 0.3, -0.7, out=out, return_thresholds=True, **kw)
+                    ta_buf, ta_out = out_in_sentinel_buffer(P, dtype, dev)
+                    ta = ops.task_arithmetic(x, 0.9, weights=weights, out=ta_out, **kw)
+                    applied, sign_sum, positions = ops.ties_apply(x, thr, -0.7, **kw)
+                    applied = applied.clone()
+                    mt = ops.magnitude_threshold(x, 0.1, **kw)
+                    dared = ops.dare(x[n - 1], dare_p, seed, task=tasks[-1], module=module, elem_offset=offset)
+                stream.synchronize()
+                assert merged is out and ta is ta_out
+                assert_sentinels_kept(buf, P, what=f"{what}: ties_merge")
+                assert_sentinels_kept(ta_buf, P, what=f"{what}: task_arithmetic")
+                cpu_merged, cpu_thr = ops.ties_merge(x_cpu, 0.3, -0.7, return_thresholds=True, **kw)
+                assert_thresholds_equal(thr, cpu_thr, f"{what}: thresholds")
+                assert_same_bits(merged, cpu_merged, f"{what}: ties_merge")
+                assert_same_bits(ta, ops.task_arithmetic(x_cpu, 0.9, weights=weights, **kw), f"{what}: TA")
+                cpu_applied, cpu_sign_sum, cpu_positions = ops.ties_apply(x_cpu, cpu_thr, -0.7, **kw)
+                assert (sign_sum, positions) == (cpu_sign_sum, cpu_positions), f"{what}: ties_apply's totals"
+                assert_same_bits(applied, cpu_applied, f"{what}: ties_apply")
+                assert_thresholds_equal(mt, ops.magnitude_threshold(x_cpu, 0.1, **kw), f"{what}: magnitude_threshold")
+                expected = dare_ref32(x_cpu[n - 1], dare_p, seed, tasks[-1], module, offset).to(dtype)
+                assert torch.equal(dared.cpu(), expected), f"{what}: DARE mask"
+                if dtype == torch.float32 and dare_p == 0.0:  # the float64 reference, once per shape
+                    ref = ref_ties(x_cpu, 0.3, -0.7)
+                    assert_thresholds_equal(thr, ref.thresholds)
+                    assert_ties_matches(merged.cpu(), ref, dtype, what)
+
+
+def test_cuda_over_2_31_elements():
+    """bf16 rows of 2^31 + 4097 elements at element offset 2^34: 64-bit indexing in every kernel,
+    against the CPU kernels bit for bit and, at the tail, float64 references."""
+    dev = torch_cuda()
+    P, offset, p, seed, module = 2 ** 31 + 4097, 2 ** 34, 0.5, 99, "big.module"
+    g = torch.Generator(device=dev).manual_seed(12)
+    x = torch.randn(2, P, generator=g, device=dev, dtype=torch.bfloat16)
+    x_cpu = x.cpu()
+    kw = dict(dare_p=p, seed=seed, module=module, tasks=[0, 1], elem_offset=offset)
+    merged, thr = ops.ties_merge(x, 0.2, return_thresholds=True)
+    cpu_merged, cpu_thr = ops.ties_merge(x_cpu, 0.2, return_thresholds=True)
+    assert_thresholds_equal(thr, cpu_thr, "thresholds")
+    assert_same_bits_on(dev, merged, cpu_merged, "ties_merge")
+    tail = 8192
+    ref = ref_ties(x_cpu[:, -tail:], thresholds=cpu_thr)
+    assert_ties_matches(merged[-tail:].cpu(), ref, torch.bfloat16, "ties_merge tail vs float64")
+    del merged, cpu_merged
+    ta = ops.task_arithmetic(x, 1.0, **kw)
+    assert_same_bits_on(dev, ta, ops.task_arithmetic(x_cpu, 1.0, **kw), "DARE-TA")
+    dared = torch.stack([dare_ref32(x_cpu[r, -tail:], p, seed, r, module, offset + P - tail) for r in range(2)])
+    assert_ta_matches(ta[-tail:].cpu(), dared.to(F64), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_rows_a_minus_a(dtype):
+    """Rows [a, -a]: every kept position is zero-sum (more than the first list's 2^20 slots), the
+    majority sign is 0 and the merge is 0 everywhere, in ties_merge's on-device fix too."""
+    dev = torch_cuda()
+    P = 1_500_003
+    a = randn_rows(1, P, seed=21, dtype=dtype)[0]
+    x_cpu = torch.stack([a, -a])
+    ref = ref_ties(x_cpu, 0.8)
+    assert ref.majority == 0 and int(ref.zero_sum.sum()) > 2 ** 20
+    x = x_cpu.to(dev)
+    buf, out = out_in_sentinel_buffer(P, dtype, dev)
+    merged, thr = ops.ties_merge(x, 0.8, out=out, return_thresholds=True)
+    assert_sentinels_kept(buf, P)
+    assert_thresholds_equal(thr, ref.thresholds)
+    assert bool((merged == 0).all())
+    assert_same_bits(merged, ops.ties_merge(x_cpu, 0.8), "ties_merge [a, -a]")
+    applied, sign_sum, positions = ops.ties_apply(x, thr)
+    assert sign_sum == 0 and positions == torch.nonzero(ref.zero_sum).reshape(-1).tolist()
+    assert bool((applied == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_constant_magnitudes(dtype):
+    """Hot histogram bins: a row of one magnitude, a quantised row (few values), and a row whose
+    keys share their top 16 bits (round 1 counts all of them into 64 bins); long enough for the
+    shared-memory bins in both rounds (a block counts at least as many keys as it has bins, also
+    when round 1 has one row left), and a short array for the global ones."""
+    dev = torch_cuda()
+    g = gen(31)
+    for P in (9_000_001, 70_001):
+        signs = torch.where(torch.rand(3, P, generator=g) < 0.5, -1.0, 1.0).to(F64)
+        rows = torch.stack([
+            torch.full((P,), 1.5, dtype=F64),
+            quantized((P,), g, scale_bits=2, dtype=F64).abs() + 0.25,
+            1.0 + torch.randint(0, 64, (P,), generator=g).to(F64) * 2.0 ** -23,
+        ])
+        x_cpu = (signs * rows).to(dtype)
+        x = x_cpu.to(dev)
+        for top_k in (0.05, 0.5):
+            merged, thr = ops.ties_merge(x, top_k, return_thresholds=True)
+            ref = ref_ties(x_cpu, top_k)
+            assert_thresholds_equal(thr, ref.thresholds, f"P={P} top_k={top_k}")
+            assert_thresholds_equal(ops.magnitude_threshold(x, top_k), ref.thresholds, "magnitude_threshold")
+            assert_same_bits(merged, ops.ties_merge(x_cpu, top_k), f"P={P} top_k={top_k}")
+            assert_ties_matches(merged.cpu(), ref, dtype, f"P={P} top_k={top_k}")
+
+
+def test_cuda_side_stream_producer_without_sync():
+    """The input is written on a side stream that is still busy when the kernel is called with an
+    explicit stream= (no synchronisation by the caller); the result is read on the side stream
+    again. The kernel stream must wait for the producer, and the reader for the kernels."""
+    dev = torch_cuda()
+    side, kernel_stream = torch.cuda.Stream(device=dev), torch.cuda.Stream(device=dev)
+    x_cpu = randn_rows(3, 2_000_003, seed=41)
+    p, seed, module = 0.25, 7, "side.stream"
+    host = x_cpu.pin_memory()
+    with torch.cuda.stream(side):
+        x = torch.empty_like(x_cpu, device=dev)
+        torch.cuda._sleep(200_000_000)  # the producer is still running when the kernels are queued
+        x.copy_(host, non_blocking=True)
+        merged = ops.ties_merge(x, 0.2, 0.8, dare_p=p, seed=seed, module=module, stream=kernel_stream.cuda_stream)
+        ta = ops.task_arithmetic(x, 0.5, stream=kernel_stream.cuda_stream)
+        mt = ops.magnitude_threshold(x, 0.2, stream=kernel_stream.cuda_stream)
+        merged_copy, ta_copy = merged.clone(), ta.clone()  # read on the side stream, no sync
+    side.synchronize()
+    assert_same_bits(merged_copy, ops.ties_merge(x_cpu, 0.2, 0.8, dare_p=p, seed=seed, module=module), "ties_merge")
+    assert_same_bits(ta_copy, ops.task_arithmetic(x_cpu, 0.5), "task_arithmetic")
+    assert_thresholds_equal(mt, ops.magnitude_threshold(x_cpu, 0.2), "magnitude_threshold")
