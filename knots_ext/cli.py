@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 
+from .io.formats import FORMATS
 from .methods import ALL_PARAMS, METHODS
 from .recipe import DTYPES
 
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--rank", type=int, default=None, help="truncate the saved adapter to this rank")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved factors")
+    ap.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default=None,
+        help="file format of the output: PEFT adapter, kohya / sd-scripts or diffusers LoRA (default: the inputs')",
+    )
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha for bare .safetensors inputs")
     ap.add_argument(
         "--extra",
@@ -218,6 +225,7 @@ def _run(args, given: set, parser_dests: set) -> int:
             quiet=args.quiet,
             weights=args.weights,
             module_weights=args.module_weights,
+            format=args.format,
             **params,
         )
     except (io.AdapterError, ValueError, KeyError, OSError) as e:

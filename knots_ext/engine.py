@@ -40,6 +40,8 @@ class MergeResult:
     weights: TaskWeights = field(default_factory=TaskWeights)  # the adapter and module weights applied
     sources: list = field(default_factory=list)  # recipe.sources of the inputs (their files are hashed by save())
     settings: dict = field(default_factory=dict)  # merge()'s other recipe settings (alpha, extra, force)
+    format: str = "peft"  # the inputs' file format (io.formats), the default of save()'s
+    conv_shapes: dict = field(default_factory=dict)  # conv modules' weight shapes (c_out, c_in, kh, kw)
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense merged update of module `name` (d_out x d_in, float32, on the CPU)."""
@@ -52,11 +54,21 @@ class MergeResult:
         rank-`rank` approximation (an SVD from the factors; dense updates are factored by SVD)."""
         return {name: update_factors(upd, rank) for name, upd in self.modules.items()}
 
-    def save(self, out_dir, rank: int | None = None, dtype=torch.float32, *, overwrite: bool = False) -> None:
+    def save(
+        self,
+        out_dir,
+        rank: int | None = None,
+        dtype=torch.float32,
+        *,
+        overwrite: bool = False,
+        format: str | None = None,
+    ) -> None:
         """Writes a PEFT LoRA adapter (safetensors + adapter_config.json + the knots_merge.json
         manifest) that PEFT loads as is. out_dir must be new or empty, or an earlier knots-merge
-        output with overwrite=True; it may not be or hold an input adapter (io.save_adapter)."""
+        output with overwrite=True; it may not be or hold an input adapter (io.save_adapter).
+        format: "peft", "kohya" or "diffusers" (io.formats), by default the inputs' format."""
         check_rank(rank)
+        layout = output_layout(out_dir, self.format, format, self.conv_shapes, list(self.modules))
         io.save_adapter(
             out_dir,
             self.factors(rank),
@@ -68,6 +80,7 @@ class MergeResult:
             overwrite=overwrite,
             inputs=self.inputs,
             manifest=_manifest(self.method, self.params, rank, self.inputs, self.weights),
+            layout=layout,
             **_provenance(
                 out_dir, self.sources, self.method, self.params, self.weights, rank=rank, dtype=dtype, **self.settings
             ),
@@ -86,6 +99,8 @@ class MergeResult:
             if self.fan_in_fan_out:
                 dW = dW.T
             W = weights[key]
+            if W.dim() == 4 and dW.dim() == 2 and W.numel() == dW.numel():  # a conv module's update
+                dW = dW.reshape(W.shape)
             if tuple(W.shape) != tuple(dW.shape):
                 raise ValueError(f"{key}: base weight shape {tuple(W.shape)} != update shape {tuple(dW.shape)}")
             new = (W.detach().double() + dW.to(W.device).double()).to(W.dtype)
@@ -222,6 +237,8 @@ def merge(
         weights=task_weights,
         sources=recipe.sources(adapters),
         settings={"alpha": alpha, "extra": extra, "force": force},
+        format=_input_format(adapters),
+        conv_shapes=_conv_shapes(adapters),
     )
     result.extra, result.dropped_extra = _merge_extra(adapters, extra)
     return result
@@ -251,17 +268,26 @@ def merge_to(
     quiet: bool = True,
     weights=None,
     module_weights=None,
+    format: str | None = None,
     **params,
 ) -> MergeSummary:
     """merge() straight to a PEFT adapter folder (MergeResult.save's rules for out_dir, checked
     before the merge starts): each module's factors are written as soon as they are final, so the
-    merge never holds its whole result. rank truncates each module (None: lossless)."""
+    merge never holds its whole result. rank truncates each module (None: lossless). format: the
+    output's file format, "peft", "kohya" or "diffusers" (io.formats), by default the inputs'."""
     check_rank(rank)
     spec, declared, device, adapters, task_weights = _prepare(
         adapters, method, params, device, alpha, force, extra, weights, module_weights
     )
     inputs = [a.path for a in adapters]
     io.check_output(out_dir, inputs=inputs, overwrite=overwrite)
+    layout = output_layout(
+        out_dir,
+        _input_format(adapters),
+        format,
+        _conv_shapes(adapters),
+        {m: a.path for a in adapters for m in a.modules},
+    )
     params = _setup(spec, declared, adapters)
     names: list = []
     with io.AdapterWriter(
@@ -273,7 +299,8 @@ def merge_to(
         overwrite=overwrite,
         inputs=inputs,
         manifest=_manifest(method, declared, rank, inputs, task_weights),
-        reserve_keys=_tensor_keys(adapters, extra),
+        reserve_keys=_tensor_keys(adapters, extra, layout, out_dir),
+        layout=layout,
         **_provenance(
             out_dir,
             recipe.sources(adapters),
@@ -299,11 +326,37 @@ def merge_to(
     return MergeSummary(os.fspath(out_dir), sorted(names), dropped)
 
 
-def _tensor_keys(adapters, extra: str) -> list:
+def _tensor_keys(adapters, extra: str, layout: io.OutputLayout, out_dir) -> list:
     """Every key the merged adapter file will hold (room for its header is kept up front)."""
     names = set().union(*(a.modules for a in adapters))
-    keys = [io.file_name(n) + suffix for n in names for suffix in (".lora_A.weight", ".lora_B.weight")]
+    keys = [key for n in names for key in layout.keys(os.fspath(out_dir), n)]
     return keys + (sorted(set().union(*(a.extra_tensors for a in adapters))) if extra == "average" else [])
+
+
+def _input_format(adapters) -> str:
+    """The adapters' file format (check_compatible refused a mix); in-memory adapters are PEFT's."""
+    return getattr(adapters[0], "format", "peft")
+
+
+def _conv_shapes(adapters) -> dict:
+    """{module: (c_out, c_in, kh, kw)} of the conv modules, merged as their 2-D factors."""
+    shapes = {}
+    for a in adapters:
+        if hasattr(a, "conv_shape"):
+            shapes.update({m: a.conv_shape(m) for m in a.modules if a.conv_shape(m) is not None})
+    return shapes
+
+
+def output_layout(out_dir, source: str, fmt: str | None, conv_shapes: dict, modules) -> io.OutputLayout:
+    """How a merge of `source`-format adapters is written in `fmt` (None: `source`), with every
+    module's name in that format checked now, before a long merge (one AdapterError if one has
+    none, e.g. an SDXL kohya name written as diffusers, naming the adapter file of the module
+    when `modules` maps each to one, else out_dir)."""
+    layout = io.OutputLayout(fmt or source, source, conv_shapes, modules)
+    where = modules if isinstance(modules, dict) else {}
+    for m in sorted(modules):
+        layout.keys(os.fspath(where.get(m, out_dir)), m)
+    return layout
 
 
 def _prepare(adapters, method, params, device, alpha, force, extra, weights=None, module_weights=None):
@@ -352,7 +405,7 @@ def run_merge(
         with placement.results(checked) as deliver:
             driver.run(spec, params, modules, load, len(adapters), deliver, make_progress(quiet))
     except ValueError as e:
-        if "NaN or Inf" not in str(e):
+        if isinstance(e, io.AdapterError) or "NaN or Inf" not in str(e):  # (a bad input names its file)
             raise
         _blame_nonfinite(modules, load, spec.space(params), adapters, e)
 

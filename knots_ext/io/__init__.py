@@ -1,5 +1,6 @@
 """Adapter I/O: reading PEFT LoRA adapters (directories or bare safetensors files, lazily, one
 module at a time) and writing merged ones as PEFT LoRA adapters with scale 1.
+Stable Diffusion LoRAs in kohya / sd-scripts or diffusers format are read and written too (formats.py).
 
 Pickle files (.bin/.pt/.pth) are never opened, and only regular files are. Every problem with the
 input or the output is an AdapterError whose message is one line, "<path>: <problem>". The writer
@@ -9,13 +10,16 @@ never replaces a folder it did not write (see _output.py; check_output tests an 
 from ._common import AdapterError, file_name
 from ._output import MANIFEST_NAME, check_output
 from .adapter import Adapter, check_compatible, load_adapter
+from .formats import FORMATS, OutputLayout
 from .save import AdapterWriter, save_adapter
 
 __all__ = [
+    "FORMATS",
     "MANIFEST_NAME",
     "Adapter",
     "AdapterError",
     "AdapterWriter",
+    "OutputLayout",
     "check_compatible",
     "check_output",
     "file_name",

@@ -389,8 +389,12 @@ class OutputLayout:
             raise ValueError(f"source format must be one of {', '.join(FORMATS)}, got {self.source!r}")
         self.conv_shapes = dict(conv_shapes or {})
         self.writes_config = fmt == "peft"
-        self._te_numbered = fmt == "kohya" and self.source != "kohya" and any(
-            component_of(self._diffusers_name("", m)) == "text_encoder_2" for m in modules if self._convertible(m)
+        self._te_numbered = (
+            fmt == "kohya"
+            and self.source != "kohya"
+            and any(
+                component_of(self._diffusers_name("", m)) == "text_encoder_2" for m in modules if self._convertible(m)
+            )
         )
 
     def _convertible(self, module: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,7 +33,8 @@ from ._output import (
     plain_file_name,
     remove_stale_temps,
 )
-from .adapter import CONFIG_NAME, WEIGHTS_NAME
+from .adapter import CONFIG_NAME
+from .formats import OutputLayout
 
 
 def rank_config(ranks: Mapping[str, int]) -> tuple[int, dict, dict]:
@@ -107,7 +109,8 @@ class AdapterWriter:
     save_adapter); abort() (or an exception inside a `with` block) leaves nothing behind.
     `metadata` (string values) joins the safetensors header's metadata; `text_files` ({name:
     text}, e.g. a recipe and a model card) are written beside the adapter and listed in the
-    manifest like its own files.
+    manifest like its own files. `layout` (io.formats.OutputLayout) writes another format than
+    PEFT's (kohya, diffusers: no config, their own key names and file name) or conv modules.
 
         with AdapterWriter(out, base_model=...) as w:
             for name, (B, A) in ...:
@@ -130,8 +133,13 @@ class AdapterWriter:
         reserve_keys: Sequence[str] = (),
         metadata: Mapping[str, str] | None = None,
         text_files: Mapping[str, str] | None = None,
+        layout: OutputLayout | None = None,
     ):
-        own_files = [CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME]
+        self.layout = layout or OutputLayout()
+        self.weights_name = (
+            self.layout.weights_name(os.fspath(out_dir)) if isinstance(out_dir, (str, os.PathLike)) else ""
+        )
+        own_files = [self.weights_name, MANIFEST_NAME] + ([CONFIG_NAME] if self.layout.writes_config else [])
         self.metadata, self.text_files = _checked_extras(out_dir, metadata, text_files, own_files)
         self.files = own_files + sorted(self.text_files)
         self.target, _ = inspect_output(out_dir, inputs, overwrite, self.files)
@@ -164,7 +172,7 @@ class AdapterWriter:
             # length + JSON) of the keys announced in reserve_keys; close() writes the header there,
             # or, if it does not fit, copies the data behind a header of its own.
             self.data_start = 8 + _header_room(reserve_keys, self.metadata)
-            self.data = open(os.path.join(self.tmp, WEIGHTS_NAME), "wb")  # noqa: SIM115 (closed by close / abort)
+            self.data = open(os.path.join(self.tmp, self.weights_name), "wb")  # noqa: SIM115 (closed by close / abort)
             self.data.seek(self.data_start)
         except OSError as e:
             raise AdapterError(self.out_dir, f"cannot create a directory beside it: {e.strerror or e}") from None
@@ -206,11 +214,9 @@ class AdapterWriter:
         out_dir = self.out_dir
         if not isinstance(module, str) or not module or module.endswith(".") or module == PEFT_PREFIX:
             raise AdapterError(out_dir, f"bad module name {module!r}")
-        key = file_name(module)
-        if relative_name(key) in self.ranks:
-            raise AdapterError(
-                out_dir, f"module {relative_name(key)} is given twice (with and without the {PEFT_PREFIX!r} prefix)"
-            )
+        name = relative_name(self.layout.name(out_dir, module))
+        if name in self.ranks:
+            raise AdapterError(out_dir, f"module {name} is given twice (with and without the {PEFT_PREFIX!r} prefix)")
         for which, t in (("B", B), ("A", A)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2:
                 shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -223,9 +229,11 @@ class AdapterWriter:
             )
         B = _prepared(out_dir, B, self.dtype, f"module {module}: B")
         A = _prepared(out_dir, A, self.dtype, f"module {module}: A")
-        self._append(key + B_SUFFIX, B)
-        self._append(key + A_SUFFIX, A)
-        self.ranks[relative_name(key)] = int(A.shape[0])
+        B_key, A_key = self.layout.keys(out_dir, module)
+        B, A = self.layout.shaped(module, B, A)
+        self._append(B_key, B)
+        self._append(A_key, A)
+        self.ranks[name] = int(A.shape[0])
 
     def add_extra(self, name: str, t) -> None:
         """A non-LoRA tensor under its file key (e.g. "base_model.model.score.weight"); its module
@@ -233,13 +241,14 @@ class AdapterWriter:
         self._guard(self._add_extra, name, t)
 
     def _add_extra(self, name, t):
-        key = file_name(name)
+        key = file_name(name) if self.layout.writes_config else name  # (other formats: the key as given)
         if key in self.entries or key.endswith((A_SUFFIX, B_SUFFIX)):
             raise AdapterError(self.out_dir, f"extra tensor {name!r} collides with a LoRA tensor")
         owner = relative_name(key).rpartition(".")[0]
         if not owner:
             raise AdapterError(self.out_dir, f"extra tensor {name!r}: expected '<module>.<parameter>'")
-        self.modules_to_save.add(owner)
+        if self.layout.writes_config:
+            self.modules_to_save.add(owner)
         self._append(key, _prepared(self.out_dir, t, self.dtype, f"extra tensor {name}"))
 
     def close(self) -> None:
@@ -252,7 +261,7 @@ class AdapterWriter:
         if not self.ranks:
             raise AdapterError(self.out_dir, "no modules to write")
         self._check_targets()
-        weights = os.path.join(tmp, WEIGHTS_NAME)
+        weights = os.path.join(tmp, self.weights_name)
         header = json.dumps(
             {"__metadata__": {"format": "pt", **self.metadata}, **dict(sorted(self.entries.items()))},
             separators=(",", ":"),
@@ -273,9 +282,10 @@ class AdapterWriter:
                 data.seek(self.data_start)
                 shutil.copyfileobj(data, f, 16 << 20)
             os.unlink(moved)
-        cfg = os.path.join(tmp, CONFIG_NAME)
-        _write_text(cfg, json.dumps(self._config(), indent=2, sort_keys=True) + "\n")
-        os.chmod(weights, stat.S_IMODE(os.stat(cfg).st_mode))  # the mode open() gave the config
+        if self.layout.writes_config:
+            cfg = os.path.join(tmp, CONFIG_NAME)
+            _write_text(cfg, json.dumps(self._config(), indent=2, sort_keys=True) + "\n")
+            os.chmod(weights, stat.S_IMODE(os.stat(cfg).st_mode))  # the mode open() gave the config
         fsync_path(weights)
         for name, text in sorted(self.text_files.items()):
             _write_text(os.path.join(tmp, name), text)
@@ -371,6 +381,7 @@ def save_adapter(
     manifest: Mapping | None = None,
     metadata: Mapping[str, str] | None = None,
     text_files: Mapping[str, str] | None = None,
+    layout: OutputLayout | None = None,
 ) -> None:
     """Writes a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose update
     for each module m is exactly `B @ A` with `(B, A) = factors[m]` (B: d_out x r, A: r x d_in;
@@ -392,7 +403,8 @@ def save_adapter(
     knots_ext.io._output says the rules in full. Everything is written into a fresh folder beside
     `out_dir` first: on any error (or Ctrl-C) nothing is left behind and an existing out_dir is
     intact. Files get the permissions 0o666 & ~umask, a new folder 0o777 & ~umask. `metadata` and
-    `text_files` are AdapterWriter's (safetensors metadata; more files beside the adapter).
+    `text_files` are AdapterWriter's (safetensors metadata; more files beside the adapter), and
+    so is `layout` (another format: kohya, diffusers; conv modules).
     PeftModel.from_pretrained(base, out_dir) loads the result as it is.
     """
     writer = AdapterWriter(
@@ -407,7 +419,8 @@ def save_adapter(
         manifest=manifest,
         metadata=metadata,
         text_files=text_files,
-        reserve_keys=[file_name(k) + x for k in factors if isinstance(k, str) for x in (A_SUFFIX, B_SUFFIX)]
+        layout=layout,
+        reserve_keys=_reserved_keys(out_dir, layout, [k for k in factors if isinstance(k, str)])
         + [file_name(k) for k in (extra or {}) if isinstance(k, str)],
     )
     with writer:
@@ -423,6 +436,17 @@ def save_adapter(
             writer.add(module, *pair)
         for k, t in sorted((extra or {}).items()):
             writer.add_extra(k, t)
+
+
+def _reserved_keys(out_dir, layout: OutputLayout | None, modules) -> list[str]:
+    """The tensor keys of these modules in the output (room for the header is kept for them);
+    a module the layout cannot name is left to add() to refuse."""
+    layout = layout or OutputLayout()
+    keys: list[str] = []
+    for module in modules:
+        with contextlib.suppress(AdapterError):
+            keys += layout.keys(os.fspath(out_dir), module)
+    return keys
 
 
 def _write_text(path: str, text: str) -> None:
