@@ -375,3 +375,56 @@ def test_readme_sd_command(tmp_path):
     assert "sd-merged.safetensors" in files
     a = load_adapter(out)
     assert a.format == "kohya" and any(a.conv_shape(m) for m in a.modules)
+
+
+TE_TARGETS = ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.self_attn.out_proj",
+              "text_model.encoder.layers.1.mlp.fc1"]
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_text_encoder_lora_loads_in_diffusers(tmp_path, fmt):
+    """lora_te_ modules of a tiny CLIPTextModel: merged (ta), written as kohya or diffusers, and
+    loaded by diffusers' text-encoder loader, equal the float64 merged update added to the weights."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, vocab_size=64, max_position_embeddings=8)).eval()
+    # transformers 5 dropped CLIPTextModel's "text_model." level that sd-scripts' names keep
+    mods = {n if n.startswith("text_model.") else "text_model." + n: m for n, m in te.named_modules()}
+    gen = torch.Generator().manual_seed(5)
+    paths = []
+    for i, (r, alpha) in enumerate([(4, 2.0), (2, None)]):
+        tensors = {}
+        for name in TE_TARGETS:
+            d_out, d_in = mods[name].weight.shape
+            key = "lora_te_" + name.replace(".", "_")
+            tensors[key + ".lora_down.weight"] = torch.randn(r, d_in, generator=gen) * 0.2
+            tensors[key + ".lora_up.weight"] = torch.randn(d_out, r, generator=gen) * 0.2
+            if alpha is not None:
+                tensors[key + ".alpha"] = torch.tensor(alpha)
+        paths.append(_kohya_file(tmp_path, f"te{i}.safetensors", tensors))
+    out = tmp_path / "merged"
+    knots_ext.merge_to(out, paths, method="ta", format=None if fmt == "kohya" else fmt)
+    refs = [read_kohya_updates(p) for p in paths]
+    want = {n: sum(u["lora_te_" + n.replace(".", "_")] for u in refs) for n in TE_TARGETS}
+
+    ids = torch.tensor([[1, 5, 9, 3, 2]])
+    base = copy.deepcopy(te)
+    with torch.no_grad():
+        bm = {n if n.startswith("text_model.") else "text_model." + n: m for n, m in base.named_modules()}
+        for n, dW in want.items():
+            bm[n].weight.copy_((bm[n].weight.double() + dW).float())
+        expected = base(ids).last_hidden_state
+        assert (expected - te(ids).last_hidden_state).abs().max() > 1e-2
+    weight_name = "merged.safetensors" if fmt == "kohya" else "pytorch_lora_weights.safetensors"
+    if fmt == "diffusers":
+        assert f"text_encoder.{TE_TARGETS[0]}.lora_A.weight" in load_file(str(out / weight_name))
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(out), weight_name=weight_name)
+    loaded = copy.deepcopy(te)
+    StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=loaded, prefix="text_encoder",
+                                                        adapter_name="merged")
+    with torch.no_grad():
+        got = loaded(ids).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
