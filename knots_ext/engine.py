@@ -164,8 +164,12 @@ def check_rank(rank) -> None:
         raise ValueError(f"rank must be an integer >= 1 (or None for the lossless rank), got {rank!r}")
 
 
+# Adapters the merge takes as they are: read lazily from files, or held in memory (knots_ext.peft).
+LOADED = (io.Adapter, io.MemoryAdapter)
+
+
 def _load(adapters, alpha):
-    if isinstance(adapters, (str, bytes, os.PathLike, io.Adapter)):
+    if isinstance(adapters, (str, bytes, os.PathLike, *LOADED)):
         raise ValueError(
             f"adapters must be a list of adapter paths (or loaded adapters), got one "
             f"{type(adapters).__name__}: wrap it in a list"
@@ -175,7 +179,7 @@ def _load(adapters, alpha):
         raise ValueError("no adapters to merge")
     loaded = []
     for a in adapters:
-        loaded.append(a if isinstance(a, io.Adapter) else io.load_adapter(hub.local_path(a), alpha=alpha))
+        loaded.append(a if isinstance(a, LOADED) else io.load_adapter(hub.local_path(a), alpha=alpha))
     return loaded
 
 
