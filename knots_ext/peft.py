@@ -231,8 +231,9 @@ def add_weighted_adapter(
     method runs (negative: task negation). params: the knots_ext method's own parameters (lam,
     top_k, top_k_scope, dare_p, seed, tol, ...; given ones win over density's mapping). device:
     where the merge runs ("cpu" or "cuda[:N]"). The new adapter has scale 1 (lora_alpha = r per
-    module), its factors in the dtype and on the device PEFT gives the new LoRA layers, and is
-    frozen as PEFT's is. Returns the knots_ext MergeResult (res.delta(module) is each update).
+    module), its factors in the dtype and on the device of the merged adapters' (in each layer the
+    first one's there), and is frozen as PEFT's is. Returns the knots_ext MergeResult
+    (res.delta(module) is each update).
 
     Errors (ValueError, one line): unknown adapters or combination_type, an existing
     adapter_name, weights of the wrong length, adapters knots_ext cannot read (DoRA, embedding or
@@ -252,18 +253,19 @@ def add_weighted_adapter(
     if svd_rank is None and combo.svd:  # PEFT's default: the largest rank among the adapters
         svd_rank = max(a.rank(m) for a in loaded for m in a.modules)
     result = merge(loaded, method, weights=weights, device=device, force=True, quiet=quiet, **params)
-    _add_adapter(model, adapter_name, adapters[0], result.factors(svd_rank))
+    _add_adapter(model, adapter_name, adapters, result.factors(svd_rank))
     return result
 
 
-def _add_adapter(model, adapter_name: str, like: str, factors: dict) -> None:
+def _add_adapter(model, adapter_name: str, sources: list, factors: dict) -> None:
     """Adds `factors` ({module key: (B, A)}) to the model as the LoRA adapter `adapter_name`,
-    with scale 1, and the task type and fan_in_fan_out of adapter `like`; removed again if
-    anything goes wrong."""
+    with scale 1 and the task type and fan_in_fan_out of sources[0]; in each layer its factors
+    take the dtype and device of the first source adapter there. Removed again if anything goes
+    wrong."""
     _, LoraConfig, _ = _peft_classes()
     ranks = {relative_name(m): int(B.shape[1]) for m, (B, _) in factors.items()}
     r, rank_pattern, alpha_pattern = rank_config(ranks)
-    template = model.peft_config[like]
+    template = model.peft_config[sources[0]]
     config = LoraConfig(
         r=r,
         lora_alpha=r,
@@ -277,15 +279,19 @@ def _add_adapter(model, adapter_name: str, like: str, factors: dict) -> None:
         bias="none",
         inference_mode=True,
     )
-    model.add_adapter(adapter_name, config)
+    # The new layers' weights are made on the meta device: PEFT's random initialisation, which the
+    # factors replace anyway, would cost more than the merge for a dense (full-rank) result.
+    model.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
     try:
-        with torch.no_grad():
-            for m, (B, A) in factors.items():
-                layer = model.get_submodule(m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m)
-                if adapter_name not in layer.lora_A or not math.isclose(layer.scaling[adapter_name], 1.0, rel_tol=0):
-                    raise RuntimeError(f"internal error: PEFT did not add {adapter_name!r} to {m} with scale 1")
-                for target, value in ((layer.lora_A[adapter_name].weight, A), (layer.lora_B[adapter_name].weight, B)):
-                    target.copy_(value.to(device=target.device, dtype=target.dtype))
+        for m, (B, A) in factors.items():
+            layer = model.get_submodule(m if m.startswith(PEFT_PREFIX) else PEFT_PREFIX + m)
+            if adapter_name not in layer.lora_A or not math.isclose(layer.scaling[adapter_name], 1.0, rel_tol=0):
+                raise RuntimeError(f"internal error: PEFT did not add {adapter_name!r} to {m} with scale 1")
+            like = next(layer.lora_A[a].weight for a in sources if a in layer.lora_A)
+            for holder, value in ((layer.lora_A[adapter_name], A), (layer.lora_B[adapter_name], B)):
+                if tuple(holder.weight.shape) != tuple(value.shape):
+                    raise RuntimeError(f"internal error: {m}: PEFT made {adapter_name!r} {list(holder.weight.shape)}")
+                holder.weight = torch.nn.Parameter(value.to(device=like.device, dtype=like.dtype), requires_grad=False)
     except BaseException:
         model.delete_adapter(adapter_name)
         raise

@@ -305,3 +305,17 @@ def test_readme_example_runs():
                                        proc.stdout).groups())
     assert "added adapter 'merged' (dare-ties" in proc.stdout
     assert diff < 1e-4 < moved
+
+
+def test_added_adapter_is_a_proper_peft_adapter(model, base, tmp_path):
+    """Its weights are real (not meta) tensors in the sources' dtype and device, frozen; PEFT
+    saves it and loads it back into a fresh base model with the same B @ A (per-module ranks
+    through rank_pattern, scale 1 through alpha_pattern)."""
+    res = add_weighted_adapter(model, list(CONFIGS), WEIGHTS, "merged", combination_type="knots_ties", density=0.4)
+    new = {k: p for k, p in model.named_parameters() if ".merged." in k}
+    assert new and all(p.device.type == "cpu" and p.dtype == torch.float32 and not p.requires_grad
+                       for p in new.values())
+    model.save_pretrained(str(tmp_path), selected_adapters=["merged"])
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "merged"), adapter_name="merged")
+    for module in res.modules:
+        close(added_update(loaded, "merged", module), added_update(model, "merged", module), 1e-6, module)
