@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         "name (e.g. 'layers\\.[0-9]\\.=0.5' 'mlp=0'), 1 when none matches",
     )
     ap.add_argument("--rank", type=int, default=None, help="truncate the saved adapter to this rank")
+    ap.add_argument(
+        "--rank-energy",
+        type=float,
+        default=None,
+        metavar="E",
+        help="truncate each module to the fewest singular directions holding fraction E (0 < E <= 1) of its "
+        "squared Frobenius norm (with --rank: at most R of them); prints the relative error this costs",
+    )
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved factors")
     ap.add_argument(
         "--format",
@@ -208,6 +216,8 @@ def _run(args, given: set, parser_dests: set) -> int:
         return fail("no output folder: give -o OUT, or output in a --config recipe")
     if args.rank is not None and args.rank < 1:
         return fail(f"--rank must be >= 1, got {args.rank}")
+    if args.rank_energy is not None and not 0.0 < args.rank_energy <= 1.0:
+        return fail(f"--rank-energy must be in (0, 1], got {args.rank_energy}")
     params = {name: getattr(args, name) for name in ALL_PARAMS if hasattr(args, name)}
     try:
         io.check_output(args.output, inputs=args.adapters, overwrite=args.overwrite)  # before a long merge
@@ -216,6 +226,7 @@ def _run(args, given: set, parser_dests: set) -> int:
             args.adapters,
             method=args.method,
             rank=args.rank,
+            rank_energy=args.rank_energy,
             dtype=DTYPES[args.dtype],
             overwrite=args.overwrite,
             device=args.device,
@@ -244,7 +255,19 @@ def _run(args, given: set, parser_dests: set) -> int:
             f"into {args.output}",
             file=sys.stderr,
         )
+        if summary.truncation is not None:
+            t = summary.truncation
+            print(
+                f"truncation ({_truncation_flags(args)}) costs a relative error ||dW - BA||_F / ||dW||_F of "
+                f"{t.relative:.3g} over all modules; worst module {t.worst_module}: {t.worst:.3g}",
+                file=sys.stderr,
+            )
     return 0
+
+
+def _truncation_flags(args) -> str:
+    flags = [] if args.rank is None else [f"--rank {args.rank}"]
+    return " ".join(flags + ([] if args.rank_energy is None else [f"--rank-energy {args.rank_energy:g}"]))
 
 
 if __name__ == "__main__":

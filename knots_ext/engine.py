@@ -6,6 +6,7 @@ final, so its memory is one module's working set plus the bounded store of KnOTS
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from . import driver, factor_ops, hub, io, recipe
 from ._progress import make_progress
 from .device import Placement, check_device
 from .driver import ModuleRef
-from .linalg import dense_factors, truncated_factors
+from .linalg import Truncated, dense_factors, truncate, truncate_dense
 from .methods import get_method
 from .methods.spaces import FactoredUpdate, ModuleTasks, drop_zero_updates
 from .weights import ModuleWeights, TaskWeights
@@ -49,10 +50,10 @@ class MergeResult:
             raise KeyError(f"no module {name!r} in the merge result")
         return self.modules[name].dense().float().cpu()
 
-    def factors(self, rank: int | None = None) -> dict:
-        """(B, A) per module with B @ A the update: lossless when rank is None, else the best
-        rank-`rank` approximation (an SVD from the factors; dense updates are factored by SVD)."""
-        return {name: update_factors(upd, rank) for name, upd in self.modules.items()}
+    def factors(self, rank: int | None = None, rank_energy: float | None = None) -> dict:
+        """(B, A) per module with B @ A the update: lossless when rank and rank_energy are None,
+        else truncated (see saved_factors)."""
+        return {name: update_factors(upd, rank, rank_energy) for name, upd in self.modules.items()}
 
     def save(
         self,
@@ -61,17 +62,19 @@ class MergeResult:
         dtype=torch.float32,
         *,
         overwrite: bool = False,
+        rank_energy: float | None = None,
         format: str | None = None,
     ) -> None:
         """Writes a PEFT LoRA adapter (safetensors + adapter_config.json + the knots_merge.json
         manifest) that PEFT loads as is. out_dir must be new or empty, or an earlier knots-merge
         output with overwrite=True; it may not be or hold an input adapter (io.save_adapter).
-        format: "peft", "kohya" or "diffusers" (io.formats), by default the inputs' format."""
-        check_rank(rank)
+        rank / rank_energy truncate each module (saved_factors). format: "peft", "kohya" or
+        "diffusers" (io.formats), by default the inputs' format."""
+        check_rank(rank, rank_energy)
         layout = output_layout(out_dir, self.format, format, self.conv_shapes, list(self.modules))
         io.save_adapter(
             out_dir,
-            self.factors(rank),
+            self.factors(rank, rank_energy),
             base_model=self.base_model,
             fan_in_fan_out=self.fan_in_fan_out,
             extra=self.extra or None,
@@ -79,10 +82,19 @@ class MergeResult:
             task_type=self.task_type,
             overwrite=overwrite,
             inputs=self.inputs,
-            manifest=_manifest(self.method, self.params, rank, self.inputs, self.weights),
+            manifest=_manifest(self.method, self.params, rank, self.inputs, self.weights, rank_energy),
             layout=layout,
             **_provenance(
-                out_dir, self.sources, self.method, self.params, self.weights, rank=rank, dtype=dtype, **self.settings
+                out_dir,
+                self.sources,
+                self.method,
+                self.params,
+                self.weights,
+                rank=rank,
+                rank_energy=rank_energy,
+                dtype=dtype,
+                format=format,
+                **self.settings,
             ),
         )
 
@@ -112,20 +124,54 @@ class MergeResult:
         return target if is_module else weights
 
 
-def update_factors(update, rank: int | None = None) -> tuple:
-    """(B, A), float32 on the CPU, with B @ A a module's merged update: lossless when rank is
-    None, else its best rank-`rank` approximation (an SVD from the factors; a dense update is
-    factored by SVD at its numerical rank). A zero update is a rank-1 LoRA of zeros."""
-    if isinstance(update, FactoredUpdate):
-        B, A = (update.B, update.A) if rank is None else truncated_factors(update.B, update.A, rank)
+def saved_factors(update, rank: int | None = None, rank_energy: float | None = None) -> Truncated:
+    """A module's merged update as it is saved: factors (B, A), float32 on the CPU, lossless when
+    rank and rank_energy are None; else its best approximation by at most `rank` singular
+    directions and (rank_energy) the fewest that hold that fraction of its squared Frobenius norm
+    (an SVD from the factors; a dense update's own SVD), with the squared norm dropped and the
+    total. A lossless dense update is (W, I) (dense_factors). A zero update is a rank-1 LoRA of zeros."""
+    if rank is None and rank_energy is None:
+        B, A = (update.B, update.A) if isinstance(update, FactoredUpdate) else dense_factors(update.W)
+        t = Truncated(B, A, 0.0, 0.0)
+    elif isinstance(update, FactoredUpdate):
+        t = truncate(update.B, update.A, rank, rank_energy)
     else:
-        B, A = dense_factors(update.W, rank)
-    if B.shape[1] == 0:
-        B, A = torch.zeros(B.shape[0], 1), torch.zeros(1, A.shape[1])
-    return B.float().cpu().contiguous(), A.float().cpu().contiguous()
+        t = truncate_dense(update.W, rank, rank_energy)
+    if t.B.shape[1] == 0:
+        t.B, t.A = torch.zeros(t.B.shape[0], 1), torch.zeros(1, t.A.shape[1])
+    t.B, t.A = t.B.float().cpu().contiguous(), t.A.float().cpu().contiguous()
+    return t
 
 
-def _manifest(method: str, params: dict, rank, inputs, weights: TaskWeights | None = None) -> dict:
+def update_factors(update, rank: int | None = None, rank_energy: float | None = None) -> tuple:
+    """(B, A) of saved_factors."""
+    t = saved_factors(update, rank, rank_energy)
+    return t.B, t.A
+
+
+@dataclass
+class TruncationError:
+    """What truncating the saved modules cost, relative Frobenius errors ||dW - BA|| / ||dW||:
+    over all modules together (sqrt(sum dropped / sum total)) and the worst module's."""
+
+    dropped: float = 0.0
+    total: float = 0.0
+    worst: float = 0.0
+    worst_module: str | None = None
+
+    def add(self, module: str, t: Truncated) -> None:
+        self.dropped += t.dropped
+        self.total += t.total
+        err = math.sqrt(t.dropped / t.total) if t.total > 0 else 0.0
+        if self.worst_module is None or err > self.worst:
+            self.worst, self.worst_module = err, module
+
+    @property
+    def relative(self) -> float:
+        return math.sqrt(self.dropped / self.total) if self.total > 0 else 0.0
+
+
+def _manifest(method: str, params: dict, rank, inputs, weights: TaskWeights | None = None, rank_energy=None) -> dict:
     """What knots_merge.json records about the merge: plain JSON values (Gram files as paths)."""
     plain = {
         k: (
@@ -136,6 +182,8 @@ def _manifest(method: str, params: dict, rank, inputs, weights: TaskWeights | No
         for k, v in params.items()
     }
     out = {"method": method, "params": plain, "rank": rank, "adapters": [os.fspath(p) for p in inputs]}
+    if rank_energy is not None:
+        out["rank_energy"] = rank_energy
     return {**out, **_weight_entries(weights)}
 
 
@@ -158,10 +206,18 @@ def _provenance(out_dir, sources, method: str, params: dict, weights: TaskWeight
     return {"metadata": metadata, "text_files": text_files}
 
 
-def check_rank(rank) -> None:
-    """An output rank is None (lossless) or an integer >= 1."""
+def check_rank(rank, rank_energy=None) -> None:
+    """An output rank is None (lossless) or an integer >= 1; rank_energy None or in (0, 1]."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"rank must be an integer >= 1 (or None for the lossless rank), got {rank!r}")
+    if rank_energy is not None and (
+        isinstance(rank_energy, bool)
+        or not isinstance(rank_energy, numbers.Real)
+        or not 0.0 < float(rank_energy) <= 1.0
+    ):
+        raise ValueError(
+            f"rank_energy must be a fraction in (0, 1] of each module's squared Frobenius norm, got {rank_energy!r}"
+        )
 
 
 # Adapters the merge takes as they are: read lazily from files, or held in memory (knots_ext.peft).
@@ -255,6 +311,7 @@ class MergeSummary:
     out_dir: str
     modules: list
     dropped_extra: list
+    truncation: TruncationError | None = None  # with rank or rank_energy: what the truncation cost
 
 
 def merge_to(
@@ -265,6 +322,7 @@ def merge_to(
     rank: int | None = None,
     dtype=torch.float32,
     overwrite: bool = False,
+    rank_energy: float | None = None,
     device="cpu",
     alpha: float | None = None,
     force: bool = False,
@@ -277,9 +335,10 @@ def merge_to(
 ) -> MergeSummary:
     """merge() straight to a PEFT adapter folder (MergeResult.save's rules for out_dir, checked
     before the merge starts): each module's factors are written as soon as they are final, so the
-    merge never holds its whole result. rank truncates each module (None: lossless). format: the
-    output's file format, "peft", "kohya" or "diffusers" (io.formats), by default the inputs'."""
-    check_rank(rank)
+    merge never holds its whole result. rank and rank_energy truncate each module (saved_factors;
+    both None: lossless); the summary's `truncation` says what that cost. format: the output's
+    file format, "peft", "kohya" or "diffusers" (io.formats), by default the inputs'."""
+    check_rank(rank, rank_energy)
     spec, declared, device, adapters, task_weights = _prepare(
         adapters, method, params, device, alpha, force, extra, weights, module_weights
     )
@@ -302,7 +361,7 @@ def merge_to(
         task_type=adapters[0].config.get("task_type"),
         overwrite=overwrite,
         inputs=inputs,
-        manifest=_manifest(method, declared, rank, inputs, task_weights),
+        manifest=_manifest(method, declared, rank, inputs, task_weights, rank_energy),
         reserve_keys=_tensor_keys(adapters, extra, layout, out_dir),
         layout=layout,
         **_provenance(
@@ -312,22 +371,28 @@ def merge_to(
             declared,
             task_weights,
             rank=rank,
+            rank_energy=rank_energy,
             dtype=dtype,
+            format=format,
             alpha=alpha,
             extra=extra,
             force=force,
         ),
     ) as writer:
+        truncation = None if rank is None and rank_energy is None else TruncationError()
 
         def emit(ref, update):
-            writer.add(ref.name, *update_factors(update, rank))
+            t = saved_factors(update, rank, rank_energy)
+            writer.add(ref.name, t.B, t.A)
+            if truncation is not None:
+                truncation.add(ref.name, t)
             names.append(ref.name)
 
         run_merge(spec, params, adapters, device, emit, quiet, task_weights)
         merged_extra, dropped = _merge_extra(adapters, extra)
         for key in sorted(merged_extra):
             writer.add_extra(key, merged_extra[key])
-    return MergeSummary(os.fspath(out_dir), sorted(names), dropped)
+    return MergeSummary(os.fspath(out_dir), sorted(names), dropped, truncation)
 
 
 def _tensor_keys(adapters, extra: str, layout: io.OutputLayout, out_dir) -> list:
