@@ -42,12 +42,11 @@ KX_HD float dare_apply(float v, uint32_t word, const DareSpec& d) {
   return word >= d.drop_below ? mul_rn(v, d.scale) : 0.0f;
 }
 
-// Word `index` (0 .. 7) of two consecutive Philox blocks, by selects: a dynamic index would put
-// the words in GPU local memory.
+// Word `index` (0 .. 7) of two consecutive Philox blocks, by selects: a dynamic index (or a
+// reference to either block) would put the words in GPU local memory.
 KX_HD uint32_t pick_word(const Philox4& lo, const Philox4& hi, int index) {
-  const Philox4& b = index < 4 ? lo : hi;
-  const int i = index & 3;
-  return i == 0 ? b.w[0] : i == 1 ? b.w[1] : i == 2 ? b.w[2] : b.w[3];
+  return index == 0 ? lo.w[0] : index == 1 ? lo.w[1] : index == 2 ? lo.w[2] : index == 3 ? lo.w[3]
+       : index == 4 ? hi.w[0] : index == 5 ? hi.w[1] : index == 6 ? hi.w[2] : hi.w[3];
 }
 
 // The mask words of the 4 consecutive elements first .. first+3: one Philox block when first
@@ -56,7 +55,10 @@ KX_HD void dare_words4(PhiloxKey key, uint64_t first, uint32_t (&words)[4]) {
   const Philox4 lo = dare_words(key, first >> 2);
   const int lead = int(first & 3u);
   const Philox4 hi = lead != 0 ? dare_words(key, (first >> 2) + 1) : lo;
-  for (int i = 0; i < 4; ++i) words[i] = pick_word(lo, hi, lead + i);
+  words[0] = pick_word(lo, hi, lead);
+  words[1] = pick_word(lo, hi, lead + 1);
+  words[2] = pick_word(lo, hi, lead + 2);
+  words[3] = pick_word(lo, hi, lead + 3);
 }
 
 // One element, computing its own Philox block (scattered positions; runs of elements share

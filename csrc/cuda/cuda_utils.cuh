@@ -213,26 +213,55 @@ inline Groups groups_of(int64_t P, const DareSpec& d) {
   return g;
 }
 
+// Four consecutive stored values from a pointer aligned to their size, in one vector load
+// (16 bytes of float32, 8 bytes of float16 / bfloat16), as float.
+__device__ __forceinline__ void load4_as_float(const float* p, float (&raw)[4]) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  raw[0] = q.x;
+  raw[1] = q.y;
+  raw[2] = q.z;
+  raw[3] = q.w;
+}
+template <class T>  // half_t or bf16_t: 16-bit storage, little-endian halves of two words
+__device__ __forceinline__ void load4_as_float(const T* p, float (&raw)[4]) {
+  static_assert(sizeof(T) == 2, "16-bit storage");
+  const uint2 q = *reinterpret_cast<const uint2*>(p);
+  raw[0] = to_float(T{uint16_t(q.x & 0xffffu)});
+  raw[1] = to_float(T{uint16_t(q.x >> 16)});
+  raw[2] = to_float(T{uint16_t(q.y & 0xffffu)});
+  raw[3] = to_float(T{uint16_t(q.y >> 16)});
+}
+
 // Row r's values at group k's positions as float, DARE applied (one Philox block); 0 outside
 // [0, P). `nonfinite` collects whether a stored value (before DARE, as on the CPU) was NaN or Inf.
+// A whole group of a contiguous row is one vector load where it is aligned (for a given row,
+// every group is or none is, but the first and last, which may be cut).
 template <class T>
 __device__ __forceinline__ void load_group(const RowsView& v, int64_t r, const Groups& g, int64_t k, float (&x)[4],
                                            uint32_t& nonfinite) {
   const T* row = static_cast<const T*>(v.rows[r]);
   const int64_t j0 = g.first(k);
+  float raw[4];
+  if (v.stride == 1 && j0 >= 0 && j0 + 4 <= g.P && reinterpret_cast<uintptr_t>(row + j0) % (4 * sizeof(T)) == 0) {
+    load4_as_float(row + j0, raw);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) raw[i] = g.inside(j0 + i) ? to_float(row[(j0 + i) * v.stride]) : 0.0f;
+  }
   Philox4 w{};
   if (v.dare.enabled) w = dare_words(v.keys[r], g.counter0 + uint64_t(k));
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {  // i is a constant after unrolling: w stays in registers
-    float value = 0.0f;
-    if (g.inside(j0 + i)) {
-      value = to_float(row[(j0 + i) * v.stride]);
-      nonfinite |= uint32_t(magnitude_key(value) >= kNonFiniteKey);
-      if (v.dare.enabled) value = dare_apply(value, w.w[i], v.dare);
-    }
+  for (int i = 0; i < 4; ++i) {  // i is a constant after unrolling: raw and w stay in registers
+    float value = raw[i];  // +0 outside [0, P): finite, and +0 after DARE too
+    nonfinite |= uint32_t(magnitude_key(value) >= kNonFiniteKey);
+    if (v.dare.enabled) value = dare_apply(value, w.w[i], v.dare);
     x[i] = value;
   }
 }
+
+// The row kernels read kRowBatch rows' groups before adding them (in row order), so that many
+// loads are in flight per thread.
+constexpr int kRowBatch = 8;
 
 // Element j of row r as float, DARE applied, on its own (scattered positions).
 template <class T>

@@ -12,13 +12,19 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t nonfinite = 0;
   for (int64_t k = global_thread(); k < g.count; k += grid_threads()) {
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t r = 0; r < n; ++r) {
-      float x[4];
-      load_group<T>(v, r, g, k, x, nonfinite);
-      const float w = weights[r];
+    for (int64_t r0 = 0; r0 < n; r0 += kRowBatch) {
+      float x[kRowBatch][4];
+#pragma unroll
+      for (int b = 0; b < kRowBatch; ++b)
+        if (r0 + b < n) load_group<T>(v, r0 + b, g, k, x[b], nonfinite);
       // In row order, rounded as on the CPU (common/rounding.h).
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] = weighted_add(acc[i], w, x[i]);
+      for (int b = 0; b < kRowBatch; ++b) {
+        if (r0 + b >= n) break;
+        const float w = weights[r0 + b];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i] = weighted_add(acc[i], w, x[b][i]);
+      }
     }
     const int64_t j0 = g.first(k);
 #pragma unroll
