@@ -259,9 +259,25 @@ __device__ __forceinline__ void load_group(const RowsView& v, int64_t r, const G
   }
 }
 
-// The row kernels read kRowBatch rows' groups before adding them (in row order), so that many
-// loads are in flight per thread.
+// The row kernels read kRowBatch rows' groups before adding them, so that many loads are in
+// flight per thread.
 constexpr int kRowBatch = 8;
+
+// Calls add(r, x) for the rows r = 0 .. n-1 in order, x being row r's values at group k
+// (load_group), the loads of kRowBatch rows issued before their adds.
+template <class T, class Add>
+__device__ __forceinline__ void for_each_row_group(const RowsView& v, int64_t n, const Groups& g, int64_t k,
+                                                   uint32_t& nonfinite, Add&& add) {
+  for (int64_t r0 = 0; r0 < n; r0 += kRowBatch) {
+    float x[kRowBatch][4];
+#pragma unroll
+    for (int b = 0; b < kRowBatch; ++b)
+      if (r0 + b < n) load_group<T>(v, r0 + b, g, k, x[b], nonfinite);
+#pragma unroll
+    for (int b = 0; b < kRowBatch; ++b)
+      if (r0 + b < n) add(r0 + b, x[b]);
+  }
+}
 
 // Element j of row r as float, DARE applied, on its own (scattered positions).
 template <class T>

@@ -29,19 +29,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t k = global_thread(); k - lane < g.count; k += grid_threads()) {
     TiesAccum a[4];  // empty (nothing listed, sign 0) for groups past the end
     if (k < g.count) {
-      for (int64_t r0 = 0; r0 < n; r0 += kRowBatch) {
-        float x[kRowBatch][4];
+      for_each_row_group<T>(v, n, g, k, nonfinite, [&](int64_t r, const float (&x)[4]) {
+        const TrimRange range = exact_range(threshold_keys, r);
 #pragma unroll
-        for (int b = 0; b < kRowBatch; ++b)
-          if (r0 + b < n) load_group<T>(v, r0 + b, g, k, x[b], nonfinite);
-#pragma unroll
-        for (int b = 0; b < kRowBatch; ++b) {
-          if (r0 + b >= n) break;
-          const TrimRange range = exact_range(threshold_keys, r0 + b);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) ties_add(a[i], x[b][i], range);  // 0 outside [0, P): adds nothing
-        }
-      }
+        for (int i = 0; i < 4; ++i) ties_add(a[i], x[i], range);  // 0 outside [0, P): adds nothing
+      });
     }
     const int64_t j0 = g.first(k);
 #pragma unroll

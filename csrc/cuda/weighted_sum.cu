@@ -12,20 +12,12 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t nonfinite = 0;
   for (int64_t k = global_thread(); k < g.count; k += grid_threads()) {
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t r0 = 0; r0 < n; r0 += kRowBatch) {
-      float x[kRowBatch][4];
+    // In row order, rounded as on the CPU (common/rounding.h).
+    for_each_row_group<T>(v, n, g, k, nonfinite, [&](int64_t r, const float (&x)[4]) {
+      const float w = weights[r];
 #pragma unroll
-      for (int b = 0; b < kRowBatch; ++b)
-        if (r0 + b < n) load_group<T>(v, r0 + b, g, k, x[b], nonfinite);
-      // In row order, rounded as on the CPU (common/rounding.h).
-#pragma unroll
-      for (int b = 0; b < kRowBatch; ++b) {
-        if (r0 + b >= n) break;
-        const float w = weights[r0 + b];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i] = weighted_add(acc[i], w, x[b][i]);
-      }
-    }
+      for (int i = 0; i < 4; ++i) acc[i] = weighted_add(acc[i], w, x[i]);
+    });
     const int64_t j0 = g.first(k);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
