@@ -6,6 +6,11 @@ Task inputs `x` are either a 2-D array (n_tasks, P), one row per task, or a sequ
 n arrays of P elements each (any shapes). DARE's mask for row r is a pure function of
 (seed, tasks[r], module, element index), DESIGN.md §1: `tasks` defaults to 0..n-1 and
 `module` (a name or a 64-bit id) to "".
+
+CUDA inputs run on `stream` (a stream handle; default: the current stream of the input's
+library), ordered against that library's current stream, where inputs are copied, outputs
+allocated and read (_arrays.KernelStream); the kernels' device scratch comes from the same
+library's allocator.
 """
 
 from __future__ import annotations
