@@ -2,7 +2,8 @@
 the same live model: a stand-in with `--layers` square Linear layers of width `--width` (4096: the
 hidden size of Llama-class models), n LoRA adapters of rank r with random factors loaded into one
 PeftModel, each combination_type timed for both in the same child process (the model built once,
-the added adapter deleted between repeats), with the ratio PEFT / knots_ext.
+the added adapter deleted between repeats), with the ratio PEFT / knots_ext of the fastest
+repeat's wall time and of its process CPU time (all threads; steadier on a shared machine).
 
 Besides time, each row says what the added adapter is: its rank, and the relative Frobenius error
 of its B @ A on layer 0 against the float64 merge of the full updates w_i s_i B_i @ A_i (the sum
@@ -126,8 +127,16 @@ def job(layers, width, n, r, density, combinations, repeats, budget):
                     add_weighted_adapter(model, names, weights, new, combination_type=comb, density=density, **scope)
                     return new
 
+            cpu: list = []  # CPU seconds of the process (all its threads): steadier than wall time on a busy machine
+
+            def measured(call=call, cpu=cpu):
+                c0 = time.process_time()
+                out = call()
+                cpu.append(time.process_time() - c0)
+                return out
+
             log(f"n={n} {impl} {comb} ...")
-            times, _ = timed(call, repeats, budget, between=model.delete_adapter)
+            times, _ = timed(measured, repeats, budget, between=model.delete_adapter)
             target = model.get_submodule(check)
             got = target.scaling[new] * (target.lora_B[new].weight.double() @ target.lora_A[new].weight.double())
             ref = {"linear": "sum", "cat": "sum", "svd": "sum", "ties": "ties", "ties_svd": "ties"}.get(comb)
@@ -136,7 +145,8 @@ def job(layers, width, n, r, density, combinations, repeats, budget):
             # entries off by more than float32 rounding: a trim or sign decided the other way
             off = None if ref is None else int(((got - ref).abs() > 1e-5 * ref.abs().max()).sum())
             rows.append(dict(n=n, combination=comb, impl=impl, seconds=min(times), times=times,
-                             rank=int(target.r[new]), rel_error=err, entries_off=off))
+                             cpu_seconds=min(cpu), cpu_times=cpu, rank=int(target.r[new]), rel_error=err,
+                             entries_off=off))
             model.delete_adapter(new)
     return dict(rows=rows, peft=peft.__version__, threads=torch.get_num_threads())
 
@@ -149,7 +159,7 @@ def main(argv=None):
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--combinations", default=",".join(DEFAULT), help=f"comma list from {COMBINATIONS}")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per measurement before repeats stop")
     ap.add_argument("--quick", action="store_true", help="1 layer of 512, n = 2 and 4, one repeat")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/results_peft_dropin*.json)")
@@ -170,17 +180,20 @@ def main(argv=None):
         out = in_child(job, args.layers, args.width, n, args.r, args.density, combinations, args.repeats, args.budget)
         rows += out["rows"]
         info = {k: v for k, v in out.items() if k != "rows"}
-    peft_s = {(r["n"], r["combination"]): r["seconds"] for r in rows if r["impl"] == "peft"}
+    peft_rows = {(r["n"], r["combination"]): r for r in rows if r["impl"] == "peft"}
     table = []
     for row in rows:
-        if row["impl"] == "knots_ext" and (row["n"], row["combination"]) in peft_s:
-            row["peft_over_knots_ext"] = peft_s[(row["n"], row["combination"])] / row["seconds"]
+        theirs = peft_rows.get((row["n"], row["combination"])) if row["impl"] == "knots_ext" else None
+        if theirs is not None:
+            row["peft_over_knots_ext"] = theirs["seconds"] / row["seconds"]
+            row["peft_over_knots_ext_cpu"] = theirs["cpu_seconds"] / row["cpu_seconds"]
         err = "n/a" if row["rel_error"] is None else f"{row['rel_error']:.2e}"
-        ratio = f"{row['peft_over_knots_ext']:.2f}x" if "peft_over_knots_ext" in row else ""
+        ratio = f"{row['peft_over_knots_ext']:.2f}x / {row['peft_over_knots_ext_cpu']:.2f}x" if theirs else ""
         off = "n/a" if row["entries_off"] is None else f"{row['entries_off']} / {args.width ** 2}"
-        table.append([row["n"], row["combination"], row["impl"], f"{row['seconds']:.3f}", ratio, row["rank"], err, off])
-    say(fmt_table(["n", "combination", "impl", "seconds", "peft / knots_ext", "rank", "rel. error (layer 0)",
-                   "entries off"], table))
+        table.append([row["n"], row["combination"], row["impl"], f"{row['seconds']:.3f}", f"{row['cpu_seconds']:.3f}",
+                      ratio, row["rank"], err, off])
+    say(fmt_table(["n", "combination", "impl", "wall s", "CPU s", "peft / knots_ext (wall / CPU)", "rank",
+                   "rel. error (layer 0)", "entries off"], table))
     result = dict(config=dict(layers=args.layers, width=args.width, ns=ns, r=args.r, density=args.density,
                               repeats=args.repeats, quick=args.quick, combinations=combinations),
                   environment={**env, **info}, rows=rows, seconds_total=time.perf_counter() - t0)
