@@ -31,6 +31,7 @@ Merges that yield dense updates (ties, dare_*) are full-rank in practice, so the
 has rank min(d_out, d_in): give svd_rank for a small one. svd_full_matrices and svd_driver are
 accepted and change nothing. TIES's trim threshold is global per task over all modules (the KnOTS
 reference's rule, knots_ext's default); PEFT trims each module separately: top_k_scope="module".
+Only LoRA factors are merged: the new adapter has no modules_to_save.
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def adapter_from_peft(model, adapter_name: str) -> MemoryAdapter:
     "<peft:adapter_name>": each LoRA Linear layer's lora_B / lora_A weights and its scaling (PEFT's
     lora_alpha / r, rslora and alpha_pattern already applied), under the module keys PEFT's
     adapter files use. The tensors are the model's own (copied when read). Refused, with a
-    ValueError naming the adapter and module: LoRA on embeddings or convolutions, DoRA and other
-    LoRA variants, LoRA biases."""
+    ValueError naming the adapter and module: LoRA on embeddings, convolutions or nn.Parameter
+    targets, DoRA and other LoRA variants, LoRA biases."""
     _check_model(model)
     _check_adapter_names(model, [adapter_name])
     _, LoraConfig, LoraLayer = _peft_classes()
@@ -141,6 +142,8 @@ def adapter_from_peft(model, adapter_name: str) -> MemoryAdapter:
     config = model.peft_config[adapter_name]
     if not isinstance(config, LoraConfig):
         raise AdapterError(where, f"not a LoRA adapter ({type(config).__name__}); only LoRA adapters are merged")
+    if config.target_parameters:
+        raise AdapterError(where, "LoRA on nn.Parameter targets (target_parameters) is not supported")
     factors, scales, fan_in_fan_out = {}, {}, set()
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLayer):

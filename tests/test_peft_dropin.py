@@ -242,6 +242,10 @@ def test_bad_input_is_refused_and_nothing_added(model, kwargs, message):
 def test_unreadable_adapters_are_named(model, base):
     with pytest.raises(ValueError, match="must be a peft.PeftModel"):
         add_weighted_adapter(base, ["math"], None, "new")
+    model.peft_config["math"].target_parameters = ["mlp.experts.gate_up_proj"]
+    with pytest.raises(ValueError, match=r"<peft:math>: LoRA on nn.Parameter targets"):
+        add_weighted_adapter(model, ["math", "code"], None, "new")
+    model.peft_config["math"].target_parameters = None
     model.add_adapter("dora", peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match=r"<peft:dora>: module .*q_proj: DoRA"):
         add_weighted_adapter(model, ["math", "dora"], None, "new")
