@@ -3,10 +3,12 @@
 A method either merges each module's LoRA factors itself (rule(m, params) -> update), or runs TA
 or TIES on the task rows of a space, which the space gives as factors (row_i = s_i P_i @ Q_i,
 knots_ext.factor_ops) so that no task's row is ever stored whole. TIES with the trim threshold
-global per task takes two passes: the thresholds (one or two radix rounds over every module),
-then the merge; positions whose trimmed sum is exactly 0 wait for the majority sign of all
-modules, so only the modules holding such positions are kept until the end; every other module
-is handed to `emit` as soon as it is final (streamed to disk by the CLI)."""
+global per task takes two passes: the thresholds (on the CPU a 1/16 sample that brackets them
+and one exact pass; elsewhere, or where a bracket misses, one or two radix rounds), then the
+merge; each module's factors are loaded once for all of them where they fit (LoadCache).
+Positions whose trimmed sum is exactly 0 wait for the majority sign of all modules, so only the
+modules holding such positions are kept until the end; every other module is handed to `emit`
+as soon as it is final (streamed to disk by the CLI)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ from .methods.spaces import ModuleTasks, zero_update
 # the others wait in a temporary folder. At n = 256 rank-16 adapters a 4096-wide KnOTS module's
 # state is ~128 MB, so keeping them all would grow with n and with the model.
 STATE_MEMORY = 256 << 20
+# Loaded factors (float32, checked) kept between those passes, in bytes; the others are read from
+# the adapters again (no temporary copy: the adapter files are the copy). A module's factors are
+# n r (d_out + d_in) floats: at n = 8 a Llama-3-8B layer's q, k, v, o are 13 MiB.
+FACTOR_MEMORY = 128 << 20
 
 
 @dataclass
@@ -87,6 +93,35 @@ class StateStore:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
+
+
+class LoadCache:
+    """load(ref) once per module for the passes of global TIES: the loaded ModuleTasks kept while
+    their factors fit in `budget` bytes, the others loaded again when visited."""
+
+    def __init__(self, load: Callable[[ModuleRef], ModuleTasks], budget: int | None = None):
+        self.load, self.budget, self.used = load, FACTOR_MEMORY if budget is None else budget, 0
+        self.kept: dict = {}
+
+    def __call__(self, ref: ModuleRef) -> ModuleTasks:
+        if ref.name in self.kept:
+            return self.kept[ref.name]
+        m = self.load(ref)
+        size = sum(t.numel() * t.element_size() for pair in m.factors for t in pair)
+        if self.used + size <= self.budget:
+            self.kept[ref.name] = m
+            self.used += size
+        return m
+
+    def drop(self, name: str) -> None:
+        """Forgets a module whose last pass is over."""
+        m = self.kept.pop(name, None)
+        if m is not None:
+            self.used -= sum(t.numel() * t.element_size() for pair in m.factors for t in pair)
+
+
+def _on_cpu(factors) -> bool:
+    return torch.as_tensor(factors[0][0]).device.type == "cpu"
 
 
 def _flatten(state):
@@ -161,7 +196,7 @@ def _per_module(space, modules, load, emit, progress, desc, merge_rows):
 def _ties_one_module(factors, m, top_k, lam, dare_p, seed):
     """TIES with the module's own thresholds and majority sign (top_k_scope="module")."""
     local = range(len(m.tasks))  # threshold slot of each of this module's tasks
-    sel = ops.MagnitudeThreshold(len(m.tasks), top_k)
+    sel = ops.MagnitudeThreshold(len(m.tasks), top_k, sampled=_on_cpu(factors))
     while not sel.done:
         factor_ops.histogram(sel, factors, dare_p, seed, m.name, m.tasks, slots=local)
         sel.finish_round()
@@ -184,15 +219,19 @@ def _ties_global(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, 
 
 
 def _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states):
+    loaded = LoadCache(load)
+
     def factors_of(ref):
-        m = load(ref)
+        m = loaded(ref)
         if not m.tasks:
             return m, None
         if ref.name not in states:
             states.put(ref.name, space.prepare(m))
         return m, space.row_factors(m, states.get(ref.name))
 
-    sel = ops.MagnitudeThreshold(n_tasks, top_k)
+    # The thresholds in about one full pass where the kernels allow it (factors on the CPU).
+    first = next((f for f in (factors_of(ref)[1] for ref in modules) if f), None)
+    sel = ops.MagnitudeThreshold(n_tasks, top_k, sampled=first is not None and _on_cpu(first))
     while not sel.done:
         for ref in progress(modules, f"{desc}: thresholds, round {sel.round + 1}"):
             m, factors = factors_of(ref)
@@ -213,6 +252,7 @@ def _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks,
         if zero:
             pending.append((ref, merged, zero))
         else:
+            loaded.drop(ref.name)
             emit(ref, space.update(ref, merged, states.pop(ref.name)))
     majority = (sign_sum > 0) - (sign_sum < 0)
     for ref, merged, zero in pending:
@@ -220,4 +260,5 @@ def _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks,
         factor_ops.ties_fix_majority(
             factors, merged, [thresholds[t] for t in m.tasks], zero, majority, lam, dare_p, seed, ref.name, m.tasks
         )
+        loaded.drop(ref.name)
         emit(ref, space.update(ref, merged, states.pop(ref.name)))

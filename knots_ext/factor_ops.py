@@ -101,6 +101,8 @@ def histogram(
     """Adds every task's row magnitudes (after DARE) to sel's current round, task r to slot slots[r]
     (slots default to tasks)."""
     f = _Factors(factors)
+    if sel.sampled and f.device.type != "cpu":
+        raise ValueError("a sampled MagnitudeThreshold takes factors on the CPU only")
     with KernelStream(f.ref) as on:
         inp = f.kernel_input(dare_p, seed, module, tasks, on)
         sel.selector.factored_histogram(inp, [int(t) for t in (tasks if slots is None else slots)])

@@ -233,8 +233,11 @@ PYBIND11_MODULE(_C, m) {
   });
 
   py::class_<MagnitudeSelect>(m, "MagnitudeSelect")
-      .def(py::init<int64_t, double>(), py::arg("n_tasks"), py::arg("top_k"))
+      .def(py::init<int64_t, double, bool>(), py::arg("n_tasks"), py::arg("top_k"), py::arg("sampled") = false)
       .def_property_readonly("round", &MagnitudeSelect::round)
+      .def_property_readonly("sampled", &MagnitudeSelect::sampled)
+      .def_property_readonly("missed", &MagnitudeSelect::missed,
+                             "Tasks whose sampled window missed the threshold (they took two more passes)")
       .def_property_readonly("done", &MagnitudeSelect::done)
       .def("histogram", [](MagnitudeSelect& sel, const Input& in, const std::vector<int64_t>& task_of_row) {
         for (int64_t t : task_of_row)

@@ -175,60 +175,133 @@ void check(const TaskFactors& f) {
 
 }  // namespace
 
+namespace {
+
+// Task t's keys at the sample lattice (MagnitudeSelect, sampled mode) into hist by their top 16
+// bits: blocks of kSampleRowBlock rows x kSampleColBlock columns, with DARE, padding left out.
+// Non-finite values are flagged by the full pass that follows.
+template <int R>
+void sample_block_row(const FactorTask& t, const float* q, int64_t ldq, const DareSpec& d, int64_t c, int64_t a0,
+                      int64_t ib, uint32_t* hist) {
+  static_assert(kSampleColBlock == kBlockCols, "a sample block is one register block wide");
+  alignas(64) float v[R * kBlockCols];
+  for (int64_t jb = sample_first_block(ib); jb * kBlockCols < c; jb += kSampleEvery) {
+    const int64_t b0 = jb * kBlockCols, tb = std::min<int64_t>(kBlockCols, c - b0);
+    block_entries<R>(t.P + a0 * t.rank, t.rank, q + b0, ldq, t.scale, v, kBlockCols);
+    for (int i = 0; i < R; ++i) {
+      float* row = v + i * kBlockCols;
+      if (d.enabled) dare_run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, row);
+      for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(row[j]) >> kRound0Shift];
+    }
+  }
+}
+
+void sample_task(const FactorTask& t, const float* q, int64_t ldq, const DareSpec& d, int64_t m, int64_t c,
+                 uint64_t* hist) {
+  static_assert(kSampleRowBlock == kBlockRows, "a sample block is one register block high");
+  const int64_t row_blocks = (m + kBlockRows - 1) / kBlockRows;
+#pragma omp parallel if (row_blocks * c > 16 * kSampleEvery * kTile)
+  {
+    std::vector<uint32_t> local(size_t(kRound0Bins), 0);
+#pragma omp for schedule(static)
+    for (int64_t ib = 0; ib < row_blocks; ++ib) {
+      const int64_t a0 = ib * kBlockRows;
+      switch (std::min<int64_t>(kBlockRows, m - a0)) {
+        case 4: sample_block_row<4>(t, q, ldq, d, c, a0, ib, local.data()); break;
+        case 3: sample_block_row<3>(t, q, ldq, d, c, a0, ib, local.data()); break;
+        case 2: sample_block_row<2>(t, q, ldq, d, c, a0, ib, local.data()); break;
+        default: sample_block_row<1>(t, q, ldq, d, c, a0, ib, local.data()); break;
+      }
+    }
+#pragma omp critical
+    for (int64_t b = 0; b < kRound0Bins; ++b) hist[b] += local[b];
+  }
+}
+
+// Task `task`'s keys over the whole row (factors t, padded Q q), counted into sel as `pass`
+// says (kWindow, kList, kTop or kLow); returns false if an entry is NaN or Inf.
+bool count_task(const FactorTask& t, const float* q, int64_t ldq, const DareSpec& d, const TaskFactors& f,
+                const Tiling& tiling, TaskPass pass, MagnitudeSelect& sel, int64_t task) {
+  const int64_t tiles = tiling.count();
+  const bool listed = pass.what == Count::kList, bracket = listed || pass.what == Count::kWindow;
+  const int64_t bins = listed ? 0 : bracket ? kWindowBins : pass.what == Count::kTop ? kRound0Bins : kRound1Bins;
+  const uint32_t key0 = pass.key, span = pass.span;
+  uint64_t* hist = sel.hist(task);
+  uint32_t low = 0;
+  uint64_t under = 0;
+  bool finite = true;
+#pragma omp parallel if (tiles > 4) reduction(| : low) reduction(+ : under) reduction(&& : finite)
+  {
+    // Per-thread counts (or keys), added once at the end: no atomics in the hot loop.
+    std::vector<uint32_t> local(size_t(bins), 0), keys;
+    uint32_t bin_of[kTile];
+    Scratch s;
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const Tile tl = tiling.at(tile);
+      finite = task_tile(t, q, ldq, d, f.c, tl, s.v) && finite;
+      // The bins first (vectorised), then the counts: a scalar loop of increments only.
+      int64_t count = 0;
+      for (int64_t i = 0; i < tl.ta; ++i) {
+        const float* v = s.v + i * tl.ldv;
+        if (pass.what == Count::kTop) {
+          for (int64_t j = 0; j < tl.tb; ++j) {
+            const uint32_t key = magnitude_key(v[j]);
+            bin_of[count + j] = key >> kRound0Shift;
+            low |= key & kLowMask;
+          }
+          count += tl.tb;
+        } else if (bracket) {
+          uint32_t row_under = 0;
+          for (int64_t j = 0; j < tl.tb; ++j) {  // keys past the bracket are left out
+            const uint32_t key = magnitude_key(v[j]);
+            row_under += key < key0;
+            bin_of[count] = key - key0;
+            count += uint32_t(key - key0) < span;
+          }
+          under += row_under;
+        } else {
+          for (int64_t j = 0; j < tl.tb; ++j) {  // keys outside the prefix's bin are left out
+            const uint32_t key = magnitude_key(v[j]);
+            bin_of[count] = key & kLowMask;
+            count += (key >> kRound0Shift) == key0;
+          }
+        }
+      }
+      if (listed)
+        for (int64_t e = 0; e < count; ++e) keys.push_back(key0 + bin_of[e]);
+      else
+        for (int64_t e = 0; e < count; ++e) ++local[bin_of[e]];
+    }
+#pragma omp critical
+    {
+      for (int64_t b = 0; b < bins; ++b) hist[b] += local[b];
+      if (listed) sel.add_keys(task, keys.data(), keys.size());
+    }
+  }
+  sel.add_low_bits(task, low);
+  sel.add_below(task, under);
+  return finite;
+}
+
+}  // namespace
+
 void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vector<int64_t>& task_of_row,
                         MagnitudeSelect& sel) {
   check(f);
   if (f.numel() >= (int64_t(1) << 32)) throw std::invalid_argument("arrays over 2^32 elements are not supported");
-  const int round = sel.round();
-  const int64_t bins = sel.bins();
   const Tiling tiling(f);
-  const int64_t tiles = tiling.count();
   const PaddedQ padded(f);
   for (int64_t r = 0; r < f.n(); ++r) {
     const int64_t task = task_of_row[r];
-    const uint32_t prefix = sel.prefix(task);
-    if (round == 1 && prefix == MagnitudeSelect::kNoPrefix) continue;
-    const FactorTask& t = f.tasks[r];
-    const float* q = padded.of(r);
-    uint64_t* hist = sel.hist(task);
-    uint32_t low_bits = 0;
-    bool finite = true;
-#pragma omp parallel if (tiles > 4) reduction(| : low_bits) reduction(&& : finite)
-    {
-      // Per-thread counts, added once at the end: no atomics in the hot loop.
-      std::vector<uint32_t> local(size_t(bins), 0);
-      uint32_t bin_of[kTile];
-      Scratch s;
-#pragma omp for schedule(static)
-      for (int64_t tile = 0; tile < tiles; ++tile) {
-        const Tile tl = tiling.at(tile);
-        finite = task_tile(t, q, padded.ldq, d, f.c, tl, s.v) && finite;
-        // The bins first (vectorised), then the counts: a scalar loop of increments only.
-        int64_t count = 0;
-        for (int64_t i = 0; i < tl.ta; ++i) {
-          const float* v = s.v + i * tl.ldv;
-          if (round == 0) {
-            for (int64_t j = 0; j < tl.tb; ++j) {
-              const uint32_t key = magnitude_key(v[j]);
-              bin_of[count + j] = key >> kRound0Shift;
-              low_bits |= key & kLowMask;
-            }
-            count += tl.tb;
-          } else {
-            for (int64_t j = 0; j < tl.tb; ++j) {  // keys outside the prefix's bin are left out
-              const uint32_t key = magnitude_key(v[j]);
-              bin_of[count] = key & kLowMask;
-              count += (key >> kRound0Shift) == prefix;
-            }
-          }
-        }
-        for (int64_t e = 0; e < count; ++e) ++local[bin_of[e]];
-      }
-#pragma omp critical
-      for (int64_t b = 0; b < bins; ++b) hist[b] += local[b];
+    const TaskPass pass = sel.pass_of(task);
+    if (pass.what == Count::kNone) continue;
+    if (pass.what == Count::kSample) {
+      sample_task(f.tasks[r], padded.of(r), padded.ldq, d, f.m, f.c, sel.hist(task));
+      sel.add_total(task, uint64_t(f.numel()));
+    } else if (!count_task(f.tasks[r], padded.of(r), padded.ldq, d, f, tiling, pass, sel, task)) {
+      sel.flag_nonfinite();
     }
-    if (!finite) sel.flag_nonfinite();
-    sel.add_low_bits(task, low_bits);
   }
 }
 
