@@ -383,7 +383,8 @@ def merge_to(
 
         def emit(ref, update):
             t = saved_factors(update, rank, rank_energy)
-            writer.add(ref.name, t.B, t.A)
+            # run_merge checked the update finite; lossless factors are its own values (or I)
+            writer.add(ref.name, t.B, t.A, finite=truncation is None)
             if truncation is not None:
                 truncation.add(ref.name, t)
             names.append(ref.name)

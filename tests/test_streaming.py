@@ -184,3 +184,20 @@ def test_writer_header_room(tmp_path, room):
     header_len = int.from_bytes(raw[:8], "little")
     assert header_len % 8 == 0 and json.loads(raw[8 : 8 + header_len])["__metadata__"] == {"format": "pt"}
     assert sorted(os.listdir(tmp_path / "o")) == ["adapter_config.json", "adapter_model.safetensors", "knots_merge.json"]
+
+
+def test_writer_finite_checks_what_conversion_may_break(tmp_path):
+    """add(..., finite=True) (the caller checked the values) skips the second finiteness pass only
+    when nothing is converted: float32 values too large for float16 are still refused, and without
+    finite=True NaN is refused; nothing is left behind."""
+    big = torch.full((4, 2), 1e6)
+    with pytest.raises(knots_ext.io.AdapterError, match="overflows"):
+        with knots_ext.io.AdapterWriter(tmp_path / "h", base_model=None, dtype=torch.float16) as w:
+            w.add("model.q", big, torch.ones(2, 3), finite=True)
+    with pytest.raises(knots_ext.io.AdapterError, match="NaN or Inf"):
+        with knots_ext.io.AdapterWriter(tmp_path / "n", base_model=None) as w:
+            w.add("model.q", torch.full((4, 2), float("nan")), torch.ones(2, 3))
+    assert os.listdir(tmp_path) == []
+    with knots_ext.io.AdapterWriter(tmp_path / "o", base_model=None) as w:
+        w.add("model.q", big, torch.ones(2, 3), finite=True)
+    assert torch.equal(read_updates(tmp_path / "o")["base_model.model.model.q"], big.double() @ torch.ones(2, 3).double())
