@@ -44,6 +44,7 @@ and plotted beside it (.png: time and peak RSS vs n)."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -96,6 +97,41 @@ def job_read(sets: list) -> list:
                 t.to(torch.float32)
 
     return [min(timed(lambda paths=paths: read(paths), 3, 60.0)[0]) for paths in sets]
+
+
+def job_write(out_dir: str, shapes: dict, layers: int) -> dict:
+    """The lossless dense output's writer vs a plain write of the same bytes, in the same child:
+    per module a random float32 W (d_out x d_in) and the identity, as merge_to writes a dense
+    result ((W, I)); the AdapterWriter (add with finite=True, as merge_to) and a plain file write
+    (f.write of each tensor's bytes), each closed with an fsync. Seconds and MiB/s of both."""
+    import torch
+
+    import knots_ext
+    from knots_ext.engine import update_factors
+    from knots_ext.methods.spaces import DenseUpdate
+
+    torch.manual_seed(0)
+    updates = {f"base_model.model.model.layers.{i}.self_attn.{name}": DenseUpdate(torch.randn(d_out, d_in))
+               for i in range(layers) for name, (d_out, d_in) in shapes.items()}
+    t0 = time.perf_counter()
+    with knots_ext.io.AdapterWriter(Path(out_dir) / "writer", base_model=None) as w:
+        # as merge_to calls it (builds before finite= was added: without it)
+        checked = dict(finite=True) if "finite" in inspect.signature(w.add).parameters else {}
+        for name, update in updates.items():
+            w.add(name, *update_factors(update), **checked)
+    writer_s = time.perf_counter() - t0
+    written = _folder_bytes(Path(out_dir) / "writer")
+    t0 = time.perf_counter()
+    with open(Path(out_dir) / "plain.bin", "wb") as f:
+        for update in updates.values():
+            for t in update_factors(update):
+                f.write(t.numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+    plain_s = time.perf_counter() - t0
+    mib = written / 2**20
+    return dict(mib=mib, writer_seconds=writer_s, plain_seconds=plain_s, writer_mib_s=mib / writer_s,
+                plain_mib_s=mib / plain_s, ratio=writer_s / plain_s)
 
 
 def _merge_params(method: str, top_k: float, dare_p: float, seed: int) -> dict:
@@ -335,6 +371,13 @@ def main(argv=None):
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
+    if any(not m.startswith("knots") for m in methods):
+        log("the dense output's writer vs a plain write ...")
+        with tempfile.TemporaryDirectory(dir=work if args.work else None) as wdir:
+            results["write"] = w = run_child(job_write, wdir, shapes, 1).result
+        say(f"writing one layer's lossless dense output ({w['mib']:.0f} MiB, with fsync): AdapterWriter "
+            f"{w['writer_seconds']:.3f} s ({w['writer_mib_s']:.0f} MiB/s), plain file write {w['plain_seconds']:.3f} s "
+            f"({w['plain_mib_s']:.0f} MiB/s): x{w['ratio']:.2f}")
     results["goals"] = goals(results["runs"], ns)
     results["env"]["loadavg_end"] = os.getloadavg()
     report(results, args)
