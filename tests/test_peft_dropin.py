@@ -282,7 +282,9 @@ def test_benchmark_job_measures_what_it_says():
     import bench_peft_dropin as bench
 
     n, r, width = 3, 4, 48
-    out = bench.job(1, width, n, r, 0.3, ["linear", "cat", "ties", "svd", "knots_ties"], 1, 10.0)
+    with torch.enable_grad():  # the job switches autograd off for its (normally fresh) process; restored on exit
+        out = bench.job(1, width, n, r, 0.3, ["linear", "cat", "ties", "svd", "knots_ties"], 1, 10.0)
+    assert torch.is_grad_enabled()
     rows = {(row["impl"], row["combination"]): row for row in out["rows"]}
     for comb in ("linear", "cat", "ties"):
         assert rows["knots_ext", comb]["rel_error"] < 1e-6, comb
