@@ -75,9 +75,16 @@ class MergeResult:
         io.save_adapter(
             out_dir,
             self.factors(rank, rank_energy),
+            extra=self.extra or None,
+            **self.writer_args(out_dir, layout, rank, rank_energy, dtype, format, overwrite),
+        )
+
+    def writer_args(self, out_dir, layout, rank, rank_energy, dtype, format, overwrite) -> dict:
+        """What the output records besides the tensors (io.AdapterWriter's keywords): the config's
+        fields, the manifest and the recipe (knots_ext.recipe)."""
+        return dict(
             base_model=self.base_model,
             fan_in_fan_out=self.fan_in_fan_out,
-            extra=self.extra or None,
             dtype=dtype,
             task_type=self.task_type,
             overwrite=overwrite,
@@ -276,6 +283,7 @@ def merge(
     spec, declared, device, adapters, task_weights = _prepare(
         adapters, method, params, device, alpha, force, extra, weights, module_weights
     )
+    result = _result_of(method, declared, adapters, task_weights, alpha, extra, force)
     out: dict = {}
     run_merge(
         spec,
@@ -286,8 +294,15 @@ def merge(
         quiet,
         task_weights,
     )
-    result = MergeResult(
-        dict(sorted(out.items())),
+    result.modules = dict(sorted(out.items()))
+    result.extra, result.dropped_extra = _merge_extra(adapters, extra)
+    return result
+
+
+def _result_of(method, declared, adapters, task_weights, alpha, extra, force) -> MergeResult:
+    """The MergeResult of a merge of these adapters, its modules still to come."""
+    return MergeResult(
+        {},
         method,
         declared,
         base_model=adapters[0].base_model,
@@ -300,8 +315,6 @@ def merge(
         format=_input_format(adapters),
         conv_shapes=_conv_shapes(adapters),
     )
-    result.extra, result.dropped_extra = _merge_extra(adapters, extra)
-    return result
 
 
 @dataclass
@@ -342,42 +355,17 @@ def merge_to(
     spec, declared, device, adapters, task_weights = _prepare(
         adapters, method, params, device, alpha, force, extra, weights, module_weights
     )
-    inputs = [a.path for a in adapters]
-    io.check_output(out_dir, inputs=inputs, overwrite=overwrite)
+    header = _result_of(method, declared, adapters, task_weights, alpha, extra, force)
+    io.check_output(out_dir, inputs=header.inputs, overwrite=overwrite)
     layout = output_layout(
-        out_dir,
-        _input_format(adapters),
-        format,
-        _conv_shapes(adapters),
-        {m: a.path for a in adapters for m in a.modules},
+        out_dir, header.format, format, header.conv_shapes, {m: a.path for a in adapters for m in a.modules}
     )
     params = _setup(spec, declared, adapters)
     names: list = []
     with io.AdapterWriter(
         out_dir,
-        base_model=adapters[0].base_model,
-        fan_in_fan_out=adapters[0].fan_in_fan_out,
-        dtype=dtype,
-        task_type=adapters[0].config.get("task_type"),
-        overwrite=overwrite,
-        inputs=inputs,
-        manifest=_manifest(method, declared, rank, inputs, task_weights, rank_energy),
         reserve_keys=_tensor_keys(adapters, extra, layout, out_dir),
-        layout=layout,
-        **_provenance(
-            out_dir,
-            recipe.sources(adapters),
-            method,
-            declared,
-            task_weights,
-            rank=rank,
-            rank_energy=rank_energy,
-            dtype=dtype,
-            format=format,
-            alpha=alpha,
-            extra=extra,
-            force=force,
-        ),
+        **header.writer_args(out_dir, layout, rank, rank_energy, dtype, format, overwrite),
     ) as writer:
         truncation = None if rank is None and rank_energy is None else TruncationError()
 
