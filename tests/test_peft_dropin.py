@@ -256,7 +256,7 @@ def test_unreadable_adapters_are_named(model, base):
     assert "new" not in model.peft_config
 
 
-def test_memory_adapters_merge_and_save(model, tmp_path):
+def test_memory_adapters_merge_and_save(model, tmp_path, monkeypatch):
     """A MemoryAdapter goes wherever an adapter path does: merged by knots_ext.merge, saved as a
     PEFT adapter that loads back with the same update."""
     import knots_ext
@@ -269,6 +269,11 @@ def test_memory_adapters_merge_and_save(model, tmp_path):
     for module, dW in want.items():
         B, A = saved.factors(module)
         close(saved.scale(module) * B.double() @ A.double(), dW, 1e-5, module)
+    # an adapter held in memory has no folder: the working directory is not taken for one
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    res.save(".")
+    assert (tmp_path / "cwd" / "adapter_model.safetensors").is_file()
 
 
 def test_benchmark_job_measures_what_it_says():

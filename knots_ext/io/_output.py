@@ -44,7 +44,8 @@ def _protected_folders(inputs) -> list[str]:
     folders = []
     for p in inputs:
         real = os.path.realpath(os.fspath(getattr(p, "weights_path", p)))
-        folders.append(real if os.path.isdir(real) else os.path.dirname(real))
+        if os.path.exists(real):  # an adapter held in memory ("<peft:NAME>") has no folder to protect
+            folders.append(real if os.path.isdir(real) else os.path.dirname(real))
     return folders
 
 
