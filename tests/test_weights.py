@@ -207,3 +207,25 @@ def test_negation_cancels(adapters):
     res = knots_ext.merge([adapters[0], adapters[0]], "ta", weights=[1.0, -1.0])
     for name in res.modules:
         assert math.isclose(float(res.delta(name).abs().max()), 0.0, abs_tol=1e-6)
+
+
+def test_readme_command_runs(tmp_path, capsys):
+    """The README's weights / --rank-energy command, on the bundled example adapters."""
+    import glob
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    block = text.split("### Weights, output rank, progress", 1)[1].split("```", 2)[1]
+    args = shlex.split(block.replace("\\\n", " "))
+    assert args[0] == "knots-merge"
+    argv = []
+    for a in args[1:]:
+        argv += sorted(glob.glob(str(root / a))) if "*" in a else [a]
+    argv[argv.index("-o") + 1] = str(tmp_path / "out")
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "truncation (--rank-energy 0.99) costs a relative error" in err
+    manifest = json.loads((tmp_path / "out" / "knots_merge.json").read_text())["merge"]
+    assert manifest["weights"] == [1.0, 0.5, -0.25] and manifest["rank_energy"] == 0.99
