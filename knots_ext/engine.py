@@ -50,10 +50,14 @@ class MergeResult:
             raise KeyError(f"no module {name!r} in the merge result")
         return self.modules[name].dense().float().cpu()
 
-    def factors(self, rank: int | None = None, rank_energy: float | None = None) -> dict:
+    def factors(self, rank: int | None = None, rank_energy: float | None = None, quiet: bool = True) -> dict:
         """(B, A) per module with B @ A the update: lossless when rank and rank_energy are None,
-        else truncated (see saved_factors)."""
-        return {name: update_factors(upd, rank, rank_energy) for name, upd in self.modules.items()}
+        else truncated (see saved_factors); quiet=False: a progress bar on a terminal."""
+        progress = make_progress(quiet)
+        return {
+            name: update_factors(self.modules[name], rank, rank_energy)
+            for name in progress(self.modules, "save: factors")
+        }
 
     def save(
         self,
@@ -64,17 +68,18 @@ class MergeResult:
         overwrite: bool = False,
         rank_energy: float | None = None,
         format: str | None = None,
+        quiet: bool = True,
     ) -> None:
         """Writes a PEFT LoRA adapter (safetensors + adapter_config.json + the knots_merge.json
         manifest) that PEFT loads as is. out_dir must be new or empty, or an earlier knots-merge
         output with overwrite=True; it may not be or hold an input adapter (io.save_adapter).
         rank / rank_energy truncate each module (saved_factors). format: "peft", "kohya" or
-        "diffusers" (io.formats), by default the inputs' format."""
+        "diffusers" (io.formats), by default the inputs' format. quiet=False: a progress bar on a terminal."""
         check_rank(rank, rank_energy)
         layout = output_layout(out_dir, self.format, format, self.conv_shapes, list(self.modules))
         io.save_adapter(
             out_dir,
-            self.factors(rank, rank_energy),
+            self.factors(rank, rank_energy, quiet),
             extra=self.extra or None,
             **self.writer_args(out_dir, layout, rank, rank_energy, dtype, format, overwrite),
         )

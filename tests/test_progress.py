@@ -4,6 +4,7 @@ terminal, with the time left, and nothing with --quiet or when stderr is not a t
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pty
 import struct
@@ -68,3 +69,21 @@ def test_quiet_and_not_a_terminal(adapters, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "knots_ext.cli", *adapters, "-o", str(tmp_path / "p"),
                            "--method", "knots-ties"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "module/s" not in proc.stderr and "%|" not in proc.stderr
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_save_bar(adapters, tmp_path, monkeypatch):
+    """MergeResult.save(quiet=False) shows a bar over the modules it factors (a --rank SVD each)."""
+    import knots_ext
+
+    res = knots_ext.merge(adapters, "ties", top_k=0.5)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    res.save(tmp_path / "quiet", rank=2)
+    assert sys.stderr.getvalue() == ""
+    res.save(tmp_path / "shown", rank=2, quiet=False)
+    bar = sys.stderr.getvalue()
+    assert "save: factors" in bar and "18/18" in bar
