@@ -14,6 +14,17 @@ F32, F16, BF16 = 0, 1, 2
 _ITEMSIZE = {F32: 4, F16: 2, BF16: 2}
 
 
+def all_finite(t) -> bool:
+    """No NaN or Inf in the torch tensor t. One fast pass in the usual case: a finite sum proves
+    it (a NaN or an Inf anywhere makes the sum NaN or Inf, whatever the order of the additions);
+    only a sum that came out non-finite -- possibly an overflow of finite entries -- is checked
+    entry by entry (torch.isfinite + all: about 10x slower on the CPU)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    torch = _torch()
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _torch():
     import torch
 

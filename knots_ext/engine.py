@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import driver, factor_ops, hub, io, recipe
+from ._arrays import all_finite
 from ._progress import make_progress
 from .device import Placement, check_device
 from .driver import ModuleRef
@@ -477,7 +478,7 @@ def _check_finite(ref, update, adapters, lam) -> None:
     """Refuses a merged update that overflowed float32, naming the module, its inputs and lam
     (the inputs are known to be finite: the reader refuses NaN and Inf)."""
     parts = (update.B, update.A) if isinstance(update, FactoredUpdate) else (update.W,)
-    if all(bool(torch.isfinite(t).all()) for t in parts):
+    if all(all_finite(t) for t in parts):
         return
     paths = ", ".join(str(adapters[i].path) for i in ref.tasks)
     raise ValueError(

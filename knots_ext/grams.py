@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from ._arrays import all_finite
+
 PEFT_PREFIX = "base_model.model."
 FORMAT = "knots-ext-grams"
 # Linear layers PEFT adds inside a LoRA layer: not modules of the base model.
@@ -150,7 +152,7 @@ def save_grams(path, grams: Mapping[str, torch.Tensor], num_vectors=None, dtype=
         if not g.is_floating_point():
             raise GramError(path, f"module {key}: a Gram must be floating point, got {g.dtype}")
         g = g.detach().to(device="cpu", dtype=dtype).contiguous()
-        if not bool(torch.isfinite(g).all()):
+        if not all_finite(g):
             raise GramError(path, f"module {key}: holds NaN or Inf values")
         tensors[key] = g
     meta = {"format": FORMAT}
@@ -227,7 +229,7 @@ class Grams:
         except Exception as e:
             raise GramError(self.path, f"{where}: cannot read the Gram: {e}") from None
         g = g.to(torch.float64)
-        if not bool(torch.isfinite(g).all()):
+        if not all_finite(g):
             raise GramError(self.path, f"{where}: Gram holds NaN or Inf values")
         scale = float(g.abs().max()) if g.numel() else 0.0
         asym = float((g - g.T).abs().max()) if g.numel() else 0.0

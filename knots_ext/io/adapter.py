@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .. import _arrays
 from . import formats
 from ._common import (
     PICKLE_MESSAGE,
@@ -340,8 +341,8 @@ class Adapter:
             if dtype is not None and t.dtype != dtype:
                 t = t.to(dtype)
             # One check, on the converted tensor: torch's isfinite on bf16/fp16 is ~100x slower.
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                if bool(torch.isfinite(stored.to(torch.float64)).all()):
+            if not _arrays.all_finite(t):
+                if _arrays.all_finite(stored.to(torch.float64)):
                     raise AdapterError(self.weights_path, f"module {module}: {which} overflows {dtype}")
                 raise AdapterError(self.weights_path, f"module {module}: {which} holds NaN or Inf values")
             out.append(t)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .._arrays import all_finite
 from ._common import AdapterError
 
 
@@ -122,8 +123,8 @@ class MemoryAdapter:
         out = []
         for which, t in zip(("lora_B", "lora_A"), self._factors[module]):
             copy = t.to(dtype=dtype or t.dtype, copy=True)
-            if not bool(torch.isfinite(copy).all()):
-                problem = "holds NaN or Inf values" if not bool(torch.isfinite(t).all()) else f"overflows {dtype}"
+            if not all_finite(copy):
+                problem = "holds NaN or Inf values" if not all_finite(t) else f"overflows {dtype}"
                 raise AdapterError(self.path, f"module {module}: {which} {problem}")
             out.append(copy)
         return out[0], out[1]

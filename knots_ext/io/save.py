@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .._arrays import all_finite
 from ._common import (
     A_SUFFIX,
     B_SUFFIX,
@@ -88,8 +89,8 @@ def _prepared(out_dir, t, dtype, what: str, finite: bool = False) -> torch.Tenso
     converted = t.to(device="cpu", dtype=dtype)
     if finite and converted.dtype == t.dtype:
         return converted.contiguous()
-    if not bool(torch.isfinite(converted).all()):  # one pass in the usual case; the cause only on error
-        if not bool(torch.isfinite(t).all()):
+    if not all_finite(converted):  # one pass in the usual case; the cause only on error
+        if not all_finite(t):
             raise AdapterError(out_dir, f"{what}: holds NaN or Inf values")
         raise AdapterError(out_dir, f"{what}: overflows {dtype}")
     return converted.contiguous()

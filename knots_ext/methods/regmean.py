@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._arrays import all_finite
 from . import Method
 from .params import LAM, Param
 from .spaces import FactoredUpdate, ModuleTasks
@@ -35,7 +36,7 @@ def solve_sym(S: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     exact minimiser; in the null space of S (input directions no task ever saw) the merged
     update is zero."""
     Y, info = torch.linalg.solve_ex(S, R)
-    if int(info) == 0 and bool(torch.isfinite(Y).all()):
+    if int(info) == 0 and all_finite(Y):
         rnorm = torch.linalg.norm(R)
         if float(torch.linalg.norm(S @ Y - R)) <= RESIDUAL_TOL * float(rnorm):
             return Y
