@@ -130,7 +130,10 @@ def ties_merge(
     """Fused TIES over the n task rows of x: per-row trim to the top_k fraction by magnitude,
     sign election, disjoint mean, times lam; with dare_p > 0, DARE is applied first.
     Returns the merged (P,) array, written into `out` if given (and the per-row thresholds if
-    asked)."""
+    asked). On CUDA, long rows are read once where a sample brackets every threshold (else the
+    exact rounds run; the same bits either way); the environment variable
+    KNOTS_EXT_CUDA_TIES_PATH=exact or =read-once forces one path (read-once: an error where it
+    does not apply or missed)."""
     top_k, lam = _check_top_k(top_k), _check_scale("lam", lam)
     rows, out = _rows_and_out(x, out)
     with KernelStream(rows[0], stream) as on:

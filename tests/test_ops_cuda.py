@@ -343,6 +343,23 @@ def assert_sentinels_kept(buf, P, pad=37, what="out"):
         f"{what}: a kernel wrote outside its output"
 
 
+def layout_cases(wide_of, P, dev):
+    """(what, dtype, strided, dare_p, x_cpu, on_device) for every dtype, contiguous rows (the first P
+    of each (n, 2P) wide_of(dtype) row) and strided ones (every other element), DARE off and on;
+    on_device() copies the wide rows to dev (on the current stream) and returns the same view."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        wide_cpu = wide_of(dtype)
+        for strided in (False, True):
+            x_cpu = wide_cpu[:, ::2] if strided else wide_cpu[:, :P].contiguous()
+
+            def on_device(wide_cpu=wide_cpu, strided=strided):
+                wide = wide_cpu.to(dev)
+                return wide[:, ::2] if strided else wide[:, :P]
+
+            for dare_p in (0.0, 0.3):
+                yield f"{dtype} strided={strided} dare_p={dare_p}", dtype, strided, dare_p, x_cpu, on_device
+
+
 @pytest.mark.parametrize("n", [1, 3, 65])
 @pytest.mark.parametrize("P", [1, 31, 33, 257, 270_337, 1_048_577])
 def test_cuda_tails_bit_identical(P, n):
@@ -353,42 +370,38 @@ def test_cuda_tails_bit_identical(P, n):
     module, seed, offset = "model.layers.3.self_attn.o_proj", 2 ** 33 + 5, 2 ** 34 + 3
     tasks = [2 * r + 1 for r in range(n)]
     weights = [1.0 - 0.03 * r for r in range(n)]
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        wide_cpu = randn_rows(n, 2 * P, seed=P + n, dtype=dtype)
-        for strided in (False, True):
-            x_cpu = wide_cpu[:, ::2] if strided else wide_cpu[:, :P].contiguous()
-            for dare_p in (0.0, 0.3):
-                what = f"P={P} n={n} {dtype} strided={strided} dare_p={dare_p}"
-                kw = dict(dare_p=dare_p, seed=seed, module=module, tasks=tasks, elem_offset=offset)
-                with torch.cuda.stream(stream):
-                    wide = wide_cpu.to(dev)
-                    x = wide[:, ::2] if strided else wide[:, :P]
-                    buf, out = out_in_sentinel_buffer(P, dtype, dev)
-                    merged, thr = ops.ties_merge(x, 0.3, -0.7, out=out, return_thresholds=True, **kw)
-                    ta_buf, ta_out = out_in_sentinel_buffer(P, dtype, dev)
-                    ta = ops.task_arithmetic(x, 0.9, weights=weights, out=ta_out, **kw)
-                    applied, sign_sum, positions = ops.ties_apply(x, thr, -0.7, **kw)
-                    applied = applied.clone()
-                    mt = ops.magnitude_threshold(x, 0.1, **kw)
-                    dared = ops.dare(x[n - 1], dare_p, seed, task=tasks[-1], module=module, elem_offset=offset)
-                stream.synchronize()
-                assert merged is out and ta is ta_out
-                assert_sentinels_kept(buf, P, what=f"{what}: ties_merge")
-                assert_sentinels_kept(ta_buf, P, what=f"{what}: task_arithmetic")
-                cpu_merged, cpu_thr = ops.ties_merge(x_cpu, 0.3, -0.7, return_thresholds=True, **kw)
-                assert_thresholds_equal(thr, cpu_thr, f"{what}: thresholds")
-                assert_same_bits(merged, cpu_merged, f"{what}: ties_merge")
-                assert_same_bits(ta, ops.task_arithmetic(x_cpu, 0.9, weights=weights, **kw), f"{what}: TA")
-                cpu_applied, cpu_sign_sum, cpu_positions = ops.ties_apply(x_cpu, cpu_thr, -0.7, **kw)
-                assert (sign_sum, positions) == (cpu_sign_sum, cpu_positions), f"{what}: ties_apply's totals"
-                assert_same_bits(applied, cpu_applied, f"{what}: ties_apply")
-                assert_thresholds_equal(mt, ops.magnitude_threshold(x_cpu, 0.1, **kw), f"{what}: magnitude_threshold")
-                expected = dare_ref32(x_cpu[n - 1], dare_p, seed, tasks[-1], module, offset).to(dtype)
-                assert torch.equal(dared.cpu(), expected), f"{what}: DARE mask"
-                if dtype == torch.float32 and dare_p == 0.0:  # the float64 reference, once per shape
-                    ref = ref_ties(x_cpu, 0.3, -0.7)
-                    assert_thresholds_equal(thr, ref.thresholds)
-                    assert_ties_matches(merged.cpu(), ref, dtype, what)
+    for case, dtype, strided, dare_p, x_cpu, on_device in layout_cases(
+            lambda dtype: randn_rows(n, 2 * P, seed=P + n, dtype=dtype), P, dev):
+        what = f"P={P} n={n} {case}"
+        kw = dict(dare_p=dare_p, seed=seed, module=module, tasks=tasks, elem_offset=offset)
+        with torch.cuda.stream(stream):
+            x = on_device()
+            buf, out = out_in_sentinel_buffer(P, dtype, dev)
+            merged, thr = ops.ties_merge(x, 0.3, -0.7, out=out, return_thresholds=True, **kw)
+            ta_buf, ta_out = out_in_sentinel_buffer(P, dtype, dev)
+            ta = ops.task_arithmetic(x, 0.9, weights=weights, out=ta_out, **kw)
+            applied, sign_sum, positions = ops.ties_apply(x, thr, -0.7, **kw)
+            applied = applied.clone()
+            mt = ops.magnitude_threshold(x, 0.1, **kw)
+            dared = ops.dare(x[n - 1], dare_p, seed, task=tasks[-1], module=module, elem_offset=offset)
+        stream.synchronize()
+        assert merged is out and ta is ta_out
+        assert_sentinels_kept(buf, P, what=f"{what}: ties_merge")
+        assert_sentinels_kept(ta_buf, P, what=f"{what}: task_arithmetic")
+        cpu_merged, cpu_thr = ops.ties_merge(x_cpu, 0.3, -0.7, return_thresholds=True, **kw)
+        assert_thresholds_equal(thr, cpu_thr, f"{what}: thresholds")
+        assert_same_bits(merged, cpu_merged, f"{what}: ties_merge")
+        assert_same_bits(ta, ops.task_arithmetic(x_cpu, 0.9, weights=weights, **kw), f"{what}: TA")
+        cpu_applied, cpu_sign_sum, cpu_positions = ops.ties_apply(x_cpu, cpu_thr, -0.7, **kw)
+        assert (sign_sum, positions) == (cpu_sign_sum, cpu_positions), f"{what}: ties_apply's totals"
+        assert_same_bits(applied, cpu_applied, f"{what}: ties_apply")
+        assert_thresholds_equal(mt, ops.magnitude_threshold(x_cpu, 0.1, **kw), f"{what}: magnitude_threshold")
+        expected = dare_ref32(x_cpu[n - 1], dare_p, seed, tasks[-1], module, offset).to(dtype)
+        assert torch.equal(dared.cpu(), expected), f"{what}: DARE mask"
+        if dtype == torch.float32 and dare_p == 0.0:  # the float64 reference, once per shape
+            ref = ref_ties(x_cpu, 0.3, -0.7)
+            assert_thresholds_equal(thr, ref.thresholds)
+            assert_ties_matches(merged.cpu(), ref, dtype, what)
 
 
 def test_cuda_over_2_31_elements():
@@ -483,3 +496,120 @@ def test_cuda_side_stream_producer_without_sync():
     assert_same_bits(merged_copy, ops.ties_merge(x_cpu, 0.2, 0.8, dare_p=p, seed=seed, module=module), "ties_merge")
     assert_same_bits(ta_copy, ops.task_arithmetic(x_cpu, 0.5), "task_arithmetic")
     assert_thresholds_equal(mt, ops.magnitude_threshold(x_cpu, 0.2), "magnitude_threshold")
+
+
+# ---- ties_merge's read-once path (csrc/cuda/ties.cu): KNOTS_EXT_CUDA_TIES_PATH=read-once makes a
+# miss (or rows it does not apply to) an error instead of the exact fallback, so the tests know
+# which path produced the bits they compare.
+
+READ_ONCE_P = 2 ** 24 + 5  # a 2^20-key sample per row: brackets narrow enough for n = 3 in every dtype
+
+
+def cancelling_at_aside_positions(P, seed):
+    """zero_sum_data(3, ...) with row 2 nonzero where rows 0 and 1 cancel (+a, -a): those positions
+    are zero-sum exactly where row 2's entry is trimmed, and some of those entries lie in row 2's
+    bracket, so positions needing the majority sign come from both the pass and the finish."""
+    x, z1, _ = zero_sum_data(3, P, majority=-1, seed=seed)
+    g = gen(seed + 1)
+    count = int(z1.sum())
+    mag = torch.round(torch.rand(count, generator=g, dtype=F64) * 4 * 256 + 1) / 256
+    sign = torch.where(torch.rand(count, generator=g) < 0.5, -1.0, 1.0).to(F64)
+    x[2, z1] = (mag * sign).to(torch.float32)
+    return x, z1
+
+
+def test_cuda_ties_read_once_hits_bit_identical(monkeypatch):
+    """The read-once path, required (no fallback), in every dtype, contiguous and strided, DARE off
+    and on (element offset not a multiple of 4, P not a multiple of 4), out inside a sentinel-filled
+    buffer: thresholds and every output bit equal the CPU's, zero-sum positions included (some of
+    them have row 2's entry inside its bracket: set aside by the pass, listed by the finish)."""
+    dev = torch_cuda()
+    P, module, seed, offset, tasks = READ_ONCE_P, "model.layers.5.mlp.down_proj", 2 ** 35 + 9, 2 ** 33 + 2, [4, 1, 7]
+    x32, z1 = cancelling_at_aside_positions(2 * P, seed=51)
+    stream = torch.cuda.Stream(device=dev)
+    monkeypatch.setenv("KNOTS_EXT_CUDA_TIES_PATH", "read-once")
+    for what, dtype, strided, dare_p, x_cpu, on_device in layout_cases(x32.to, P, dev):
+        kw = dict(dare_p=dare_p, seed=seed, module=module, tasks=tasks, elem_offset=offset)
+        with torch.cuda.stream(stream):
+            x = on_device()
+            buf, out = out_in_sentinel_buffer(P, dtype, dev)
+            merged, thr = ops.ties_merge(x, 0.3, -0.7, out=out, return_thresholds=True, **kw)
+        stream.synchronize()
+        assert merged is out
+        assert_sentinels_kept(buf, P, what=what)
+        cpu_merged, cpu_thr = ops.ties_merge(x_cpu, 0.3, -0.7, return_thresholds=True, **kw)
+        assert_thresholds_equal(thr, cpu_thr, f"{what}: thresholds")
+        assert_same_bits(merged, cpu_merged, f"{what}: ties_merge")
+        if dtype == torch.float32 and not strided and dare_p == 0.0:
+            ref = ref_ties(x_cpu, 0.3, -0.7)
+            assert ref.majority == -1
+            # zero-sum positions where row 2's entry is trimmed within two levels (2/256) of
+            # its threshold: inside its bracket (about that wide), so set aside by the pass
+            row2 = x_cpu[2].to(F64).abs()
+            near = z1[:P] & (row2 < ref.thresholds[2]) & (row2 >= ref.thresholds[2] - 2 / 256)
+            assert int((ref.zero_sum & near).sum()) > 100
+            assert_thresholds_equal(thr, ref.thresholds)
+            assert_ties_matches(merged.cpu(), ref, dtype, what)
+        del x, buf, out, merged
+
+
+def sampled_positions(n, P):
+    """The positions ties.cu's read-once sample reads in each row (ReadOncePlan: runs of 64 elements,
+    run b at b * spacing + ((5 b) mod (spacing / 64)) * 64)."""
+    runs = min(P // 1024, max(1, 2 ** 24 // (64 * n)))
+    spacing = P // runs
+    b = torch.arange(runs)
+    starts = b * spacing + ((5 * b) % (spacing // 64)) * 64
+    mask = torch.zeros(P, dtype=torch.bool)
+    mask[(starts[:, None] + torch.arange(64)[None, :]).reshape(-1)] = True
+    return mask
+
+
+def test_cuda_ties_read_once_misses_fall_back(monkeypatch):
+    """Data whose sample misleads the bracket (every sampled entry is 1000 larger in magnitude, so
+    each row's entries below its bracket already outnumber the threshold's rank) and data with one
+    magnitude (the bracket holds every entry: more set-aside positions than there is room for):
+    the read-once path misses (an error when required) and the default falls back to the exact
+    path, bit for bit the CPU's and equal to the float64 reference."""
+    dev = torch_cuda()
+    n, P = 2, 2 ** 22 + 7
+    sampled = sampled_positions(n, P)
+    assert int(sampled.sum()) * 16 == (P // 1024) * 1024
+    base = randn_rows(n, P, seed=61, dtype=F64)
+    misleading = torch.where(sampled, base.sign() * (1000.0 + base.abs()), base).to(torch.float32)
+    signs = torch.where(torch.rand(n, P, generator=gen(62)) < 0.5, -1.0, 1.0)
+    constant = (signs * 1.5).to(torch.float32)
+    for name, x_cpu in (("misleading sample", misleading), ("one magnitude", constant)):
+        x = x_cpu.to(dev)
+        monkeypatch.setenv("KNOTS_EXT_CUDA_TIES_PATH", "read-once")
+        with pytest.raises(RuntimeError, match="read-once path missed"):
+            ops.ties_merge(x, 0.3)
+        torch.cuda.synchronize()
+        monkeypatch.delenv("KNOTS_EXT_CUDA_TIES_PATH")
+        merged, thr = ops.ties_merge(x, 0.3, 0.9, return_thresholds=True)
+        cpu_merged, cpu_thr = ops.ties_merge(x_cpu, 0.3, 0.9, return_thresholds=True)
+        assert_thresholds_equal(thr, cpu_thr, f"{name}: thresholds")
+        assert_same_bits(merged, cpu_merged, f"{name}: ties_merge")
+        ref = ref_ties(x_cpu, 0.3, 0.9)
+        assert_thresholds_equal(thr, ref.thresholds, name)
+        assert_ties_matches(merged.cpu(), ref, torch.float32, name)
+        monkeypatch.setenv("KNOTS_EXT_CUDA_TIES_PATH", "exact")
+        assert_same_bits(ops.ties_merge(x, 0.3, 0.9), cpu_merged, f"{name}: exact path")
+
+
+def test_cuda_ties_path_choice(monkeypatch):
+    """Rows the read-once path does not take (short, top_k = 1, many rows with wide brackets) are an
+    error when it is required, and merged by the exact path otherwise; a bad setting is refused."""
+    dev = torch_cuda()
+    cases = (("short rows", randn_rows(2, 30_000, seed=71), 0.3), ("top_k = 1", randn_rows(2, 100_000, seed=72), 1.0),
+             ("many rows", randn_rows(40, 100_000, seed=73), 0.3))
+    for name, x_cpu, top_k in cases:
+        x = x_cpu.to(dev)
+        monkeypatch.setenv("KNOTS_EXT_CUDA_TIES_PATH", "read-once")
+        with pytest.raises(RuntimeError, match="does not apply"):
+            ops.ties_merge(x, top_k)
+        monkeypatch.delenv("KNOTS_EXT_CUDA_TIES_PATH")
+        assert_same_bits(ops.ties_merge(x, top_k), ops.ties_merge(x_cpu, top_k), name)
+    monkeypatch.setenv("KNOTS_EXT_CUDA_TIES_PATH", "fast")
+    with pytest.raises(ValueError, match="KNOTS_EXT_CUDA_TIES_PATH"):
+        ops.ties_merge(cases[0][1].to(dev), 0.3)

@@ -1,7 +1,8 @@
 // The plumbing of a TIES pass on the GPU, shared by the row kernel (ties.cu) and the factored
 // one (factored.cu): finishing a position (the merged value, or 0 and a place in the list of
 // zero-sum positions), the pass's totals, the host loop that reruns a pass whose list
-// overflowed, and the sorted copy of the list for the caller.
+// overflowed, and the sorted copy of the list for the caller; a warp's append to a device list
+// and the CUB radix sort that ties.cu's read-once path also uses.
 #pragma once
 #include <algorithm>
 #include <cub/device/device_radix_sort.cuh>
@@ -31,6 +32,23 @@ __device__ __forceinline__ int64_t warp_sum(int64_t x) {
   return x;
 }
 
+// Appends `value` from the lanes with `listed` to a list of `capacity` slots whose length is
+// *count, one atomic per warp; values past the capacity are counted, not stored. Every lane of
+// the warp calls it together.
+template <class V>
+__device__ __forceinline__ void warp_append(bool listed, V value, V* slots, unsigned long long capacity,
+                                            unsigned long long* count) {
+  const int lane = int(threadIdx.x & 31);
+  const unsigned listed_lanes = __ballot_sync(kFullWarp, listed);
+  if (listed_lanes == 0) return;  // warp-uniform
+  const int leader = __ffs(listed_lanes) - 1;
+  unsigned long long base = 0;
+  if (lane == leader) base = atomicAdd(count, static_cast<unsigned long long>(__popc(listed_lanes)));
+  base = __shfl_sync(kFullWarp, base, leader);
+  const unsigned long long slot = base + unsigned(__popc(listed_lanes & ((1u << lane) - 1u)));
+  if (listed && slot < capacity) slots[slot] = value;
+}
+
 // Position j's end of the pass, from its accumulators: positions whose trimmed sum is exactly 0
 // are written 0 and listed (one atomic per warp: degenerate inputs list nearly every position),
 // the others get their disjoint mean and add their sign to sign_sum. Every lane of the warp
@@ -38,18 +56,8 @@ __device__ __forceinline__ int64_t warp_sum(int64_t x) {
 template <class T>
 __device__ __forceinline__ void ties_finish(const TiesAccum& a, bool inside, int64_t j, float lam, T* out,
                                             const ZeroList& list, int64_t& sign_sum) {
-  const int lane = int(threadIdx.x & 31);
   const bool listed = inside && ties_needs_majority(a);
-  const unsigned listed_lanes = __ballot_sync(kFullWarp, listed);
-  if (listed_lanes != 0) {  // warp-uniform
-    const int leader = __ffs(listed_lanes) - 1;
-    unsigned long long base = 0;
-    if (lane == leader)
-      base = atomicAdd(&list.counters->zero_count, static_cast<unsigned long long>(__popc(listed_lanes)));
-    base = __shfl_sync(kFullWarp, base, leader);
-    const unsigned long long slot = base + unsigned(__popc(listed_lanes & ((1u << lane) - 1u)));
-    if (listed && slot < list.capacity) list.positions[slot] = j;
-  }
+  warp_append(listed, j, list.positions, list.capacity, &list.counters->zero_count);
   if (inside) {
     float merged = 0.0f;  // listed positions: fixed once the majority sign is known
     if (!listed) {
@@ -110,6 +118,17 @@ TiesPassResult run_ties_pass(int64_t P, const CallContext& ctx, Launch&& launch)
 
 // Adds a pass's sign sum and its zero-sum positions, sorted on the device (CUB radix sort over
 // the bits that positions below P have), to pending: the same list as the CPU's.
+// Sorts `count` keys into `sorted` on the call's stream (CUB radix sort), by their bits
+// [0, end_bit) only: the caller's keys have no other bits set, or (padding) all of them.
+inline void radix_sort_keys(const unsigned long long* keys, unsigned long long* sorted, int64_t count, int end_bit,
+                            const CallContext& ctx) {
+  if (count == 0) return;
+  size_t temp_bytes = 0;
+  KX_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, temp_bytes, keys, sorted, count, 0, end_bit, ctx.stream));
+  DeviceBuffer<unsigned char> temp(std::max<size_t>(temp_bytes, 1), ctx);
+  KX_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(temp.get(), temp_bytes, keys, sorted, count, 0, end_bit, ctx.stream));
+}
+
 inline void add_to_pending(const TiesPassResult& pass, int64_t P, const CallContext& ctx, TiesPending& pending) {
   pending.sign_sum += pass.sign_sum;
   if (pass.count == 0) return;
@@ -118,12 +137,7 @@ inline void add_to_pending(const TiesPassResult& pass, int64_t P, const CallCont
   // Positions are >= 0: sorted as unsigned keys.
   const auto* keys_in = reinterpret_cast<const unsigned long long*>(pass.positions.get());
   DeviceBuffer<unsigned long long> sorted(size_t(pass.count), ctx);
-  size_t temp_bytes = 0;
-  KX_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, temp_bytes, keys_in, sorted.get(), pass.count, 0, end_bit,
-                                               ctx.stream));
-  DeviceBuffer<unsigned char> temp(std::max<size_t>(temp_bytes, 1), ctx);
-  KX_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(temp.get(), temp_bytes, keys_in, sorted.get(), pass.count, 0, end_bit,
-                                               ctx.stream));
+  radix_sort_keys(keys_in, sorted.get(), pass.count, end_bit, ctx);
   const std::vector<unsigned long long> host = download(sorted.get(), size_t(pass.count), ctx.stream);
   pending.zero_sum_positions.insert(pending.zero_sum_positions.end(), host.begin(), host.end());
 }
