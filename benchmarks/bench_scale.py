@@ -114,7 +114,9 @@ def job_write(out_dir: str, shapes: dict, layers: int) -> dict:
     updates = {f"base_model.model.model.layers.{i}.self_attn.{name}": DenseUpdate(torch.randn(d_out, d_in))
                for i in range(layers) for name, (d_out, d_in) in shapes.items()}
     t0 = time.perf_counter()
-    with knots_ext.io.AdapterWriter(Path(out_dir) / "writer", base_model=None) as w:
+    # header room reserved for the keys, as merge_to does (else close() copies the data behind the header)
+    keys = [f"{name}.lora_{ab}.weight" for name in updates for ab in "AB"]
+    with knots_ext.io.AdapterWriter(Path(out_dir) / "writer", base_model=None, reserve_keys=keys) as w:
         # as merge_to calls it (builds before finite= was added: without it)
         checked = dict(finite=True) if "finite" in inspect.signature(w.add).parameters else {}
         for name, update in updates.items():
