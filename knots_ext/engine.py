@@ -458,7 +458,7 @@ def run_merge(
     def load(ref: ModuleRef) -> ModuleTasks:
         """The module's tasks with a non-zero update (factors loaded now, on the merge device)."""
         factors = [adapters[i].factors(ref.name) for i in ref.tasks]
-        scales = [adapters[i].scale(ref.name) * weights.scale(i, ref.name) for i in ref.tasks]
+        scales = [adapters[i].scale(ref.name) * w for i, w in zip(ref.tasks, weights.scales(ref.tasks, ref.name))]
         return placement.load(drop_zero_updates(ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape)))
 
     def checked(ref, update):

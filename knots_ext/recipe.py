@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import numbers
 import os
 import re
@@ -36,7 +35,7 @@ from .io._common import read_json, require_regular_file
 from .io._output import CARD_NAME, RECIPE_NAME
 from .io.adapter import CONFIG_NAME
 from .methods import ALL_PARAMS, METHODS
-from .weights import ModuleWeights
+from .weights import ModuleWeights, finite_number
 
 METADATA_KEY = "knots_ext.recipe"  # the safetensors metadata key holding the recipe as JSON
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -373,9 +372,7 @@ def _optional(check):
 
 
 def _number(value, base) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {value!r}")
-    return float(value)
+    return finite_number(value)
 
 
 def _rank(value, base) -> int:

@@ -15,10 +15,18 @@ from dataclasses import dataclass
 from .io._common import pattern_key_problem, relative_name
 
 
-def _weight(value, what: str) -> float:
+def finite_number(value) -> float:
+    """value as a float if it is a finite real number (not a bool), else ValueError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
+        raise ValueError(f"must be a finite number, got {value!r}")
     return float(value)
+
+
+def _weight(value, what: str) -> float:
+    try:
+        return finite_number(value)
+    except ValueError as e:
+        raise ValueError(f"{what} {e}") from None
 
 
 def parse_module_weight(text: str) -> tuple[str, float]:
@@ -91,9 +99,13 @@ class TaskWeights:
             raise ValueError(f"weights has {len(values)} values for {n_adapters} adapters: give one per adapter")
         return cls(values, modules)
 
-    def scale(self, task: int, module: str) -> float:
-        w = 1.0 if self.adapters is None else self.adapters[task]
-        return w * self.modules.of(module) if self.modules.rules else w
+    def scales(self, tasks, module: str) -> list[float]:
+        """The factor of each of `tasks` (adapter indices) in `module`; its rules matched once."""
+        per_adapter = [1.0] * len(tasks) if self.adapters is None else [self.adapters[t] for t in tasks]
+        if not self.modules.rules:
+            return per_adapter
+        m = self.modules.of(module)
+        return [w * m for w in per_adapter]
 
     @property
     def is_identity(self) -> bool:
