@@ -2,6 +2,7 @@
 materialised matrices (independently of the package), and a hand-written PEFT adapter writer."""
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -200,3 +201,10 @@ def read_kohya_updates(path):
             alpha = float(t[name + ".alpha"]) if name + ".alpha" in t else 0.0
             out[name] = (alpha / r if alpha else 1.0) * up @ down
     return out
+
+
+class Terminal(io.StringIO):
+    """A stderr stand-in that says it is a terminal (progress bars show on terminals only)."""
+
+    def isatty(self):
+        return True

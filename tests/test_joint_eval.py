@@ -3,7 +3,6 @@ Ensemble baseline and the linear search against references written here; the tas
 small end-to-end run on the shipped adapters."""
 from __future__ import annotations
 
-import io
 import json
 import re
 import sys
@@ -17,6 +16,7 @@ sys.path.insert(0, str(BENCH))
 
 import joint_eval as je  # noqa: E402
 import joint_tasks as jt  # noqa: E402
+from merge_refs import Terminal  # noqa: E402
 
 
 def fake_inputs(n_per_task=(7, 5), classes=(["business", "sport", "politics"], ["negative", "positive"]), seed=0):
@@ -169,11 +169,6 @@ def test_shipped_adapters_cover_the_attention_projections():
         assert all(m.rsplit("encoder.layer.", 1)[1].split(".", 1)[1] in
                    ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
                    for m in a.modules)
-
-
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
 
 
 def test_quick_run_end_to_end(tmp_path, capsys, monkeypatch):

@@ -4,7 +4,6 @@ terminal, with the time left, and nothing with --quiet or when stderr is not a t
 from __future__ import annotations
 
 import fcntl
-import io
 import os
 import pty
 import struct
@@ -15,7 +14,7 @@ import threading
 
 import pytest
 
-from merge_refs import write_adapter
+from merge_refs import Terminal, write_adapter
 
 
 def run_on_terminal(args) -> tuple[int, str]:
@@ -69,11 +68,6 @@ def test_quiet_and_not_a_terminal(adapters, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "knots_ext.cli", *adapters, "-o", str(tmp_path / "p"),
                            "--method", "knots-ties"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "module/s" not in proc.stderr and "%|" not in proc.stderr
-
-
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
 
 
 def test_save_bar(adapters, tmp_path, monkeypatch):
