@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -45,8 +45,10 @@ class ModuleRef:
 
 
 class StateStore:
-    """Each module's space state between passes: in memory up to `budget` bytes, the rest in .npy
-    files (no pickles) in a temporary folder, read back when the module is visited again."""
+    """Each module's space state between passes: in memory up to `budget` bytes, the rest in a
+    temporary folder, one raw file per module (its tensors' bytes at 64-byte aligned offsets; the
+    dtypes, shapes and offsets stay in memory: no pickles, no headers to parse), read back when
+    the module is visited again."""
 
     def __init__(self, budget: int | None = None):
         self.budget, self.used = STATE_MEMORY if budget is None else budget, 0
@@ -66,18 +68,28 @@ class StateStore:
             return
         if self.folder is None:
             self.folder = tempfile.mkdtemp(prefix="knots-states-")
-        paths = []
-        for j, t in enumerate(tensors):
-            path = os.path.join(self.folder, f"{len(self.on_disk)}-{j}.npy")
-            np.save(path, t.detach().cpu().numpy(), allow_pickle=False)
-            paths.append((path, t.device))
-        self.on_disk[name] = (paths, layout)
+        path = os.path.join(self.folder, f"{len(self.on_disk)}.bin")
+        entries, offset = [], 0
+        with open(path, "wb") as f:
+            for t in tensors:
+                data = t.detach().contiguous().cpu()
+                f.write(b"\0" * (-offset % 64))
+                offset += -offset % 64
+                entries.append((offset, data.dtype, tuple(data.shape), t.device))
+                if data.numel():
+                    f.write(memoryview(data.view(torch.uint8).numpy()))
+                offset += data.numel() * data.element_size()
+        self.on_disk[name] = (path, entries, layout)
 
     def get(self, name: str):
         if name in self.memory:
             return self.memory[name][0]
-        paths, layout = self.on_disk[name]
-        tensors = [torch.from_numpy(np.load(p, allow_pickle=False)).to(dev) for p, dev in paths]
+        path, entries, layout = self.on_disk[name]
+        raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        tensors = []
+        for offset, dtype, shape, device in entries:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            tensors.append(raw[offset : offset + nbytes].view(dtype).reshape(shape).to(device))
         return _unflatten(tensors, layout)
 
     def pop(self, name: str):
@@ -85,8 +97,7 @@ class StateStore:
         if name in self.memory:
             self.used -= self.memory.pop(name)[1]
         else:
-            for p, _ in self.on_disk.pop(name)[0]:
-                os.remove(p)
+            os.remove(self.on_disk.pop(name)[0])
         return state
 
     def close(self) -> None:
@@ -220,9 +231,15 @@ def _ties_global(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, 
 
 def _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states):
     loaded = LoadCache(load)
+    # A space whose state holds its rows' factors (rows_in_state) is loaded once: later passes
+    # need only the module's tasks and scales, kept here without the factors.
+    rows_in_state = getattr(space, "rows_in_state", False)
+    known: dict = {}
 
     def factors_of(ref):
-        m = loaded(ref)
+        m = known.get(ref.name) or (load if rows_in_state else loaded)(ref)
+        if rows_in_state:
+            known[ref.name] = replace(m, factors=[])
         if not m.tasks:
             return m, None
         if ref.name not in states:

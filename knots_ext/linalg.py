@@ -1,7 +1,8 @@
 """Factored linear algebra on LoRA factors: the KnOTS SVD of [s_1 B_1 A_1 | ... | s_n B_n A_n]
 and the truncated SVD of a product P @ Q, through QR of the factors and an SVD of a small core
 (DESIGN.md §1, "The QR-of-factors trick"). The dense updates and their concatenation are never
-formed. Dense factorisations are torch.linalg (Householder QR, so rank-deficient factors work)."""
+formed. Dense factorisations are torch.linalg (Cholesky, eigh, and Householder QR where a factor is
+rank-deficient or ill conditioned)."""
 
 from __future__ import annotations
 
@@ -34,50 +35,95 @@ class KnotsSVD:
 
     U: torch.Tensor  # (d_out, k)
     S: torch.Tensor  # (k,)
-    coef: list  # (k, r_i) per task
-    A: list  # (r_i, d_in) per task, float64
+    coef: list  # (k, r_i) per task, float64
+    A: list  # (r_i, d_in) per task, as given
 
     def representation(self, i: int) -> torch.Tensor:
         """Task i's KnOTS representation diag(S) V_i^T (k x d_in)."""
-        return self.coef[i] @ self.A[i]
+        return self.coef[i] @ self.A[i].to(self.coef[i])
 
     @property
     def vt(self) -> list:
         return [self.representation(i) / self.S[:, None] for i in range(len(self.A))]
 
 
+# CholeskyQR of B_cat is used when its R is this well conditioned (Frobenius estimate, an upper
+# bound of the 2-norm condition number): the basis it gives is orthonormal to ~eps * cond^2
+# (1e-8 in float64), below float32 output resolution. Otherwise Householder QR.
+CHOLESKY_QR_MAX_COND = 1e4
+
+
 def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None) -> KnotsSVD:
     """The SVD of the concatenation of s_i * B_i @ A_i (B_i: d_out x r_i, A_i: r_i x d_in) along
-    the input dimension, in float64, from the factors: QR of B_cat = [s_1 B_1 .. s_n B_n] and of
-    each A_i^T, SVD of the core K = R_B blockdiag(R_1^T .. R_n^T) (at most k x k, k = sum r_i).
+    the input dimension, in float64, from the factors (DESIGN.md §1, the QR-of-factors trick).
 
-    With A_i^T = Q_i R_i, V_i^T = W_i^T Q_i^T, where W_i is task i's block of K's right singular
-    vectors. Those lie in range(R_i), so V_i^T = W_i^T pinv(R_i^T) A_i: the d_in-sized Q_i is never
-    kept, and rank-deficient A_i (pinv) and B_cat (Householder QR) need no special case."""
+    With B_cat = [s_1 B_1 .. s_n B_n] = Q R and G_i = A_i A_i^T, the concatenation X = Q R
+    blockdiag(A_1..A_n) has X X^T = Q (R blockdiag(G_i) R^T) Q^T: the eigenvectors W of the
+    m x m core M = R blockdiag(G_i) R^T (m = min(d_out, k), k = sum r_i) give U = Q W and S^2
+    its eigenvalues, and task i's representation is U^T s_i B_i A_i = (W^T R_i) A_i, with R_i
+    task i's columns of R: coef_i = W^T R_i, no division by S and no d_in-sized factor. Q R is
+    CholeskyQR (Gram of B_cat, Cholesky; U = B_cat R^-1 W) when R is well conditioned, else
+    Householder QR (rank-deficient B_cat: collinear or duplicated adapters); when k >= d_out,
+    Q = I and R = B_cat. Either way the representations rebuild X exactly (X = U U^T X), and
+    singular values <= tol are dropped."""
     if not (len(Bs) == len(As) == len(scales)) or not Bs:
         raise ValueError("knots_svd needs one B, A and scale per task, and at least one task")
     f64 = dict(dtype=torch.float64, device=device if device is not None else Bs[0].device)
-    # Intermediates are dropped as soon as they are used: at n = 256 rank-16 adapters of a
-    # 4096-wide module each is 4096 x 4096 float64 (128 MB).
+    ranks = [A.shape[0] for A in As]
     B_cat = torch.cat([float(s) * B.to(**f64) for B, s in zip(Bs, scales)], dim=1)
-    Q_B, R_B = torch.linalg.qr(B_cat)  # (d_out, m), (m, k), m = min(d_out, k)
-    del B_cat
-    A64 = [A.to(**f64) for A in As]
-    R_A = [torch.linalg.qr(A.T, mode="r")[1] for A in A64]  # (q_i, r_i), q_i = min(d_in, r_i)
-    core = torch.cat(
-        [R_B[:, c0 : c0 + A.shape[0]] @ R.T for A, R, c0 in zip(A64, R_A, _offsets([A.shape[0] for A in A64]))], dim=1
-    )
-    del R_B
-    U_K, S, W_t = torch.linalg.svd(core, full_matrices=False)
-    del core
-    keep = tol < S
-    U, W_t = fix_signs(Q_B @ U_K[:, keep], W_t[keep])
-    del Q_B, U_K
-    S = S[keep]
-    coef = []
-    for R, c0 in zip(R_A, _offsets([R.shape[0] for R in R_A])):
-        coef.append(S[:, None] * (W_t[:, c0 : c0 + R.shape[0]] @ torch.linalg.pinv(R.T)))
-    return KnotsSVD(U=U, S=S, coef=coef, A=A64)
+    d_out, k = B_cat.shape
+    grams = _row_grams(As, ranks, f64)
+    to_u = None  # U = to_u(W): Q W for the QR chosen
+    if k >= d_out:
+        R = B_cat
+    else:
+        R, R_inv = _cholesky_r(B_cat)
+        if R_inv is not None:
+            to_u = lambda W: B_cat @ (R_inv @ W)  # noqa: E731
+        else:
+            Q_B, R = torch.linalg.qr(B_cat)
+            to_u = lambda W: Q_B @ W  # noqa: E731
+    RG = torch.cat([R[:, c0 : c0 + r] @ G for G, r, c0 in zip(grams, ranks, _offsets(ranks))], dim=1)
+    M = RG @ R.T
+    M = (M + M.T) * 0.5  # symmetric to the last bit, as eigh assumes
+    del RG
+    evals, W = torch.linalg.eigh(M)  # ascending
+    del M
+    S = evals.flip(0).clamp_min(0.0).sqrt()
+    keep = int((tol < S).sum())
+    S, W = S[:keep], W.flip(1)[:, :keep]
+    U = W if to_u is None else to_u(W)
+    U, rows = fix_signs(U, W.T @ R)
+    coef = [rows[:, c0 : c0 + r].contiguous() for r, c0 in zip(ranks, _offsets(ranks))]
+    return KnotsSVD(U=U, S=S, coef=coef, A=list(As))
+
+
+def _row_grams(As, ranks, f64) -> list:
+    """A_i A_i^T in float64 for each task, batched over tasks of one rank."""
+    grams: list = [None] * len(As)
+    by_rank: dict = {}
+    for i, r in enumerate(ranks):
+        by_rank.setdefault(r, []).append(i)
+    for idx in by_rank.values():
+        stack = torch.stack([As[i].to(**f64) for i in idx])
+        for i, G in zip(idx, stack @ stack.transpose(1, 2)):
+            grams[i] = G
+    return grams
+
+
+def _cholesky_r(B: torch.Tensor):
+    """(R, R^-1) with B^T B = R^T R (upper R) when the Cholesky of B's Gram succeeds and R is
+    well conditioned (CHOLESKY_QR_MAX_COND); else (None, None)."""
+    L, info = torch.linalg.cholesky_ex(B.T @ B)
+    if int(info) != 0:
+        return None, None
+    R = L.T
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    R_inv = torch.linalg.solve_triangular(R, eye, upper=True)
+    cond = float(torch.linalg.matrix_norm(R)) * float(torch.linalg.matrix_norm(R_inv))
+    if not cond <= CHOLESKY_QR_MAX_COND:  # (also NaN)
+        return None, None
+    return R, R_inv
 
 
 def _offsets(sizes):

@@ -252,14 +252,21 @@ bool count_task(const FactorTask& t, const float* q, int64_t ldq, const DareSpec
           }
           count += tl.tb;
         } else if (bracket) {
-          uint32_t row_under = 0;
-          for (int64_t j = 0; j < tl.tb; ++j) {  // keys past the bracket are left out
+          // The bracket is narrow (most rows hold no key in it): a vectorised pass counts the
+          // keys below it and tests for any inside; only rows with one are compacted.
+          uint32_t row_under = 0, inside = 0;
+          for (int64_t j = 0; j < tl.tb; ++j) {
             const uint32_t key = magnitude_key(v[j]);
             row_under += key < key0;
-            bin_of[count] = key - key0;
-            count += uint32_t(key - key0) < span;
+            inside |= uint32_t(key - key0) < span;
           }
           under += row_under;
+          if (inside)
+            for (int64_t j = 0; j < tl.tb; ++j) {  // keys past the bracket are left out
+              const uint32_t key = magnitude_key(v[j]);
+              bin_of[count] = key - key0;
+              count += uint32_t(key - key0) < span;
+            }
         } else {
           for (int64_t j = 0; j < tl.tb; ++j) {  // keys outside the prefix's bin are left out
             const uint32_t key = magnitude_key(v[j]);

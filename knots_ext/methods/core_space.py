@@ -36,6 +36,7 @@ class CoreSpace:
     (A_i V_A); the merged core M maps back as U_B M V_A^T."""
 
     name = "core"
+    rows_in_state = True
 
     def __init__(self, params=None):
         pass

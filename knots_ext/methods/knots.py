@@ -15,9 +15,11 @@ from .spaces import FactoredUpdate, ModuleTasks
 
 class KnotsSpace:
     """Task i's row is diag(S) V_i^T = coef_i @ A_i (k x d_in); the merged row M maps back as
-    U @ M. The SVD is computed once per module (prepare)."""
+    U @ M. The SVD is computed once per module (prepare); the state keeps the A_i, so the passes
+    after it need nothing else of the module (rows_in_state)."""
 
     name = "knots"
+    rows_in_state = True
 
     def __init__(self, params):
         self.tol = params["tol"]
@@ -26,10 +28,10 @@ class KnotsSpace:
         svd = knots_svd([B for B, _ in m.factors], [A for _, A in m.factors], m.scales, tol=self.tol)
         # The rows go to float32 kernels: coef_i in float32 (inner dimension r_i) costs nothing
         # in accuracy.
-        return svd.U.to(torch.float32), [c.to(torch.float32) for c in svd.coef]
+        return svd.U.to(torch.float32), [c.to(torch.float32) for c in svd.coef], [A for _, A in m.factors]
 
     def row_factors(self, m: ModuleTasks, state) -> list:
-        return [(c, A, 1.0) for c, (_, A) in zip(state[1], m.factors)]
+        return [(c, A, 1.0) for c, A in zip(state[1], state[2])]
 
     def update(self, m, merged: torch.Tensor, state) -> FactoredUpdate:
         U = state[0]

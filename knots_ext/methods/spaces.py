@@ -1,7 +1,9 @@
 """Where a merge method's per-task vectors live, module by module. A space prepares a module's
 state (prepare), gives each task's row as factors (row_factors: row_i = s_i P_i @ Q_i, an
 m x c matrix never stored whole) and maps the merged m x c row back to the module's update
-(update: a pure function of the merged row and the state)."""
+(update: a pure function of the merged row and the state). A space whose row_factors need only
+the state sets rows_in_state = True: the driver then loads each module's factors once, not once
+per pass."""
 
 from __future__ import annotations
 
@@ -49,11 +51,14 @@ def drop_zero_updates(m: ModuleTasks) -> ModuleTasks:
     dropped, so an untrained LoRA (B_i = 0, A_i random) leaves no trace in any basis."""
     tasks, factors, scales = [], [], []
     for t, (B, A), s in zip(m.tasks, m.factors, m.scales):
-        live = (B != 0).any(dim=0) & (A != 0).any(dim=1)
-        if s == 0 or not bool(live.any()):
+        if s == 0:
             continue
-        if not bool(live.all()):
-            B, A = B[:, live], A[live]
+        if not (bool(B.all()) and bool(A.all())):  # (no zero entry at all: every component is live)
+            live = (torch.count_nonzero(B, dim=0) > 0) & (torch.count_nonzero(A, dim=1) > 0)
+            if not bool(live.any()):
+                continue
+            if not bool(live.all()):
+                B, A = B[:, live], A[live]
         tasks.append(t)
         factors.append((B, A))
         scales.append(s)

@@ -1,0 +1,130 @@
+"""knots_svd's three routes to the KnOTS SVD (CholeskyQR of B_cat, Householder QR where B_cat is
+ill conditioned or rank-deficient, and no QR where k >= d_out) against a dense float64 SVD of the
+materialised concatenation [s_1 B_1 A_1 | ... | s_n B_n A_n], signs fixed by the tests' own
+convention (merge_refs.signs_fixed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from merge_refs import signs_fixed
+
+from knots_ext import linalg
+from knots_ext.linalg import knots_svd
+
+F64 = torch.float64
+
+
+def dense_reference(Bs, As, scales, tol=1e-5):
+    cat = torch.cat([s * B.to(F64) @ A.to(F64) for B, A, s in zip(Bs, As, scales)], dim=1)
+    U, S, Vh = torch.linalg.svd(cat, full_matrices=False)
+    keep = tol < S
+    U, Vh = signs_fixed(U[:, keep], Vh[keep])
+    return U, S[keep], S[keep, None] * Vh
+
+
+def check_against_dense(Bs, As, scales, atol=1e-9):
+    got = knots_svd(Bs, As, scales)
+    U, S, reps = dense_reference(Bs, As, scales)
+    assert got.U.shape == U.shape and got.S.shape == S.shape
+    assert torch.allclose(got.S, S, atol=atol * float(S[0]), rtol=0)
+    assert torch.allclose(got.U, U, atol=atol * 10, rtol=0)
+    rows = torch.cat([got.representation(i) for i in range(len(As))], dim=1)
+    assert torch.allclose(rows, reps, atol=atol * float(S[0]), rtol=0)
+    # U is orthonormal and the representations rebuild the concatenation.
+    assert torch.allclose(got.U.T @ got.U, torch.eye(U.shape[1], dtype=F64), atol=1e-10)
+    return got
+
+
+def random_tasks(d_out, d_in, ranks, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    Bs = [torch.randn(d_out, r, generator=gen) for r in ranks]
+    As = [torch.randn(r, d_in, generator=gen) / d_in**0.5 for r in ranks]
+    return Bs, As, [0.5 + 0.25 * i for i in range(len(ranks))]
+
+
+def routes(monkeypatch):
+    """Which QR each call took, recorded by wrapping the two choices."""
+    taken = []
+    cholesky = linalg._cholesky_r
+    householder = torch.linalg.qr
+
+    def chol(B):
+        out = cholesky(B)
+        taken.append("cholesky" if out[1] is not None else "cholesky refused")
+        return out
+
+    def qr(B, *a, **k):
+        taken.append("householder")
+        return householder(B, *a, **k)
+
+    monkeypatch.setattr(linalg, "_cholesky_r", chol)
+    monkeypatch.setattr(linalg.torch.linalg, "qr", qr)
+    return taken
+
+
+def test_cholesky_route_on_well_conditioned_factors(monkeypatch):
+    taken = routes(monkeypatch)
+    check_against_dense(*random_tasks(96, 80, [4, 8, 4, 6]))  # mixed ranks, k = 22 < d_out
+    assert taken == ["cholesky"]
+
+
+def test_householder_route_on_collinear_factors(monkeypatch):
+    taken = routes(monkeypatch)
+    Bs, As, scales = random_tasks(64, 48, [5, 5, 3])
+    Bs[1] = Bs[0] @ torch.randn(5, 5, generator=torch.Generator().manual_seed(1))  # same column space
+    Bs[2] = -Bs[0][:, :3].clone()  # a partial negation of task 0
+    got = check_against_dense(Bs, As, scales)
+    assert taken == ["cholesky refused", "householder"]
+    assert got.U.shape[1] <= 5  # rank of B_cat
+
+
+def test_householder_route_on_ill_conditioned_factors(monkeypatch):
+    taken = routes(monkeypatch)
+    Bs, As, scales = random_tasks(64, 48, [4, 4])
+    Bs[1] = Bs[0] + 1e-6 * Bs[1]  # nearly collinear: cond(B_cat) ~ 1e6, above CHOLESKY_QR_MAX_COND
+    check_against_dense(Bs, As, scales, atol=1e-8)
+    assert taken[-1] == "householder"
+
+
+def test_no_qr_when_k_reaches_d_out(monkeypatch):
+    taken = routes(monkeypatch)
+    check_against_dense(*random_tasks(24, 40, [8, 8, 8, 4]))  # k = 28 >= d_out = 24
+    check_against_dense(*random_tasks(16, 40, [8, 8]))  # k = d_out
+    assert taken == []
+
+
+@pytest.mark.parametrize("d_out,d_in,ranks", [(48, 64, [4] * 12), (200, 30, [16, 16]), (40, 40, [1, 2, 3])])
+def test_shapes_and_scales(d_out, d_in, ranks):
+    Bs, As, scales = random_tasks(d_out, d_in, ranks, seed=len(ranks))
+    scales[0] = -2.0  # a negated task
+    check_against_dense(Bs, As, scales)
+
+
+def test_rank_deficient_A_and_tol():
+    """A task whose A has a repeated row (rank below r) and singular values near tol: directions at
+    or below tol are dropped exactly as the dense reference drops them."""
+    Bs, As, scales = random_tasks(50, 60, [4, 4])
+    As[1][3] = As[1][2]
+    got = check_against_dense(Bs, As, scales)
+    assert got.U.shape[1] == 7
+
+
+def test_float32_inputs_of_mixed_layout():
+    Bs, As, scales = random_tasks(80, 72, [6, 6, 6])
+    Bs = [B.T.contiguous().T for B in Bs]  # column-major views
+    check_against_dense(Bs, As, scales)
+
+
+def test_cholesky_route_near_its_condition_bound(monkeypatch):
+    """B_cat with singular values from 1 down to 5e-4 (cond 2e3): still CholeskyQR, still exact to
+    the dense SVD (the basis' orthonormality loss, ~eps cond^2, is far below the tolerance)."""
+    Bs, As, scales = random_tasks(128, 96, [8, 8, 8])
+    gen = torch.Generator().manual_seed(2)
+    Q = torch.linalg.qr(torch.randn(128, 24, generator=gen, dtype=F64))[0]
+    V = torch.linalg.qr(torch.randn(24, 24, generator=gen, dtype=F64))[0]
+    B_cat = (Q * torch.logspace(0, -3.3, 24, dtype=F64)) @ V.T
+    Bs = [B_cat[:, 8 * i : 8 * i + 8].float() for i in range(3)]
+    taken = routes(monkeypatch)
+    check_against_dense(Bs, As, scales, atol=1e-10)
+    assert taken == ["cholesky"]
