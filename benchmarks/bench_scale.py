@@ -166,6 +166,15 @@ def job_stream(paths, method, params, out_dir, out_rank, out_dtype) -> dict:
 
     import knots_ext
     t0 = time.perf_counter()
+    if out_dir is None:  # --no-output: each merged module computed, checked finite, then dropped
+        from knots_ext import engine
+        spec, declared, device, adapters, weights = engine._prepare(
+            [str(p) for p in paths], method, params, "cpu", None, False, "drop")
+        merged = []
+        engine.run_merge(spec, engine._setup(spec, declared, adapters), adapters, device,
+                         lambda ref, update: merged.append(ref.name), True, weights)
+        out.update(seconds=time.perf_counter() - t0, modules=len(merged), output_bytes=0)
+        return out
     summary = knots_ext.merge_to(out_dir, [str(p) for p in paths], method, rank=out_rank,
                                  dtype=getattr(torch, out_dtype), **params)
     out["seconds"] = time.perf_counter() - t0
@@ -251,6 +260,9 @@ def main(argv=None):
                     help="n values at which the in-memory merge + save baseline runs (default: 8 and 64, those of "
                          "the flat-in-n goal, where in --ns, else the smallest n; 'all': every n; 'none': none)")
     ap.add_argument("--large-baseline", action="store_true", help="also run the in-memory baseline at --large-n")
+    ap.add_argument("--no-output", action="store_true",
+                    help="time the merge with its output excluded: each merged module is computed, checked finite "
+                         "and dropped (the in-memory baseline is not run)")
     ap.add_argument("--out-rank", type=int, default=None, help="output rank (default: lossless, as knots-merge)")
     ap.add_argument("--out-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="output dtype (default float32, as knots-merge)")
@@ -312,7 +324,7 @@ def main(argv=None):
                     shapes={k: list(v) for k, v in shapes.items()}, top_k=args.top_k, dare_p=args.dare_p,
                     seed=args.seed, large=dict(n=args.large_n, methods=groups[-1]["methods"],
                                                layers=args.large_layers) if args.large_n else None,
-                    baseline_ns=sorted(baseline_ns), out_rank=args.out_rank, out_dtype=args.out_dtype,
+                    baseline_ns=sorted(baseline_ns), out_rank=args.out_rank, out_dtype=args.out_dtype, no_output=args.no_output,
                     input_dtype=args.input_dtype, full_layers=FULL_LAYERS, quick=args.quick, cache=str(cache),
                     timeout_s=args.timeout,
                     goals=dict(flat_ratio=GOAL_FLAT_RATIO, peak_rss_mb=GOAL_PEAK_MB)),
@@ -335,8 +347,8 @@ def main(argv=None):
                     results["runs"].append(run)
                     out_s, out_m = work / f"{method}-n{n}-L{g['layers']}-stream", work / f"{method}-n{n}-mem"
                     log(f"{method} n={n} ({g['layers']} layer(s)): merge_to ...")
-                    c = run_child(job_stream, paths, method, params, str(out_s), args.out_rank, args.out_dtype,
-                                  timeout=args.timeout)
+                    c = run_child(job_stream, paths, method, params, None if args.no_output else str(out_s),
+                                  args.out_rank, args.out_dtype, timeout=args.timeout)
                     s = dict(c.result or {}, timed_out=c.timed_out, child_wall_seconds=c.wall_seconds,
                              peak_rss_mb=c.own_peak_rss_mb, ru_maxrss_mb=c.peak_rss_mb)
                     run["stream"] = s
@@ -349,7 +361,7 @@ def main(argv=None):
                         run["ratios"]["vs_read_pass"] = s["seconds"] / run["read_pass_seconds"]
                         log(f"  {s['seconds']:.3f} s, peak RSS {s['peak_rss_mb']:.0f} MiB, output "
                             f"{s['output_bytes'] / 2**20:.1f} MiB")
-                    if n in g["baseline_ns"] and not c.timed_out:
+                    if n in g["baseline_ns"] and not c.timed_out and not args.no_output:
                         log("  in-memory merge + save ...")
                         b = run_child(job_in_memory, paths, method, params, str(out_m), args.out_rank,
                                       args.out_dtype, str(out_s), timeout=args.timeout)
@@ -373,7 +385,7 @@ def main(argv=None):
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
-    if any(not m.startswith("knots") for m in methods):
+    if any(not m.startswith("knots") for m in methods) and not args.no_output:
         log("the dense output's writer vs a plain write ...")
         with tempfile.TemporaryDirectory(dir=work if args.work else None) as wdir:
             results["write"] = w = run_child(job_write, wdir, shapes, 1).result
@@ -443,7 +455,7 @@ def report(results: dict, args) -> None:
     say("")
     say(f"knots_ext.merge_to of n synthetic rank-{c['rank']} adapters ({c['shapes_name']} q,k,v,o shapes, "
         f"{c['input_dtype']} files), top_k {c['top_k']}, dare_p {c['dare_p']}; output "
-        f"{'lossless' if c['out_rank'] is None else 'rank ' + str(c['out_rank'])} {c['out_dtype']}. "
+        f"{'EXCLUDED (--no-output: merged modules computed, checked finite, dropped)' if c.get('no_output') else ('lossless' if c['out_rank'] is None else 'rank ' + str(c['out_rank'])) + ' ' + c['out_dtype']}. "
         f"s@{FULL_LAYERS}L = seconds x {FULL_LAYERS} / layers (EXTRAPOLATED by per-layer cost); xread = merge_to / one "
         f"read pass over the inputs; xmem = merge_to / in-memory merge + save (same run); peak RSS = the child's "
         f"own (VmHWM), importing torch included (after import: 'import'); factors = the n adapters' lora_A + "

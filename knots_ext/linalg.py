@@ -19,12 +19,17 @@ def fix_signs(U: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.
     of U's column j is positive, the lowest index winning ties. An SVD fixes its vectors only up
     to sign, and TIES's majority rule is not sign-equivariant: without this, a merge could change
     with the thread count, the BLAS or the memory layout."""
+    return _fix_signs_in_place(U.clone(), rows.clone())
+
+
+def _fix_signs_in_place(U: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fix_signs on tensors the caller owns, without new copies of them."""
     if U.numel() == 0:
         return U, rows
     idx = U.abs().argmax(dim=0)  # the first maximal index
     sign = torch.sign(U.gather(0, idx[None, :]))[0]
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return U * sign, rows * sign[:, None]
+    return U.mul_(sign), rows.mul_(sign[:, None])
 
 
 @dataclass
@@ -70,7 +75,9 @@ def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None) -> KnotsSVD
         raise ValueError("knots_svd needs one B, A and scale per task, and at least one task")
     f64 = dict(dtype=torch.float64, device=device if device is not None else Bs[0].device)
     ranks = [A.shape[0] for A in As]
-    B_cat = torch.cat([float(s) * B.to(**f64) for B, s in zip(Bs, scales)], dim=1)
+    B_cat = torch.cat([B.to(f64["device"]) for B in Bs], dim=1).to(f64["dtype"])
+    if any(float(s) != 1.0 for s in scales):
+        B_cat *= torch.tensor([float(s) for s, r in zip(scales, ranks) for _ in range(r)], **f64)
     d_out, k = B_cat.shape
     grams = _row_grams(As, ranks, f64)
     to_u = None  # U = to_u(W): Q W for the QR chosen
@@ -84,17 +91,18 @@ def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None) -> KnotsSVD
             Q_B, R = torch.linalg.qr(B_cat)
             to_u = lambda W: Q_B @ W  # noqa: E731
     RG = torch.cat([R[:, c0 : c0 + r] @ G for G, r, c0 in zip(grams, ranks, _offsets(ranks))], dim=1)
-    M = RG @ R.T
-    M = (M + M.T) * 0.5  # symmetric to the last bit, as eigh assumes
+    M = RG @ R.T  # eigh reads its lower triangle only: rounding asymmetry does not matter
     del RG
     evals, W = torch.linalg.eigh(M)  # ascending
     del M
     S = evals.flip(0).clamp_min(0.0).sqrt()
     keep = int((tol < S).sum())
-    S, W = S[:keep], W.flip(1)[:, :keep]
+    S, W = S[:keep], W[:, W.shape[1] - keep :].flip(1)
     U = W if to_u is None else to_u(W)
-    U, rows = fix_signs(U, W.T @ R)
-    coef = [rows[:, c0 : c0 + r].contiguous() for r, c0 in zip(ranks, _offsets(ranks))]
+    rows = W.T @ R
+    del W, R
+    U, rows = _fix_signs_in_place(U, rows)
+    coef = [rows[:, c0 : c0 + r] for r, c0 in zip(ranks, _offsets(ranks))]
     return KnotsSVD(U=U, S=S, coef=coef, A=list(As))
 
 
@@ -105,7 +113,7 @@ def _row_grams(As, ranks, f64) -> list:
     for i, r in enumerate(ranks):
         by_rank.setdefault(r, []).append(i)
     for idx in by_rank.values():
-        stack = torch.stack([As[i].to(**f64) for i in idx])
+        stack = torch.stack([As[i].to(f64["device"]) for i in idx]).to(f64["dtype"])
         for i, G in zip(idx, stack @ stack.transpose(1, 2)):
             grams[i] = G
     return grams
