@@ -85,7 +85,12 @@ class StateStore:
         if name in self.memory:
             return self.memory[name][0]
         path, entries, layout = self.on_disk[name]
-        raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        # Mapped, not read: the pages come from the page cache as the kernels touch them (a
+        # private mapping, so that the tensors are writable like any other).
+        if os.path.getsize(path):
+            raw = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+        else:  # (only empty tensors; an empty file cannot be mapped)
+            raw = torch.empty(0, dtype=torch.uint8)
         tensors = []
         for offset, dtype, shape, device in entries:
             nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
@@ -249,6 +254,7 @@ def _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks,
     # The thresholds in about one full pass where the kernels allow it (factors on the CPU).
     first = next((f for f in (factors_of(ref)[1] for ref in modules) if f), None)
     sel = ops.MagnitudeThreshold(n_tasks, top_k, sampled=first is not None and _on_cpu(first))
+    del first  # (a module's rows: the store may hold them on disk)
     while not sel.done:
         for ref in progress(modules, f"{desc}: thresholds, round {sel.round + 1}"):
             m, factors = factors_of(ref)

@@ -22,13 +22,19 @@ def fix_signs(U: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.
     return _fix_signs_in_place(U.clone(), rows.clone())
 
 
+def _column_signs(U: torch.Tensor) -> torch.Tensor:
+    """+-1 per column of U: the sign of its largest-magnitude entry (the first on ties), 1 for a
+    zero column."""
+    idx = U.abs().argmax(dim=0)  # the first maximal index
+    sign = torch.sign(U.gather(0, idx[None, :]))[0]
+    return torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
 def _fix_signs_in_place(U: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fix_signs on tensors the caller owns, without new copies of them."""
     if U.numel() == 0:
         return U, rows
-    idx = U.abs().argmax(dim=0)  # the first maximal index
-    sign = torch.sign(U.gather(0, idx[None, :]))[0]
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    sign = _column_signs(U)
     return U.mul_(sign), rows.mul_(sign[:, None])
 
 
@@ -58,7 +64,12 @@ class KnotsSVD:
 CHOLESKY_QR_MAX_COND = 1e4
 
 
-def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None) -> KnotsSVD:
+# Columns of R (tasks) per product while the core is accumulated and the representations formed:
+# bounded temporaries (d x 512 float64) whatever n is.
+CORE_CHUNK = 512
+
+
+def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None, coef_dtype=torch.float64) -> KnotsSVD:
     """The SVD of the concatenation of s_i * B_i @ A_i (B_i: d_out x r_i, A_i: r_i x d_in) along
     the input dimension, in float64, from the factors (DESIGN.md §1, the QR-of-factors trick).
 
@@ -66,44 +77,79 @@ def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None) -> KnotsSVD
     blockdiag(A_1..A_n) has X X^T = Q (R blockdiag(G_i) R^T) Q^T: the eigenvectors W of the
     m x m core M = R blockdiag(G_i) R^T (m = min(d_out, k), k = sum r_i) give U = Q W and S^2
     its eigenvalues, and task i's representation is U^T s_i B_i A_i = (W^T R_i) A_i, with R_i
-    task i's columns of R: coef_i = W^T R_i, no division by S and no d_in-sized factor. Q R is
-    CholeskyQR (Gram of B_cat, Cholesky; U = B_cat R^-1 W) when R is well conditioned, else
-    Householder QR (rank-deficient B_cat: collinear or duplicated adapters); when k >= d_out,
-    Q = I and R = B_cat. Either way the representations rebuild X exactly (X = U U^T X), and
-    singular values <= tol are dropped."""
+    task i's columns of R: coef_i = W^T R_i (returned as coef_dtype), no division by S and no
+    d_in-sized factor. Q R is CholeskyQR (Gram of B_cat, Cholesky; U = B_cat R^-1 W) when R is
+    well conditioned, else Householder QR (rank-deficient B_cat: collinear or duplicated
+    adapters); when k >= d_out, Q = I and R = B_cat. Either way the representations rebuild X
+    exactly (X = U U^T X), and singular values <= tol are dropped."""
     if not (len(Bs) == len(As) == len(scales)) or not Bs:
         raise ValueError("knots_svd needs one B, A and scale per task, and at least one task")
     f64 = dict(dtype=torch.float64, device=device if device is not None else Bs[0].device)
     ranks = [A.shape[0] for A in As]
-    B_cat = torch.cat([B.to(f64["device"]) for B in Bs], dim=1).to(f64["dtype"])
-    if any(float(s) != 1.0 for s in scales):
-        B_cat *= torch.tensor([float(s) for s, r in zip(scales, ranks) for _ in range(r)], **f64)
+    B_cat = _scaled_cat(Bs, scales, ranks, f64)
     d_out, k = B_cat.shape
     grams = _row_grams(As, ranks, f64)
     to_u = None  # U = to_u(W): Q W for the QR chosen
-    if k >= d_out:
-        R = B_cat
-    else:
+    if k < d_out:
         R, R_inv = _cholesky_r(B_cat)
         if R_inv is not None:
             to_u = lambda W: B_cat @ (R_inv @ W)  # noqa: E731
         else:
             Q_B, R = torch.linalg.qr(B_cat)
             to_u = lambda W: Q_B @ W  # noqa: E731
-    RG = torch.cat([R[:, c0 : c0 + r] @ G for G, r, c0 in zip(grams, ranks, _offsets(ranks))], dim=1)
-    M = RG @ R.T  # eigh reads its lower triangle only: rounding asymmetry does not matter
-    del RG
+    else:
+        R = B_cat
+    chunks = _chunks(ranks)
+    M = torch.zeros(R.shape[0], R.shape[0], **f64)
+    for c0, c1, tasks in chunks:  # M = sum over chunks of (R_c blockdiag(G_c)) R_c^T
+        RG = torch.cat([R[:, a : a + ranks[t]] @ grams[t] for t, a in tasks], dim=1)
+        M.addmm_(RG, R[:, c0:c1].T)  # eigh reads the lower triangle only: asymmetric rounding is harmless
+        del RG
+    if to_u is None:  # R is B_cat itself (d_out x k, the largest array here): rebuilt after eigh
+        del R, B_cat
     evals, W = torch.linalg.eigh(M)  # ascending
     del M
+    if to_u is None:
+        R = _scaled_cat(Bs, scales, ranks, f64)
     S = evals.flip(0).clamp_min(0.0).sqrt()
     keep = int((tol < S).sum())
     S, W = S[:keep], W[:, W.shape[1] - keep :].flip(1)
     U = W if to_u is None else to_u(W)
-    rows = W.T @ R
-    del W, R
-    U, rows = _fix_signs_in_place(U, rows)
-    coef = [rows[:, c0 : c0 + r] for r, c0 in zip(ranks, _offsets(ranks))]
+    if keep:
+        sign = _column_signs(U)
+        U.mul_(sign)
+        if U is not W:
+            W.mul_(sign)  # (the representations below take their signs from W)
+    # Representations W^T R_i, signs fixed through W, formed chunk by chunk in coef_dtype.
+    coef: list = [None] * len(ranks)
+    for c0, c1, tasks in chunks:
+        rows = (W.T @ R[:, c0:c1]).to(coef_dtype)
+        for t, a in tasks:
+            coef[t] = rows[:, a - c0 : a - c0 + ranks[t]]
     return KnotsSVD(U=U, S=S, coef=coef, A=list(As))
+
+
+def _scaled_cat(Bs, scales, ranks, f64) -> torch.Tensor:
+    """B_cat = [s_1 B_1 .. s_n B_n] in float64."""
+    B_cat = torch.cat([B.to(f64["device"]) for B in Bs], dim=1).to(f64["dtype"])
+    if any(float(s) != 1.0 for s in scales):
+        B_cat *= torch.tensor([float(s) for s, r in zip(scales, ranks) for _ in range(r)], **f64)
+    return B_cat
+
+
+def _chunks(ranks) -> list:
+    """(first column, end column, [(task, its first column)]) of consecutive tasks, about
+    CORE_CHUNK columns each (a task is never split)."""
+    out, c0, tasks, a = [], 0, [], 0
+    for t, r in enumerate(ranks):
+        if tasks and a + r - c0 > CORE_CHUNK:
+            out.append((c0, a, tasks))
+            c0, tasks = a, []
+        tasks.append((t, a))
+        a += r
+    if tasks:
+        out.append((c0, a, tasks))
+    return out
 
 
 def _row_grams(As, ranks, f64) -> list:
