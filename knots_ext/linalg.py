@@ -140,7 +140,9 @@ def _scaled_cat(Bs, scales, ranks, f64) -> torch.Tensor:
 def _chunks(ranks) -> list:
     """(first column, end column, [(task, its first column)]) of consecutive tasks, about
     CORE_CHUNK columns each (a task is never split)."""
-    out, c0, tasks, a = [], 0, [], 0
+    out: list = []
+    tasks: list = []
+    c0 = a = 0
     for t, r in enumerate(ranks):
         if tasks and a + r - c0 > CORE_CHUNK:
             out.append((c0, a, tasks))
