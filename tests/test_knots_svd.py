@@ -128,3 +128,28 @@ def test_cholesky_route_near_its_condition_bound(monkeypatch):
     taken = routes(monkeypatch)
     check_against_dense(Bs, As, scales, atol=1e-10)
     assert taken == ["cholesky"]
+
+
+@pytest.mark.parametrize("d_out", [96, 30])  # CholeskyQR; and k >= d_out (B_cat rebuilt after eigh)
+def test_core_and_representations_in_chunks(monkeypatch, d_out):
+    """The core M and the representations formed over chunks of tasks (CORE_CHUNK columns, a task
+    never split; mixed ranks so that chunks end unevenly) equal the dense SVD."""
+    monkeypatch.setattr(linalg, "CORE_CHUNK", 7)
+    Bs, As, scales = random_tasks(d_out, 50, [3, 5, 2, 6, 4, 1, 7])
+    check_against_dense(Bs, As, scales)
+    assert linalg._chunks([3, 5, 2, 6, 4, 1, 7]) == [
+        (0, 3, [(0, 0)]),
+        (3, 10, [(1, 3), (2, 8)]),
+        (10, 16, [(3, 10)]),
+        (16, 21, [(4, 16), (5, 20)]),
+        (21, 28, [(6, 21)]),
+    ]
+
+
+def test_float32_representations():
+    Bs, As, scales = random_tasks(64, 40, [4, 4, 4])
+    want = knots_svd(Bs, As, scales)
+    got = knots_svd(Bs, As, scales, coef_dtype=torch.float32)
+    for c32, c64 in zip(got.coef, want.coef):
+        assert c32.dtype == torch.float32
+        assert torch.equal(c32, c64.to(torch.float32))
