@@ -136,6 +136,39 @@ class LoadCache:
             self.used -= sum(t.numel() * t.element_size() for pair in m.factors for t in pair)
 
 
+class Patcher:
+    """What a consumer that can rewrite entries of a module it was given implements (merge_to's
+    lossless output): accepts(ref, update) says whether update's merged rows will be stored
+    verbatim (flat, row-major), so that apply(ref, positions, values) can later set those rows'
+    flat entries at positions to values."""
+
+    def accepts(self, ref: ModuleRef, update) -> bool:
+        raise NotImplementedError
+
+    def apply(self, ref: ModuleRef, positions, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class OutputPool:
+    """Merged-row buffers (float32, on the CPU) reused from module to module when the consumer of
+    the updates has consumed each one by the time emit returns (merge_to's writer has written it
+    to the file): a fresh tens-of-MB buffer per module costs its page faults (about 30 ms for
+    64 MB here), as much as a third of the TIES pass that fills it. One buffer kept per shape."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.free: dict = {}
+
+    def take(self, factors) -> torch.Tensor | None:
+        if not self.enabled or not _on_cpu(factors):
+            return None
+        return self.free.pop(factor_ops.shape_of(factors), None)
+
+    def give(self, merged: torch.Tensor) -> None:
+        if self.enabled and merged.device.type == "cpu":
+            self.free[tuple(merged.shape)] = merged
+
+
 def _on_cpu(factors) -> bool:
     return torch.as_tensor(factors[0][0]).device.type == "cpu"
 
@@ -175,8 +208,17 @@ def run(
     n_tasks: int,
     emit: Callable,
     progress,
+    consumed: bool = False,
+    patcher=None,
 ) -> None:
-    """Merges every module with `method` and hands each (ref, update) to emit, once."""
+    """Merges every module with `method` and hands each (ref, update) to emit, once. consumed:
+    emit is done with each update when it returns (it keeps no reference to it or its tensors),
+    so the driver may reuse the merged rows' buffer for the next module (OutputPool). patcher:
+    the consumer can rewrite entries of an emitted module's rows (Patcher), so that a module
+    waiting for TIES's majority sign is emitted at once and patched at the end, not held."""
+    pool = OutputPool(consumed)
+    if not getattr(method.space, "rows_verbatim", False):
+        patcher = None
     if method.space is None:
         for ref in progress(modules, method.name):
             m = load(ref)
@@ -186,18 +228,33 @@ def run(
     dare_p, seed = (params["dare_p"], params["seed"]) if method.dare else (0.0, 0)
     lam = params["lam"]
     if method.rule == "ties" and params["top_k_scope"] == "task":
-        _ties_global(space, params["top_k"], lam, dare_p, seed, modules, load, n_tasks, emit, progress, method.name)
+        _ties_global(
+            space,
+            params["top_k"],
+            lam,
+            dare_p,
+            seed,
+            modules,
+            load,
+            n_tasks,
+            emit,
+            progress,
+            method.name,
+            pool,
+            patcher,
+        )
         return
 
     def rows_rule(factors, m):
+        out = pool.take(factors)
         if method.rule == "ta":
-            return factor_ops.weighted_sum(factors, [lam] * len(factors), dare_p, seed, m.name, m.tasks)
-        return _ties_one_module(factors, m, params["top_k"], lam, dare_p, seed)
+            return factor_ops.weighted_sum(factors, [lam] * len(factors), dare_p, seed, m.name, m.tasks, out=out)
+        return _ties_one_module(factors, m, params["top_k"], lam, dare_p, seed, out)
 
-    _per_module(space, modules, load, emit, progress, method.name, rows_rule)
+    _per_module(space, modules, load, emit, progress, method.name, rows_rule, pool)
 
 
-def _per_module(space, modules, load, emit, progress, desc, merge_rows):
+def _per_module(space, modules, load, emit, progress, desc, merge_rows, pool):
     """Each module on its own: its space state, its task rows' merge (merge_rows(factors, m)),
     mapped back."""
     for ref in progress(modules, desc):
@@ -206,10 +263,12 @@ def _per_module(space, modules, load, emit, progress, desc, merge_rows):
             emit(ref, zero_update(ref))
             continue
         state = space.prepare(m)
-        emit(ref, space.update(ref, merge_rows(space.row_factors(m, state), m), state))
+        merged = merge_rows(space.row_factors(m, state), m)
+        emit(ref, space.update(ref, merged, state))
+        pool.give(merged)
 
 
-def _ties_one_module(factors, m, top_k, lam, dare_p, seed):
+def _ties_one_module(factors, m, top_k, lam, dare_p, seed, out=None):
     """TIES with the module's own thresholds and majority sign (top_k_scope="module")."""
     local = range(len(m.tasks))  # threshold slot of each of this module's tasks
     sel = ops.MagnitudeThreshold(len(m.tasks), top_k, sampled=_on_cpu(factors))
@@ -217,24 +276,28 @@ def _ties_one_module(factors, m, top_k, lam, dare_p, seed):
         factor_ops.histogram(sel, factors, dare_p, seed, m.name, m.tasks, slots=local)
         sel.finish_round()
     thresholds = sel.thresholds()
-    merged, sign_sum, zero = factor_ops.ties_apply(factors, thresholds, lam, dare_p, seed, m.name, m.tasks)
+    merged, sign_sum, zero = factor_ops.ties_apply(factors, thresholds, lam, dare_p, seed, m.name, m.tasks, out=out)
     if zero:
         majority = (sign_sum > 0) - (sign_sum < 0)
         factor_ops.ties_fix_majority(factors, merged, thresholds, zero, majority, lam, dare_p, seed, m.name, m.tasks)
     return merged
 
 
-def _ties_global(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc):
+def _ties_global(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, pool, patcher):
     """TIES with per-task thresholds over all modules and one majority sign over all positions.
     Each module's space state (its KnOTS SVD) is computed once and kept for the passes."""
     states = StateStore()
     try:
-        _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states)
+        _ties_global_passes(
+            space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states, pool, patcher
+        )
     finally:
         states.close()
 
 
-def _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states):
+def _ties_global_passes(
+    space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states, pool, patcher
+):
     loaded = LoadCache(load)
     # A space whose state holds its rows' factors (rows_in_state) is loaded once: later passes
     # need only the module's tasks and scales, kept here without the factors.
@@ -270,18 +333,36 @@ def _ties_global_passes(space, top_k, lam, dare_p, seed, modules, load, n_tasks,
             emit(ref, zero_update(ref))
             continue
         own = [thresholds[t] for t in m.tasks]
-        merged, signs, zero = factor_ops.ties_apply(factors, own, lam, dare_p, seed, ref.name, m.tasks)
+        merged, signs, zero = factor_ops.ties_apply(
+            factors, own, lam, dare_p, seed, ref.name, m.tasks, out=pool.take(factors)
+        )
         sign_sum += signs
-        if zero:
-            pending.append((ref, merged, zero))
-        else:
+        if not zero:
             loaded.drop(ref.name)
             emit(ref, space.update(ref, merged, states.pop(ref.name)))
+            pool.give(merged)
+            continue
+        # Positions whose trimmed sum is exactly 0 wait for the majority sign. A consumer that
+        # can patch gets the module now (those positions 0 for the moment; the state is kept for
+        # the fix), so that memory does not grow with the modules waiting; else it is held.
+        update = space.update(ref, merged, states.get(ref.name))
+        if patcher is not None and patcher.accepts(ref, update):
+            emit(ref, update)
+            pending.append((ref, None, zero))
+            pool.give(merged)
+        else:
+            pending.append((ref, merged, zero))
+        del update
     majority = (sign_sum > 0) - (sign_sum < 0)
     for ref, merged, zero in pending:
         m, factors = factors_of(ref)
+        fixed = merged if merged is not None else torch.empty(factor_ops.shape_of(factors), dtype=torch.float32)
         factor_ops.ties_fix_majority(
-            factors, merged, [thresholds[t] for t in m.tasks], zero, majority, lam, dare_p, seed, ref.name, m.tasks
+            factors, fixed, [thresholds[t] for t in m.tasks], zero, majority, lam, dare_p, seed, ref.name, m.tasks
         )
         loaded.drop(ref.name)
-        emit(ref, space.update(ref, merged, states.pop(ref.name)))
+        state = states.pop(ref.name)
+        if merged is None:  # (only the zero positions of `fixed` are written)
+            patcher.apply(ref, zero, fixed.reshape(-1)[torch.as_tensor(zero, dtype=torch.int64)])
+        else:
+            emit(ref, space.update(ref, merged, state))

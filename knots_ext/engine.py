@@ -20,7 +20,7 @@ from .device import Placement, check_device
 from .driver import ModuleRef
 from .linalg import Truncated, dense_factors, truncate, truncate_dense
 from .methods import get_method
-from .methods.spaces import FactoredUpdate, ModuleTasks, drop_zero_updates
+from .methods.spaces import DenseUpdate, FactoredUpdate, ModuleTasks, drop_zero_updates
 from .weights import ModuleWeights, TaskWeights
 
 PEFT_PREFIX = "base_model.model."
@@ -374,20 +374,45 @@ def merge_to(
         **header.writer_args(out_dir, layout, rank, rank_energy, dtype, format, overwrite),
     ) as writer:
         truncation = None if rank is None and rank_energy is None else TruncationError()
+        patcher = _WrittenRows(writer) if truncation is None and device.type == "cpu" else None
 
         def emit(ref, update):
-            t = saved_factors(update, rank, rank_energy)
+            t = patcher.saved.pop(ref.name, None) if patcher else None
+            t = t or saved_factors(update, rank, rank_energy)
             # run_merge checked the update finite; lossless factors are its own values (or I)
             writer.add(ref.name, t.B, t.A, finite=truncation is None)
             if truncation is not None:
                 truncation.add(ref.name, t)
             names.append(ref.name)
 
-        run_merge(spec, params, adapters, device, emit, quiet, task_weights)
+        # The writer has written each update to the file when emit returns: its buffers are free.
+        run_merge(spec, params, adapters, device, emit, quiet, task_weights, consumed=True, patcher=patcher)
         merged_extra, dropped = _merge_extra(adapters, extra)
         for key in sorted(merged_extra):
             writer.add_extra(key, merged_extra[key])
     return MergeSummary(os.fspath(out_dir), sorted(names), dropped, truncation)
+
+
+class _WrittenRows(driver.Patcher):
+    """merge_to's lossless output as a driver.Patcher: a module's merged rows are written verbatim
+    as its lossless factor (dW as B or A of (dW, I); a KnOTS module's merged rows as A), so TIES
+    entries decided after the module was written are rewritten in the file."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.saved: dict = {}  # module -> its saved_factors, made by accepts for emit
+        self.which: dict = {}  # module -> "B" or "A": the factor that is the merged rows
+
+    def accepts(self, ref, update) -> bool:
+        rows = update.W if isinstance(update, DenseUpdate) else update.A
+        t = self.saved[ref.name] = saved_factors(update)
+        which = "B" if t.B is rows else "A" if t.A is rows else None  # (a zero update: not written as is)
+        if which is not None:
+            self.which[ref.name] = which
+        return which is not None
+
+    def apply(self, ref, positions, values) -> None:
+        self.writer.patch(ref.name, self.which.pop(ref.name), positions, values)
 
 
 def _tensor_keys(adapters, extra: str, layout: io.OutputLayout, out_dir) -> list:
@@ -442,10 +467,20 @@ def _setup(spec, declared: dict, adapters: list) -> dict:
 
 
 def run_merge(
-    spec, params: dict, adapters: list, device, emit, quiet: bool = True, weights: TaskWeights | None = None
+    spec,
+    params: dict,
+    adapters: list,
+    device,
+    emit,
+    quiet: bool = True,
+    weights: TaskWeights | None = None,
+    consumed: bool = False,
+    patcher: driver.Patcher | None = None,
 ) -> None:
     """The merge of loaded adapters, each module's update handed to emit(ref, update) as soon as
-    it is final (checked finite). weights scale each adapter's update of each module."""
+    it is final (checked finite). weights scale each adapter's update of each module. consumed:
+    emit keeps no reference to an update once it returns; patcher: emit's consumer can rewrite
+    entries of a module's merged rows later (driver.run)."""
     weights = weights or TaskWeights()
     names = sorted(set().union(*(a.modules for a in adapters)))
     modules = []
@@ -467,7 +502,7 @@ def run_merge(
 
     try:
         with placement.results(checked) as deliver:
-            driver.run(spec, params, modules, load, len(adapters), deliver, make_progress(quiet))
+            driver.run(spec, params, modules, load, len(adapters), deliver, make_progress(quiet), consumed, patcher)
     except ValueError as e:
         if isinstance(e, io.AdapterError) or "NaN or Inf" not in str(e):  # (a bad input names its file)
             raise

@@ -193,6 +193,50 @@ def opposite_case(tmp_path_factory):
     return [a, n, c]
 
 
+@pytest.fixture(scope="module")
+def partly_opposite(tmp_path_factory):
+    """a, n = -a on module X only, and c on every module: positions of X where c is trimmed and a
+    and n survive have trimmed sum exactly 0 (they take the majority sign); the others do not, so
+    X's merged rows are nonzero before the majority is known."""
+    d = tmp_path_factory.mktemp("partly_opposite")
+    a = write_adapter(d / "a", 4, 8, seed=1)
+    return [a, edited(a, d / "n", negated_b(keep_only=X)), write_adapter(d / "c", 4, 8, seed=3)]
+
+
+@pytest.mark.parametrize("method", ["ties", "knots-ties"])
+def test_streamed_merge_patches_majority_positions(partly_opposite, tmp_path, monkeypatch, method):
+    """merge_to writes a module waiting for the majority sign at once and rewrites those entries
+    in the file at the end (not holding the module): the output equals the float64 reference, and
+    in bfloat16 what merge() + save() writes."""
+    patched = []
+    real_patch = knots_ext.io.AdapterWriter.patch
+
+    def patch(self, module, *args):
+        patched.append(module)
+        return real_patch(self, module, *args)
+
+    monkeypatch.setattr(knots_ext.io.AdapterWriter, "patch", patch)
+    updates = [read_updates(p) for p in partly_opposite]
+    names = sorted(updates[0])
+    if method == "ties":
+        reps, back = updates, lambda n_, m: m
+    else:
+        U, reps = ref_knots(updates, names, round_to=torch.float32)
+        back = lambda n_, m: U[n_] @ m  # noqa: E731
+    want = ref_global_ties(reps, names, {n_: tuple(reps[0][n_].shape) for n_ in names}, 0.5, 1.0)
+    knots_ext.merge_to(tmp_path / "f32", partly_opposite, method=method, top_k=0.5)
+    assert X in patched
+    got = read_updates(tmp_path / "f32")
+    for name in names:
+        close(got[name], back(name, want[name]), 1e-4, f"{method} {name}")
+    knots_ext.merge_to(tmp_path / "bf16", partly_opposite, method=method, top_k=0.5, dtype=torch.bfloat16)
+    knots_ext.merge(partly_opposite, method=method, top_k=0.5).save(tmp_path / "saved", dtype=torch.bfloat16)
+    streamed, saved = (load_file(str(tmp_path / f / "adapter_model.safetensors")) for f in ("bf16", "saved"))
+    assert streamed.keys() == saved.keys()
+    for key in saved:
+        assert torch.equal(streamed[key], saved[key]), key
+
+
 @pytest.mark.parametrize("method", ["ties", "knots-ties", "core-ties"])
 def test_majority_sign_reaches_every_space(opposite_case, method):
     updates = [read_updates(p) for p in opposite_case]

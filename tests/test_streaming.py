@@ -144,12 +144,12 @@ def test_failed_merge_leaves_nothing(three, tmp_path, monkeypatch):
 
     real_run = driver.run
 
-    def run(method, params, modules, load, n_tasks, emit, progress):
+    def run(method, params, modules, load, n_tasks, emit, progress, *rest):
         def both(ref, update):
             failing(ref, update)
             emit(ref, update)
 
-        return real_run(method, params, modules, load, n_tasks, both, progress)
+        return real_run(method, params, modules, load, n_tasks, both, progress, *rest)
 
     monkeypatch.setattr(driver, "run", run)
     with pytest.raises(ValueError, match="boom"):
@@ -201,3 +201,29 @@ def test_writer_finite_checks_what_conversion_may_break(tmp_path):
     with knots_ext.io.AdapterWriter(tmp_path / "o", base_model=None) as w:
         w.add("model.q", big, torch.ones(2, 3), finite=True)
     assert torch.equal(read_updates(tmp_path / "o")["base_model.model.model.q"], big.double() @ torch.ones(2, 3).double())
+
+
+@pytest.mark.parametrize("method", ["ties", "knots-ties", "dare-ta", "dare-ties", "knots-ties-module"])
+def test_merge_to_reuses_merged_buffers(three, tmp_path, monkeypatch, method):
+    """merge_to's writer has consumed each update when emit returns, so the driver fills the next
+    module of the same shape into the same buffer (OutputPool); the output is still exactly what
+    merge() (which keeps every update, so no reuse) saves."""
+    scope = {}
+    if method.endswith("-module"):  # TIES with per-module thresholds: the per-module driver path
+        method, scope = method.removesuffix("-module"), dict(top_k_scope="module")
+    kw = dict(method_kwargs(method, tmp_path, three), **scope)
+    knots_ext.merge(three, method=method, **kw).save(tmp_path / "saved")
+    given = []
+    for name in ("ties_apply", "weighted_sum"):
+        real = getattr(driver.factor_ops, name)
+
+        def spy(*a, _real=real, **k):
+            given.append(k.get("out"))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(driver.factor_ops, name, spy)
+    knots_ext.merge_to(tmp_path / "streamed", three, method=method, **kw)
+    assert given and given[0] is None and any(out is not None for out in given)
+    saved, streamed = read_updates(tmp_path / "saved"), read_updates(tmp_path / "streamed")
+    for name in saved:
+        assert torch.equal(saved[name], streamed[name]), name

@@ -241,6 +241,25 @@ class AdapterWriter:
         self._append(A_key, A)
         self.ranks[name] = int(A.shape[0])
 
+    def patch(self, module: str, which: str, positions, values: torch.Tensor) -> None:
+        """Overwrites entries of a module's written B or A (which: "B" or "A"): its flat
+        (row-major) entries at `positions` get `values` (converted to the output dtype as the
+        tensor was). For results finished after their module was written (TIES's majority sign)."""
+        self._guard(self._patch, module, which, positions, values)
+
+    def _patch(self, module, which, positions, values):
+        B_key, A_key = self.layout.keys(self.out_dir, module)
+        entry = self.entries[B_key if which == "B" else A_key]
+        raw = _prepared(self.out_dir, values.reshape(-1), self.dtype, f"module {module}: {which}").view(torch.uint8)
+        size = raw.numel() // max(len(positions), 1)
+        start, end = (self.data_start + offset for offset in entry["data_offsets"])
+        self.data.flush()  # (pwrite below the buffered appends' position)
+        for j, p in enumerate(positions):
+            at = start + int(p) * size
+            if not start <= at < end:
+                raise AdapterError(self.out_dir, f"module {module}: {which} has no entry {p}")
+            os.pwrite(self.data.fileno(), raw[j * size : (j + 1) * size].numpy().tobytes(), at)
+
     def add_extra(self, name: str, t) -> None:
         """A non-LoRA tensor under its file key (e.g. "base_model.model.score.weight"); its module
         goes into modules_to_save, so that PEFT loads it."""

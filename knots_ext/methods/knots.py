@@ -20,6 +20,7 @@ class KnotsSpace:
 
     name = "knots"
     rows_in_state = True
+    rows_verbatim = True  # update(): U @ merged, merged itself the output's A
 
     def __init__(self, params):
         self.tol = params["tol"]

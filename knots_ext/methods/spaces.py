@@ -3,7 +3,8 @@ state (prepare), gives each task's row as factors (row_factors: row_i = s_i P_i 
 m x c matrix never stored whole) and maps the merged m x c row back to the module's update
 (update: a pure function of the merged row and the state). A space whose row_factors need only
 the state sets rows_in_state = True: the driver then loads each module's factors once, not once
-per pass."""
+per pass. A space whose update() holds the merged row itself (as dW, or as the A factor) sets
+rows_verbatim = True: a consumer may then patch entries of it after it was emitted."""
 
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ class DenseSpace:
     """The plain task vectors: row i is s_i * B_i @ A_i (d_out x d_in), for TIES and DARE on dW."""
 
     name = "dense"
+    rows_verbatim = True  # update(): the merged row is dW itself
 
     def __init__(self, params=None):
         pass
