@@ -172,7 +172,7 @@ def job_stream(paths, method, params, out_dir, out_rank, out_dtype) -> dict:
             [str(p) for p in paths], method, params, "cpu", None, False, "drop")
         merged = []
         engine.run_merge(spec, engine._setup(spec, declared, adapters), adapters, device,
-                         lambda ref, update: merged.append(ref.name), True, weights)
+                         lambda ref, update: merged.append(ref.name), True, weights, consumed=True)
         out.update(seconds=time.perf_counter() - t0, modules=len(merged), output_bytes=0)
         return out
     summary = knots_ext.merge_to(out_dir, [str(p) for p in paths], method, rank=out_rank,
