@@ -15,7 +15,8 @@
 #include <vector>
 
 #include "tile.h"
-#include "path.h"  // last
+#include "path.h"  // last (but for the path's own helpers)
+#include "dare_run.h"
 
 namespace kx::cpu::KX_CPU_PATH {
 namespace {
@@ -151,7 +152,7 @@ bool task_tile(const FactorTask& t, const float* q, int64_t ldq, const DareSpec&
   for (int64_t e = 0; e < tile.len(); ++e) nonfinite |= magnitude_key(out[e]) >= kNonFiniteKey;
   if (d.enabled)
     for (int64_t i = 0; i < ta; ++i)
-      dare_run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, out + i * ldv);
+      dare_path::run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, out + i * ldv);
   return nonfinite == 0;
 }
 
@@ -190,7 +191,7 @@ void sample_block_row(const FactorTask& t, const float* q, int64_t ldq, const Da
     block_entries<R>(t.P + a0 * t.rank, t.rank, q + b0, ldq, t.scale, v, kBlockCols);
     for (int i = 0; i < R; ++i) {
       float* row = v + i * kBlockCols;
-      if (d.enabled) dare_run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, row);
+      if (d.enabled) dare_path::run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, row);
       for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(row[j]) >> kRound0Shift];
     }
   }

@@ -84,6 +84,46 @@ def _open_safetensors(path: str):
         raise AdapterError(path, f"not a readable safetensors file (corrupt or truncated?): {e}") from None
 
 
+def _tensor_spans(path: str, info: dict) -> dict:
+    """{key: (byte offset in the file, byte length, dtype, shape)} of the float tensors of a
+    safetensors file that safe_open has validated (keys, shapes and dtypes as `info` says)."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as e:
+        raise AdapterError(path, f"cannot read the safetensors header: {e}") from None
+    spans = {}
+    for key, (shape, code) in info.items():
+        entry = header.get(key)
+        if code not in SUPPORTED_DTYPES or not isinstance(entry, dict):
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = SUPPORTED_DTYPES[code]
+        if end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+            raise AdapterError(path, f"{key}: its data does not match its shape {list(shape)} and dtype {code}")
+        spans[key] = (8 + length + begin, end - begin, dtype, shape)
+    return spans
+
+
+def _read_span(path: str, key: str, what: str, offset: int, size: int, dtype, shape) -> torch.Tensor:
+    """A tensor read with pread into memory of its own: no mapping of the file stays behind, so
+    the inputs read do not count in the merge's resident memory (a memory map's pages would, as
+    long as the map lives: all of every input, by the end of a merge)."""
+    buf = torch.empty(size, dtype=torch.uint8)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [buf.numpy().data], offset) if size else 0
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise AdapterError(path, f"{what}: cannot read {key!r}: {e.strerror or e}") from None
+    if got != size:
+        raise AdapterError(path, f"{what}: cannot read {key!r}: the file is truncated")
+    return buf.view(dtype).reshape(shape)
+
+
 class Adapter:
     """One LoRA adapter, read lazily.
 
@@ -96,8 +136,9 @@ class Adapter:
     The update of module m is `scale(m) * B @ A` with `(B, A) = factors(m)`, of shape `shape(m)` =
     (d_out, d_in); for a fan_in_fan_out adapter the base weight stores its transpose.
 
-    The file stays open (memory-mapped) while the object lives; `close()` or a `with` block
-    releases it, and a closed or unpickled Adapter reopens the file when it next reads.
+    Tensors are read with positioned reads of their bytes (no memory map stays open); a tensor
+    of another dtype (an extra tensor) through safe_open, whose map `close()` or a `with` block
+    releases (it is reopened if the adapter reads again).
     """
 
     def __init__(
@@ -174,8 +215,8 @@ class Adapter:
                 info[key] = (tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
         except _safetensors_error_types() as e:
             raise AdapterError(path, f"cannot read the safetensors header: {e}") from None
-        self._handle = handle
         self._info = info
+        self._spans = _tensor_spans(path, info)
 
         self._keys, self.extra_tensors = formats.group_keys(path, self.format, info)
         self.modules = sorted(self._keys)
@@ -322,6 +363,9 @@ class Adapter:
         return self._dtype[module]
 
     def _read(self, key, what: str) -> torch.Tensor:
+        span = self._spans.get(key)
+        if span is not None:
+            return _read_span(self.weights_path, key, what, *span)
         try:
             return self._file().get_tensor(key)
         except _safetensors_error_types() as e:
