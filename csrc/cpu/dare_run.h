@@ -69,12 +69,8 @@ inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, f
 #if defined(KX_CPU_AVX2)
   for (; i + 8 <= groups; i += 8) philox8(key, g0 + uint64_t(i), words + 4 * i);
 #endif
-  for (; i < groups; ++i) {
-    const Philox4 w = dare_words(key, g0 + uint64_t(i));
-    for (int k = 0; k < 4; ++k) words[4 * i + k] = w.w[k];
-  }
-  const DareSpec dare = d;
-  for (int64_t t = 0; t < len; ++t) buf[t] = dare_apply(buf[t], words[t + lead], dare);
+  dare_fill(key, g0, i, groups, words);
+  dare_masked(words, lead, d, len, buf);
 }
 
 }  // namespace kx::cpu::KX_CPU_PATH::dare_path

@@ -22,21 +22,29 @@ inline void load_as_float(const T* src, int64_t stride, int64_t len, float* buf)
 
 // DARE on a run of len <= kTile consecutive elements of one row, the first being element
 // `first` of its module (DESIGN.md §1: the mask depends only on the key and the index).
-inline void dare_run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, float* buf) {
-  // The run's mask words, one Philox block per 4 elements, laid out so that element t's word
-  // is words[t + lead]: both loops vectorise (Philox on 8 counters at a time with AVX2).
-  const uint64_t g0 = first >> 2;
-  const int64_t lead = int64_t(first & 3), groups = (lead + len + 3) / 4;
-  uint32_t words[kTile + 8];
-  for (int64_t i = 0; i < groups; ++i) {
+// The run's mask words are one Philox block per 4 elements, laid out so that element t's word
+// is words[t + lead] (lead = first mod 4): blocks g0 + i for i in [from, groups) are written by
+// dare_fill, the run masked by dare_masked. (csrc/cpu/dare_run.h: the same with AVX2 blocks.)
+inline void dare_fill(PhiloxKey key, uint64_t g0, int64_t from, int64_t groups, uint32_t* words) {
+  for (int64_t i = from; i < groups; ++i) {
     const Philox4 w = dare_words(key, g0 + uint64_t(i));
     words[4 * i] = w.w[0];
     words[4 * i + 1] = w.w[1];
     words[4 * i + 2] = w.w[2];
     words[4 * i + 3] = w.w[3];
   }
+}
+
+inline void dare_masked(const uint32_t* words, int64_t lead, const DareSpec& d, int64_t len, float* buf) {
   const DareSpec dare = d;
   for (int64_t t = 0; t < len; ++t) buf[t] = dare_apply(buf[t], words[t + lead], dare);
+}
+
+inline void dare_run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, float* buf) {
+  const int64_t lead = int64_t(first & 3);
+  uint32_t words[kTile + 8];
+  dare_fill(key, first >> 2, 0, (lead + len + 3) / 4, words);
+  dare_masked(words, lead, d, len, buf);
 }
 
 // buf[0..len) = dare(row r)[j0 .. j0+len); returns false if a loaded value is NaN or Inf.
