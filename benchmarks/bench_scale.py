@@ -11,6 +11,8 @@ benchmarks/synthetic.py), generated once into a cache folder and reused by later
         --ns 8,32 --layers 1 --large-n 0 --out /tmp/calib.json   # minutes: 1/16 of the elements, to
                                                 # estimate a full run (ties: seconds per adapter x 16)
     python benchmarks/bench_scale.py --quick    # tiny shapes, n = 2, 4 (and 8), 1 layer: < 1 minute
+    python benchmarks/bench_scale.py --methods ties --ns 8 --layers 32 --large-n 0 --no-output
+                                                # the merge alone, its output excluded (all 32 layers)
 
 Measured, every merge in a fresh child process (harness.run_child), one merge per child:
 
@@ -167,12 +169,21 @@ def job_stream(paths, method, params, out_dir, out_rank, out_dtype) -> dict:
     import knots_ext
     t0 = time.perf_counter()
     if out_dir is None:  # --no-output: each merged module computed, checked finite, then dropped
-        from knots_ext import engine
+        from knots_ext import driver, engine
+
+        class Dropped(driver.Patcher):  # as merge_to's writer: modules waiting for the majority are not held
+            def accepts(self, ref, update):
+                return True
+
+            def apply(self, ref, positions, values):
+                pass
+
         spec, declared, device, adapters, weights = engine._prepare(
             [str(p) for p in paths], method, params, "cpu", None, False, "drop")
         merged = []
         engine.run_merge(spec, engine._setup(spec, declared, adapters), adapters, device,
-                         lambda ref, update: merged.append(ref.name), True, weights, consumed=True)
+                         lambda ref, update: merged.append(ref.name), True, weights, consumed=True,
+                         patcher=Dropped())
         out.update(seconds=time.perf_counter() - t0, modules=len(merged), output_bytes=0)
         return out
     summary = knots_ext.merge_to(out_dir, [str(p) for p in paths], method, rank=out_rank,
