@@ -227,3 +227,30 @@ def test_merge_to_reuses_merged_buffers(three, tmp_path, monkeypatch, method):
     saved, streamed = read_updates(tmp_path / "saved"), read_updates(tmp_path / "streamed")
     for name in saved:
         assert torch.equal(saved[name], streamed[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writer_patch_rewrites_entries(tmp_path, dtype):
+    """AdapterWriter.patch sets flat entries of a module's written B or A (converted to the output
+    dtype), other modules and entries untouched; an entry past the tensor is refused in one line
+    and nothing is left behind."""
+    gen = torch.Generator().manual_seed(3)
+    B0, A0, B1, A1 = (torch.randn(*s, generator=gen) for s in ((6, 2), (2, 5), (4, 3), (3, 5)))
+    with knots_ext.io.AdapterWriter(tmp_path / "o", base_model=None, dtype=dtype) as w:
+        w.add("model.a", B0, A0)
+        w.add("model.b", B1, A1)
+        w.patch("model.a", "A", [0, 7], torch.tensor([2.5, -1.25]))
+        w.patch("model.b", "B", [11], torch.tensor([0.5]))
+    A0p, B1p = A0.clone(), B1.clone()
+    A0p.view(-1)[[0, 7]] = torch.tensor([2.5, -1.25])
+    B1p.view(-1)[11] = 0.5
+    with safe_open(str(tmp_path / "o" / "adapter_model.safetensors"), "pt") as f:
+        got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    prefix = "base_model.model.model."
+    for key, want in (("a.lora_B", B0), ("a.lora_A", A0p), ("b.lora_B", B1p), ("b.lora_A", A1)):
+        assert torch.equal(got[prefix + key + ".weight"], want.to(dtype)), key
+    with pytest.raises(knots_ext.io.AdapterError, match="has no entry 10"):
+        with knots_ext.io.AdapterWriter(tmp_path / "bad", base_model=None) as w:
+            w.add("model.a", B0, A0)
+            w.patch("model.a", "A", [10], torch.tensor([1.0]))
+    assert sorted(os.listdir(tmp_path)) == ["o"]
