@@ -1,8 +1,8 @@
 """Factored linear algebra on LoRA factors: the KnOTS SVD of [s_1 B_1 A_1 | ... | s_n B_n A_n]
-and the truncated SVD of a product P @ Q, through QR of the factors and an SVD of a small core
-(DESIGN.md §1, "The QR-of-factors trick"). The dense updates and their concatenation are never
-formed. Dense factorisations are torch.linalg (Cholesky, eigh, and Householder QR where a factor is
-rank-deficient or ill conditioned)."""
+(CholeskyQR of B_cat and an eigendecomposition of a small core) and the truncated SVD of a product
+P @ Q (QR of the factors and an SVD of a small core): DESIGN.md §1, "The QR-of-factors trick". The
+dense updates and their concatenation are never formed. Dense factorisations are torch.linalg
+(Cholesky, eigh, and Householder QR where a factor is rank-deficient or ill conditioned)."""
 
 from __future__ import annotations
 
