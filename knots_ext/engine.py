@@ -405,11 +405,12 @@ class _WrittenRows(driver.Patcher):
 
     def accepts(self, ref, update) -> bool:
         rows = update.W if isinstance(update, DenseUpdate) else update.A
-        t = self.saved[ref.name] = saved_factors(update)
+        t = saved_factors(update)
         which = "B" if t.B is rows else "A" if t.A is rows else None  # (a zero update: not written as is)
-        if which is not None:
-            self.which[ref.name] = which
-        return which is not None
+        if which is None:  # held by the driver; emitted, and saved anew, once its rows are final
+            return False
+        self.saved[ref.name], self.which[ref.name] = t, which
+        return True
 
     def apply(self, ref, positions, values) -> None:
         self.writer.patch(ref.name, self.which.pop(ref.name), positions, values)

@@ -194,6 +194,32 @@ def opposite_case(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cancelled_case(tmp_path_factory):
+    """a, n = -a on every module (equal thresholds, so every kept entry of a cancels n's), and c
+    on every module but X: X's merged rows are all zero until the majority sign, which the other
+    modules decide, fills them."""
+    d = tmp_path_factory.mktemp("cancelled")
+    a = write_adapter(d / "a", 4, 8, seed=1)
+    c = edited(write_adapter(d / "c0", 4, 8, seed=3), d / "c", without(X))
+    return [a, edited(a, d / "n", negated_b()), c]
+
+
+@pytest.mark.parametrize("case", ["opposite_case", "cancelled_case"])
+@pytest.mark.parametrize("method", ["ties", "knots-ties", "core-ties"])
+def test_streamed_majority_sign_reaches_every_space(request, tmp_path, method, case):
+    """merge_to where modules wait for the majority sign (written at once and patched, or, where
+    the rows are not written verbatim, e.g. a dense update still all zero, held until the sign is
+    known): the output equals what merge() + save() writes."""
+    adapters = request.getfixturevalue(case)
+    knots_ext.merge_to(tmp_path / "streamed", adapters, method=method, top_k=0.5)
+    knots_ext.merge(adapters, method=method, top_k=0.5).save(tmp_path / "saved")
+    streamed, saved = (read_updates(tmp_path / f) for f in ("streamed", "saved"))
+    assert streamed.keys() == saved.keys() and saved[X].abs().max() > 0
+    for name in saved:
+        assert torch.equal(streamed[name], saved[name]), name
+
+
+@pytest.fixture(scope="module")
 def partly_opposite(tmp_path_factory):
     """a, n = -a on module X only, and c on every module: positions of X where c is trimmed and a
     and n survive have trimmed sum exactly 0 (they take the majority sign); the others do not, so
