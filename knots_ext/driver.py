@@ -75,10 +75,11 @@ class StateStore:
                 data = t.detach().contiguous().cpu()
                 f.write(b"\0" * (-offset % 64))
                 offset += -offset % 64
-                entries.append((offset, data.dtype, tuple(data.shape), t.device))
-                if data.numel():
+                nbytes = data.numel() * data.element_size()
+                entries.append((offset, nbytes, data.dtype, tuple(data.shape), t.device))
+                if nbytes:
                     f.write(memoryview(data.view(torch.uint8).numpy()))
-                offset += data.numel() * data.element_size()
+                offset += nbytes
         self.on_disk[name] = (path, entries, layout)
 
     def get(self, name: str):
@@ -92,8 +93,7 @@ class StateStore:
         else:  # (only empty tensors; an empty file cannot be mapped)
             raw = torch.empty(0, dtype=torch.uint8)
         tensors = []
-        for offset, dtype, shape, device in entries:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        for offset, nbytes, dtype, shape, device in entries:
             tensors.append(raw[offset : offset + nbytes].view(dtype).reshape(shape).to(device))
         return _unflatten(tensors, layout)
 

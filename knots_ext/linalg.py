@@ -19,7 +19,10 @@ def fix_signs(U: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.
     of U's column j is positive, the lowest index winning ties. An SVD fixes its vectors only up
     to sign, and TIES's majority rule is not sign-equivariant: without this, a merge could change
     with the thread count, the BLAS or the memory layout."""
-    return _fix_signs_in_place(U.clone(), rows.clone())
+    if U.numel() == 0:
+        return U, rows
+    sign = _column_signs(U)
+    return U * sign, rows * sign[:, None]
 
 
 def _column_signs(U: torch.Tensor) -> torch.Tensor:
@@ -28,14 +31,6 @@ def _column_signs(U: torch.Tensor) -> torch.Tensor:
     idx = U.abs().argmax(dim=0)  # the first maximal index
     sign = torch.sign(U.gather(0, idx[None, :]))[0]
     return torch.where(sign == 0, torch.ones_like(sign), sign)
-
-
-def _fix_signs_in_place(U: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fix_signs on tensors the caller owns, without new copies of them."""
-    if U.numel() == 0:
-        return U, rows
-    sign = _column_signs(U)
-    return U.mul_(sign), rows.mul_(sign[:, None])
 
 
 @dataclass
@@ -180,14 +175,6 @@ def _cholesky_r(B: torch.Tensor):
     if not cond <= CHOLESKY_QR_MAX_COND:  # (also NaN)
         return None, None
     return R, R_inv
-
-
-def _offsets(sizes):
-    out, c = [], 0
-    for n in sizes:
-        out.append(c)
-        c += n
-    return out
 
 
 @dataclass

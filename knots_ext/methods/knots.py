@@ -28,10 +28,9 @@ class KnotsSpace:
     def prepare(self, m: ModuleTasks):
         # The rows go to float32 kernels: coef_i in float32 (inner dimension r_i) costs nothing
         # in accuracy.
-        svd = knots_svd(
-            [B for B, _ in m.factors], [A for _, A in m.factors], m.scales, tol=self.tol, coef_dtype=torch.float32
-        )
-        return svd.U.to(torch.float32), svd.coef, [A for _, A in m.factors]
+        As = [A for _, A in m.factors]
+        svd = knots_svd([B for B, _ in m.factors], As, m.scales, tol=self.tol, coef_dtype=torch.float32)
+        return svd.U.to(torch.float32), svd.coef, As
 
     def row_factors(self, m: ModuleTasks, state) -> list:
         return [(c, A, 1.0) for c, A in zip(state[1], state[2])]
