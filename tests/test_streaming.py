@@ -249,8 +249,10 @@ def test_writer_patch_rewrites_entries(tmp_path, dtype):
     prefix = "base_model.model.model."
     for key, want in (("a.lora_B", B0), ("a.lora_A", A0p), ("b.lora_B", B1p), ("b.lora_A", A1)):
         assert torch.equal(got[prefix + key + ".weight"], want.to(dtype)), key
-    with pytest.raises(knots_ext.io.AdapterError, match="has no entry 10"):
-        with knots_ext.io.AdapterWriter(tmp_path / "bad", base_model=None) as w:
-            w.add("model.a", B0, A0)
-            w.patch("model.a", "A", [10], torch.tensor([1.0]))
+    for module, which, at, error in (("model.a", "A", 10, "has no entry 10"), ("model.a", "W", 0, "which='B' or 'A'"),
+                                     ("model.z", "A", 0, "not written yet")):
+        with pytest.raises(knots_ext.io.AdapterError, match=error):
+            with knots_ext.io.AdapterWriter(tmp_path / "bad", base_model=None) as w:
+                w.add("model.a", B0, A0)
+                w.patch(module, which, [at], torch.tensor([1.0]))
     assert sorted(os.listdir(tmp_path)) == ["o"]

@@ -248,8 +248,12 @@ class AdapterWriter:
         self._guard(self._patch, module, which, positions, values)
 
     def _patch(self, module, which, positions, values):
+        if which not in ("B", "A"):
+            raise AdapterError(self.out_dir, f"module {module}: patch takes which='B' or 'A', got {which!r}")
         B_key, A_key = self.layout.keys(self.out_dir, module)
-        entry = self.entries[B_key if which == "B" else A_key]
+        entry = self.entries.get(B_key if which == "B" else A_key)
+        if entry is None:
+            raise AdapterError(self.out_dir, f"module {module}: not written yet, nothing to patch")
         raw = _prepared(self.out_dir, values.reshape(-1), self.dtype, f"module {module}: {which}").view(torch.uint8)
         size = raw.numel() // max(len(positions), 1)
         start, end = (self.data_start + offset for offset in entry["data_offsets"])
