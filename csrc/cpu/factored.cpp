@@ -2,9 +2,9 @@
 // tile of the m x c output is recomputed for one task at a time from that task's factors into a
 // small per-thread buffer (r FMAs per entry, register-blocked so that GCC vectorises them), then
 // goes through the same per-element DARE / TIES / TA math as the row kernels. No task's row is
-// ever stored: per thread, one task's tile of kTile entries and the tile's accumulators (about
-// 16 KB, in L1), whatever the number of tasks and the module's size; per call, a padded copy of
-// the Q factors (PaddedQ).
+// ever stored: per thread, a few tasks' tiles of kTile entries and the tile's accumulators
+// (about 20 KB, in L1), whatever the number of tasks and the module's size; per call, a copy of
+// the Q factors cut into panels (QPanels).
 //
 // Results do not depend on the thread count: every position's math is its own, histograms are
 // integer counts, the sign sum is an integer and the zero-sum positions are sorted.
@@ -21,21 +21,26 @@
 namespace kx::cpu::KX_CPU_PATH {
 namespace {
 
-constexpr int kBlockRows = 4;   // rows of a register block ...
-constexpr int kBlockCols = 16;  // ... times two AVX2 vectors of columns: 8 accumulators
-constexpr int64_t kTileCols = 8 * kBlockCols;
+// A register block: 3 rows x 32 columns (four AVX2 vectors), 12 accumulators, enough chains
+// to hide the FMA latency with both FMA pipes busy (4 x 16 blocks, 8 chains, ran at ~55% of the
+// FMA peak in a micro-benchmark; 3 x 32 at ~80%).
+constexpr int kBlockRows = 3;
+constexpr int kBlockCols = 32;
+// A tile is one block wide and kTile / kBlockCols rows (rounded down to whole blocks) high:
+// per task, the P rows and Q panel it reads (~3 KB) are about the fewest for its entries.
+constexpr int64_t kTileCols = kBlockCols;
 
 // v[i * ldv + j] (i < R, j < kBlockCols) = entries (i, j) of the block: p points at the block's
 // first row of P (rank entries a row), q at its first column of Q's row 0 (q_stride apart). Per
 // entry the chain of factor_dot (fma in k order from +0), then factor_scale: the same bits as
 // factor_entry, however GCC vectorises the loops. (Keep this loop nest simple: anything more in
 // it, e.g. a finiteness check of the results, and GCC stops vectorising it.)
-template <int R>
+template <int R, int C = kBlockCols>
 inline void block_entries(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale, float* v,
                           int64_t ldv) {
-  float acc[R * kBlockCols];
+  float acc[R * C];
 #pragma GCC unroll 128
-  for (int t = 0; t < R * kBlockCols; ++t) acc[t] = 0.0f;
+  for (int t = 0; t < R * C; ++t) acc[t] = 0.0f;
   for (int64_t k = 0; k < rank; ++k) {
     const float* qk = q + k * q_stride;
     float pk[R];
@@ -44,12 +49,12 @@ inline void block_entries(const float* p, int64_t rank, const float* q, int64_t 
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i)
 #pragma GCC unroll 32
-      for (int j = 0; j < kBlockCols; ++j) acc[i * kBlockCols + j] = fma_rn(pk[i], qk[j], acc[i * kBlockCols + j]);
+      for (int j = 0; j < C; ++j) acc[i * C + j] = fma_rn(pk[i], qk[j], acc[i * C + j]);
   }
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 32
-    for (int j = 0; j < kBlockCols; ++j) v[i * ldv + j] = factor_scale(scale, acc[i * kBlockCols + j]);
+    for (int j = 0; j < C; ++j) v[i * ldv + j] = factor_scale(scale, acc[i * C + j]);
 }
 
 inline int64_t whole_blocks(int64_t cols) { return (cols + kBlockCols - 1) / kBlockCols * kBlockCols; }
@@ -67,7 +72,7 @@ struct Tiling {
 
   explicit Tiling(const TaskFactors& f) : m(f.m), c(f.c) {
     cols = std::max<int64_t>(1, std::min(c, kTileCols));
-    rows = std::max<int64_t>(1, std::min(m, kTile / whole_blocks(cols)));
+    rows = std::max<int64_t>(1, std::min(m, kTile / whole_blocks(cols) / kBlockRows * kBlockRows));
     row_tiles = (m + rows - 1) / rows;
     col_tiles = (c + cols - 1) / cols;
   }
@@ -83,40 +88,50 @@ struct Tiling {
   }
 };
 
-// Every task's Q, copied once per call with rows ldq floats apart and zero columns from c to
-// ldq: a tile's partial register block reads zeros instead of running past a row, and Q's rows
-// do not share L1 sets when c is a multiple of a large power of two (a 4096-wide Q's rows are
-// 16 KB apart: the 16 rows a block reads would all map to one 8-way set). Its size is that of
-// the Q factors (the factors are small), not of a row.
-struct PaddedQ {
-  int64_t ldq = 0;
-  std::vector<float> data;  // from `base`, 64-byte aligned
-  size_t base = 0;
-  std::vector<size_t> offset;
+// One task's Q as the kernels read it: cut into panels of kBlockCols columns, each rank x
+// kBlockCols floats, contiguous. at(b): column b of Q's row 0 (rows kBlockCols apart), for b
+// a multiple of kSampleColBlock.
+struct TaskQ {
+  const float* base;
+  int64_t block_stride;
+  const float* at(int64_t b) const { return base + b / kBlockCols * block_stride + b % kBlockCols; }
+};
 
-  explicit PaddedQ(const TaskFactors& f) {
-    // Rows start 64-byte aligned (a register block's loads never split a cache line) and 64
-    // bytes more than needed apart: consecutive rows start in different sets.
-    ldq = (whole_blocks(f.c) + 15) / 16 * 16 + 16;
-    size_t total = 0;
+// Every task's Q, copied once per call into panels of kBlockCols columns, the panels of one
+// column block for all tasks side by side (zero columns past c): a tile reads each task's
+// panel as one contiguous run, and all tasks' panels under a tile as one stream. Read in place,
+// a task's panel would be `rank` pieces a Q row apart (16 KB for c = 4096): 16 pages a task
+// per tile, more than the TLB holds once there are a few hundred tasks. Its size is that of the
+// Q factors (the factors are small), not of a row.
+struct QPanels {
+  int64_t block_stride = 0;  // floats from one column block's panels to the next's
+  std::vector<float> data;   // from `base`, 64-byte aligned
+  size_t base = 0;
+  std::vector<int64_t> offset;  // task r's panel within a block
+
+  explicit QPanels(const TaskFactors& f) {
     for (const FactorTask& t : f.tasks) {
-      offset.push_back(total);
-      total += size_t(t.rank) * size_t(ldq);
+      offset.push_back(block_stride);
+      block_stride += t.rank * kBlockCols;
     }
-    data.resize(total + 16);
+    const int64_t blocks = (f.c + kBlockCols - 1) / kBlockCols;
+    data.resize(size_t(blocks * block_stride) + 16);
     base = size_t((64 - reinterpret_cast<uintptr_t>(data.data()) % 64) % 64) / sizeof(float);
-    const int64_t n = f.n();
-#pragma omp parallel for schedule(static) if (total > (size_t(1) << 18))
-    for (int64_t r = 0; r < n; ++r) {
-      const FactorTask& t = f.tasks[r];
-      for (int64_t k = 0; k < t.rank; ++k) {
-        float* row = data.data() + base + offset[r] + k * ldq;
-        std::copy(t.Q + k * f.c, t.Q + (k + 1) * f.c, row);
-        std::fill(row + f.c, row + ldq, 0.0f);
+    const int64_t n = f.n(), c = f.c;
+#pragma omp parallel for schedule(static) if (blocks * block_stride > (int64_t(1) << 18))
+    for (int64_t jb = 0; jb < blocks; ++jb) {
+      const int64_t b0 = jb * kBlockCols, tb = std::min<int64_t>(kBlockCols, c - b0);
+      for (int64_t r = 0; r < n; ++r) {
+        const FactorTask& t = f.tasks[r];
+        float* panel = data.data() + base + jb * block_stride + offset[r];
+        for (int64_t k = 0; k < t.rank; ++k) {
+          std::copy(t.Q + k * c + b0, t.Q + k * c + b0 + tb, panel + k * kBlockCols);
+          std::fill(panel + k * kBlockCols + tb, panel + (k + 1) * kBlockCols, 0.0f);
+        }
       }
     }
   }
-  const float* of(int64_t r) const { return data.data() + base + offset[r]; }
+  TaskQ of(int64_t r) const { return TaskQ{data.data() + base + offset[r], block_stride}; }
 };
 
 // Per thread: one task's tile of entries.
@@ -124,24 +139,39 @@ struct Scratch {
   alignas(64) float v[kTile];
 };
 
+// Per thread: the tiles of a group of kGroup tasks, added to the TIES accumulators in one sweep.
+constexpr int kGroup = 4;
+struct GroupScratch {
+  alignas(64) float v[kGroup][kTile];
+};
+
+template <bool kFirst>
+void add_group(TileAccum& acc, const GroupScratch& s, int g, int64_t len, const float* thresholds) {
+  const float* v[kGroup] = {s.v[0], s.v[1], s.v[2], s.v[3]};
+  switch (g) {
+    case 4: acc.add_exact<4, kFirst>(v, len, thresholds); break;
+    case 3: acc.add_exact<3, kFirst>(v, len, thresholds); break;
+    case 2: acc.add_exact<2, kFirst>(v, len, thresholds); break;
+    default: acc.add_exact<1, kFirst>(v, len, thresholds); break;
+  }
+}
+
 // v[i * ldv + j] = task t's entry (a0 + i, b0 + j) for i < ta, j < tb (columns tb .. ldv-1 of
 // v hold padding: entries of Q's zero columns); then, with DARE, each row's run of tb entries
 // is masked. q is t's padded Q. Returns false if an entry (before DARE, as the row kernels check
 // the stored rows) is NaN or Inf.
-bool task_tile(const FactorTask& t, const float* q, int64_t ldq, const DareSpec& d, int64_t c, const Tile& tile,
-               float* out) {
+bool task_tile(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t c, const Tile& tile, float* out) {
   const int64_t rank = t.rank, a0 = tile.a0, ta = tile.ta, b0 = tile.b0, tb = tile.tb, ldv = tile.ldv;
   const float* p = t.P + a0 * rank;
   for (int64_t jb = 0; jb < tb; jb += kBlockCols) {
-    const float* qb = q + b0 + jb;
+    const float* qb = q.at(b0 + jb);
     float* v = out + jb;
     int64_t i = 0;
     for (; i + kBlockRows <= ta; i += kBlockRows)
-      block_entries<kBlockRows>(p + i * rank, rank, qb, ldq, t.scale, v + i * ldv, ldv);
+      block_entries<kBlockRows>(p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv);
     switch (ta - i) {
-      case 3: block_entries<3>(p + i * rank, rank, qb, ldq, t.scale, v + i * ldv, ldv); break;
-      case 2: block_entries<2>(p + i * rank, rank, qb, ldq, t.scale, v + i * ldv, ldv); break;
-      case 1: block_entries<1>(p + i * rank, rank, qb, ldq, t.scale, v + i * ldv, ldv); break;
+      case 2: block_entries<2>(p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv); break;
+      case 1: block_entries<1>(p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv); break;
       default: break;
     }
   }
@@ -165,6 +195,17 @@ inline void prefetch_output(float* out, int64_t c, const Tile& tile) {
   }
 }
 
+// Asks for task t's factors under a tile (its P rows and its padded Q's panel) while the task
+// before it is computed: with many tasks they no longer stay in cache from one tile to the next.
+inline void prefetch_factors(const FactorTask& t, const TaskQ& q, const Tile& tile) {
+  const char* p = reinterpret_cast<const char*>(t.P + tile.a0 * t.rank);
+  for (int64_t byte = 0; byte < tile.ta * t.rank * int64_t(sizeof(float)); byte += 64) __builtin_prefetch(p + byte);
+  for (int64_t jb = 0; jb < tile.ldv; jb += kBlockCols) {
+    const char* panel = reinterpret_cast<const char*>(q.at(tile.b0 + jb));
+    for (int64_t byte = 0; byte < t.rank * kBlockCols * int64_t(sizeof(float)); byte += 64) __builtin_prefetch(panel + byte);
+  }
+}
+
 void check(const TaskFactors& f) {
   if (f.m < 0 || f.c < 0) throw std::invalid_argument("negative row shape");
   for (const FactorTask& t : f.tasks) {
@@ -182,36 +223,37 @@ namespace {
 // bits: blocks of kSampleRowBlock rows x kSampleColBlock columns, with DARE, padding left out.
 // Non-finite values are flagged by the full pass that follows.
 template <int R>
-void sample_block_row(const FactorTask& t, const float* q, int64_t ldq, const DareSpec& d, int64_t c, int64_t a0,
+void sample_block_row(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t c, int64_t a0,
                       int64_t ib, uint32_t* hist) {
-  static_assert(kSampleColBlock == kBlockCols, "a sample block is one register block wide");
-  alignas(64) float v[R * kBlockCols];
-  for (int64_t jb = sample_first_block(ib); jb * kBlockCols < c; jb += kSampleEvery) {
-    const int64_t b0 = jb * kBlockCols, tb = std::min<int64_t>(kBlockCols, c - b0);
-    block_entries<R>(t.P + a0 * t.rank, t.rank, q + b0, ldq, t.scale, v, kBlockCols);
+  static_assert(kBlockCols % kSampleColBlock == 0, "a sample block lies in one Q panel");
+  constexpr int C = kSampleColBlock;
+  alignas(64) float v[R * C];
+  for (int64_t jb = sample_first_block(ib); jb * C < c; jb += kSampleEvery) {
+    const int64_t b0 = jb * C, tb = std::min<int64_t>(C, c - b0);
+    block_entries<R, C>(t.P + a0 * t.rank, t.rank, q.at(b0), kBlockCols, t.scale, v, C);
     for (int i = 0; i < R; ++i) {
-      float* row = v + i * kBlockCols;
+      float* row = v + i * C;
       if (d.enabled) dare_path::run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, row);
       for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(row[j]) >> kRound0Shift];
     }
   }
 }
 
-void sample_task(const FactorTask& t, const float* q, int64_t ldq, const DareSpec& d, int64_t m, int64_t c,
+void sample_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t m, int64_t c,
                  uint64_t* hist) {
-  static_assert(kSampleRowBlock == kBlockRows, "a sample block is one register block high");
-  const int64_t row_blocks = (m + kBlockRows - 1) / kBlockRows;
+  static_assert(kSampleRowBlock == 4, "sample_block_row takes blocks of up to 4 rows");
+  const int64_t row_blocks = (m + kSampleRowBlock - 1) / kSampleRowBlock;
 #pragma omp parallel if (row_blocks * c > 16 * kSampleEvery * kTile)
   {
     std::vector<uint32_t> local(size_t(kRound0Bins), 0);
 #pragma omp for schedule(static)
     for (int64_t ib = 0; ib < row_blocks; ++ib) {
-      const int64_t a0 = ib * kBlockRows;
-      switch (std::min<int64_t>(kBlockRows, m - a0)) {
-        case 4: sample_block_row<4>(t, q, ldq, d, c, a0, ib, local.data()); break;
-        case 3: sample_block_row<3>(t, q, ldq, d, c, a0, ib, local.data()); break;
-        case 2: sample_block_row<2>(t, q, ldq, d, c, a0, ib, local.data()); break;
-        default: sample_block_row<1>(t, q, ldq, d, c, a0, ib, local.data()); break;
+      const int64_t a0 = ib * kSampleRowBlock;
+      switch (std::min<int64_t>(kSampleRowBlock, m - a0)) {
+        case 4: sample_block_row<4>(t, q, d, c, a0, ib, local.data()); break;
+        case 3: sample_block_row<3>(t, q, d, c, a0, ib, local.data()); break;
+        case 2: sample_block_row<2>(t, q, d, c, a0, ib, local.data()); break;
+        default: sample_block_row<1>(t, q, d, c, a0, ib, local.data()); break;
       }
     }
 #pragma omp critical
@@ -221,7 +263,7 @@ void sample_task(const FactorTask& t, const float* q, int64_t ldq, const DareSpe
 
 // Task `task`'s keys over the whole row (factors t, padded Q q), counted into sel as `pass`
 // says (kWindow, kList, kTop or kLow); returns false if an entry is NaN or Inf.
-bool count_task(const FactorTask& t, const float* q, int64_t ldq, const DareSpec& d, const TaskFactors& f,
+bool count_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, const TaskFactors& f,
                 const Tiling& tiling, TaskPass pass, MagnitudeSelect& sel, int64_t task) {
   const int64_t tiles = tiling.count();
   const bool listed = pass.what == Count::kList, bracket = listed || pass.what == Count::kWindow;
@@ -240,7 +282,7 @@ bool count_task(const FactorTask& t, const float* q, int64_t ldq, const DareSpec
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const Tile tl = tiling.at(tile);
-      finite = task_tile(t, q, ldq, d, f.c, tl, s.v) && finite;
+      finite = task_tile(t, q, d, f.c, tl, s.v) && finite;
       // The bins first (vectorised), then the counts: a scalar loop of increments only.
       int64_t count = 0;
       for (int64_t i = 0; i < tl.ta; ++i) {
@@ -299,15 +341,15 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
   check(f);
   if (f.numel() >= (int64_t(1) << 32)) throw std::invalid_argument("arrays over 2^32 elements are not supported");
   const Tiling tiling(f);
-  const PaddedQ padded(f);
+  const QPanels panels(f);
   for (int64_t r = 0; r < f.n(); ++r) {
     const int64_t task = task_of_row[r];
     const TaskPass pass = sel.pass_of(task);
     if (pass.what == Count::kNone) continue;
     if (pass.what == Count::kSample) {
-      sample_task(f.tasks[r], padded.of(r), padded.ldq, d, f.m, f.c, sel.hist(task));
+      sample_task(f.tasks[r], panels.of(r), d, f.m, f.c, sel.hist(task));
       sel.add_total(task, uint64_t(f.numel()));
-    } else if (!count_task(f.tasks[r], padded.of(r), padded.ldq, d, f, tiling, pass, sel, task)) {
+    } else if (!count_task(f.tasks[r], panels.of(r), d, f, tiling, pass, sel, task)) {
       sel.flag_nonfinite();
     }
   }
@@ -319,7 +361,7 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
   const int64_t n = f.n();
   const Tiling tiling(f);
   const int64_t tiles = tiling.count();
-  const PaddedQ padded(f);
+  const QPanels panels(f);
   const size_t listed_before = pending.zero_sum_positions.size();
   bool finite = true;
   int64_t sign_sum = 0;
@@ -328,16 +370,22 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
     std::vector<int64_t> my_zero;
     std::vector<TileAccum> storage(1);
     TileAccum& acc = storage[0];
-    Scratch s;
+    std::vector<GroupScratch> group_storage(1);
+    GroupScratch& s = group_storage[0];
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const Tile tl = tiling.at(tile);
       const int64_t a0 = tl.a0, ta = tl.ta, b0 = tl.b0, tb = tl.tb, ldv = tl.ldv;
       prefetch_output(out, f.c, tl);
-      for (int64_t r = 0; r < n; ++r) {  // padding columns are accumulated too, and never read
-        finite = task_tile(f.tasks[r], padded.of(r), padded.ldq, d, f.c, tl, s.v) && finite;
-        if (r == 0) acc.add_exact<true>(s.v, tl.len(), thresholds[r]);
-        else acc.add_exact<false>(s.v, tl.len(), thresholds[r]);
+      for (int64_t r0 = 0; r0 < n; r0 += kGroup) {  // padding columns are accumulated too, and never read
+        const int g = int(std::min<int64_t>(kGroup, n - r0));
+        for (int i = 0; i < g; ++i) {
+          const int64_t r = r0 + i;
+          if (r + 1 < n) prefetch_factors(f.tasks[r + 1], panels.of(r + 1), tl);
+          finite = task_tile(f.tasks[r], panels.of(r), d, f.c, tl, s.v[i]) && finite;
+        }
+        if (r0 == 0) add_group<true>(acc, s, g, tl.len(), thresholds.data() + r0);
+        else add_group<false>(acc, s, g, tl.len(), thresholds.data() + r0);
       }
       int32_t any_zero_sum = 0, tile_signs = 0;
       for (int64_t i = 0; i < ta; ++i) {
@@ -389,7 +437,7 @@ bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::v
   check(f);
   const Tiling tiling(f);
   const int64_t tiles = tiling.count();
-  const PaddedQ padded(f);
+  const QPanels panels(f);
   const int64_t n = f.n();
   bool finite = true;
 #pragma omp parallel if (tiles > 4) reduction(&& : finite)
@@ -403,7 +451,7 @@ bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::v
       prefetch_output(out, f.c, tl);
       std::fill(acc, acc + len, 0.0f);
       for (int64_t r = 0; r < n; ++r) {
-        finite = task_tile(f.tasks[r], padded.of(r), padded.ldq, d, f.c, tl, s.v) && finite;
+        finite = task_tile(f.tasks[r], panels.of(r), d, f.c, tl, s.v) && finite;
         const float w = weights[r];
         for (int64_t t = 0; t < len; ++t) acc[t] = weighted_add(acc[t], w, s.v[t]);
       }

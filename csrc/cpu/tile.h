@@ -86,15 +86,23 @@ struct alignas(64) TileAccum {
     std::fill(neg_count, neg_count + len, 0);
     std::fill(undecided, undecided + len, 0);
   }
-  // Adds one task's values at positions 0 .. len-1, trimmed by an exact threshold. kFirst: the
-  // first task, added to zero accumulators (no clear() needed, nothing read).
-  template <bool kFirst>
-  void add_exact(const float* v, int64_t len, float threshold) {
-    const uint32_t keep_from = magnitude_key(threshold);
+  // Adds G tasks' values (v[g], in task order) at positions 0 .. len-1, each trimmed by its
+  // exact threshold. Several tasks a sweep: the accumulators are loaded and stored once for
+  // all G (their stores, 5 a position, bound the loop). kFirst: the first tasks, added to zero
+  // accumulators (no clear() needed, nothing read).
+  template <int G, bool kFirst>
+  void add_exact(const float* const* v, int64_t len, const float* thresholds) {
+    uint32_t keep_from[G];
+    const float* x[G];
+    for (int g = 0; g < G; ++g) {
+      keep_from[g] = magnitude_key(thresholds[g]);
+      x[g] = v[g];
+    }
     for (int64_t t = 0; t < len; ++t) {
       float s = kFirst ? 0.0f : sum[t], ps = kFirst ? 0.0f : pos_sum[t], ns = kFirst ? 0.0f : neg_sum[t];
       int32_t pc = kFirst ? 0 : pos_count[t], nc = kFirst ? 0 : neg_count[t];
-      ties_add_kept(s, ps, ns, pc, nc, v[t], keep_from);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) ties_add_kept(s, ps, ns, pc, nc, x[g][t], keep_from[g]);
       sum[t] = s;
       pos_sum[t] = ps;
       neg_sum[t] = ns;
