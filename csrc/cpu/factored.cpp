@@ -17,6 +17,7 @@
 #include "tile.h"
 #include "path.h"  // last (but for the path's own helpers)
 #include "dare_run.h"
+#include "bracket_scan.h"
 
 namespace kx::cpu::KX_CPU_PATH {
 namespace {
@@ -294,22 +295,10 @@ bool count_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, const Ta
             low |= key & kLowMask;
           }
           count += tl.tb;
-        } else if (bracket) {
-          // The bracket is narrow (most rows hold no key in it): a vectorised pass counts the
-          // keys below it and tests for any inside; only rows with one are compacted.
-          uint32_t row_under = 0, inside = 0;
-          for (int64_t j = 0; j < tl.tb; ++j) {
-            const uint32_t key = magnitude_key(v[j]);
-            row_under += key < key0;
-            inside |= uint32_t(key - key0) < span;
-          }
-          under += row_under;
-          if (inside)
-            for (int64_t j = 0; j < tl.tb; ++j) {  // keys past the bracket are left out
-              const uint32_t key = magnitude_key(v[j]);
-              bin_of[count] = key - key0;
-              count += uint32_t(key - key0) < span;
-            }
+        } else if (bracket) {  // a tile without padding columns in one run, else row by row
+          const bool whole = tl.tb == tl.ldv;
+          under += bracket_path::scan(v, whole ? tl.len() : tl.tb, key0, span, bin_of, count);
+          if (whole) break;
         } else {
           for (int64_t j = 0; j < tl.tb; ++j) {  // keys outside the prefix's bin are left out
             const uint32_t key = magnitude_key(v[j]);
