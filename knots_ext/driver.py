@@ -323,11 +323,15 @@ def _ties_global_passes(
             m, factors = factors_of(ref)
             if factors:
                 factor_ops.histogram(sel, factors, dare_p, seed, ref.name, m.tasks)
+            # (released before the next module is loaded and prepared: at n = 256 a 4096-wide
+            # module's factors and state are ~300 MB)
+            del m, factors
         sel.finish_round()
     thresholds = sel.thresholds()
 
     sign_sum, pending = 0, []
     for ref in progress(modules, f"{desc}: merge"):
+        m = factors = None  # (the previous module's, released before this one is loaded)
         m, factors = factors_of(ref)
         if not factors:
             emit(ref, zero_update(ref))
@@ -355,6 +359,7 @@ def _ties_global_passes(
         del update
     majority = (sign_sum > 0) - (sign_sum < 0)
     for ref, merged, zero in pending:
+        m = factors = None
         m, factors = factors_of(ref)
         fixed = merged if merged is not None else torch.empty(factor_ops.shape_of(factors), dtype=torch.float32)
         factor_ops.ties_fix_majority(

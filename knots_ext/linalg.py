@@ -28,9 +28,16 @@ def fix_signs(U: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.
 def _column_signs(U: torch.Tensor) -> torch.Tensor:
     """+-1 per column of U: the sign of its largest-magnitude entry (the first on ties), 1 for a
     zero column."""
-    idx = U.abs().argmax(dim=0)  # the first maximal index
-    sign = torch.sign(U.gather(0, idx[None, :]))[0]
-    return torch.where(sign == 0, torch.ones_like(sign), sign)
+    # A column's largest entry and its smallest decide it unless they have the same magnitude
+    # (a tie between signs, decided by the lower index) or are both 0 (a zero column: +1).
+    top, bottom = U.amax(dim=0), U.amin(dim=0)
+    sign = torch.where(top >= -bottom, 1.0, -1.0).to(U.dtype)
+    tied = (top == -bottom).nonzero()[:, 0]
+    if tied.numel():
+        col = U[:, tied]
+        first = torch.sign(col.gather(0, col.abs().argmax(dim=0)[None, :]))[0]  # the first maximal index
+        sign[tied] = torch.where(first == 0, torch.ones_like(first), first)
+    return sign
 
 
 @dataclass
