@@ -153,3 +153,24 @@ def test_float32_representations():
     for c32, c64 in zip(got.coef, want.coef):
         assert c32.dtype == torch.float32
         assert torch.equal(c32, c64.to(torch.float32))
+
+
+def test_fix_signs_ties_between_signs_and_zero_columns():
+    # Columns whose largest magnitude is held by a positive and a negative entry (the lower index
+    # decides), all-zero columns (left as they are) and columns decided by a negative entry.
+    U = torch.tensor(
+        [
+            [0.0, 2.0, -3.0, 0.5, 0.0, -1.0],
+            [0.0, -2.0, 3.0, -4.0, 0.0, 1.0],
+            [0.0, 1.0, 1.0, 4.0, -0.0, -1.0],
+        ],
+        dtype=torch.float64,
+    )
+    rows = torch.arange(18, dtype=torch.float64).reshape(6, 3) + 1
+    want_sign = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    got_U, got_rows = linalg.fix_signs(U, rows)
+    assert torch.equal(got_U, U * want_sign)
+    assert torch.equal(got_rows, rows * want_sign[:, None])
+    for dtype in (torch.float32, torch.float64):  # and the reference convention agrees
+        ref_U, _ = signs_fixed(U.to(dtype), rows.to(dtype))
+        assert torch.equal(linalg.fix_signs(U.to(dtype), rows.to(dtype))[0], ref_U)
