@@ -106,8 +106,7 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _too_large(m: ModuleTasks, method, device, need: int, free: int | None) -> DeviceMemoryError:
-    ranks = [int(A.shape[0]) for _, A in m.factors]
+def _too_large(m: ModuleTasks, ranks: list, method, device, need: int, free: int | None) -> DeviceMemoryError:
     what = f"about {format_bytes(need)}" + ("" if free is None else f", {format_bytes(free)} free")
     return DeviceMemoryError(
         f"module {m.name}: merging it with {method.name} on {device} takes {what} "
@@ -216,17 +215,20 @@ class Placement:
 
     def __init__(self, device: torch.device, method):
         self.device, self.method = device, method
-        self.current: ModuleTasks | None = None  # the module on the device now (named by errors)
+        # The module on the device now, as errors name it: without its factors (only their ranks),
+        # which would otherwise stay alive until the next module is loaded.
+        self.current: tuple[ModuleTasks, list] | None = None
 
     def load(self, m: ModuleTasks) -> ModuleTasks:
         """m (factors on the host, zero updates already dropped) on the merge device."""
-        self.current = m
+        ranks = [int(A.shape[0]) for _, A in m.factors]
+        self.current = (dataclasses.replace(m, factors=[]), ranks)
         if not m.tasks:
             return m
-        need = working_set_bytes(self.method, m.shape, [int(A.shape[0]) for _, A in m.factors])
+        need = working_set_bytes(self.method, m.shape, ranks)
         free = free_bytes(self.device)
         if free is not None and need > free:
-            raise _too_large(m, self.method, self.device, need, free)
+            raise _too_large(m, ranks, self.method, self.device, need, free)
         if self.device.type != "cuda":
             return m
         flat = to_device([t for pair in m.factors for t in pair], self.device)
@@ -251,8 +253,8 @@ class Placement:
         host.flush()
 
     def _out_of_memory(self) -> DeviceMemoryError:
-        m = self.current
-        if m is None or not m.tasks:
+        if self.current is None or not self.current[0].tasks:
             return DeviceMemoryError(f"the merge ran out of memory on {self.device}: merge on the CPU (--device cpu)")
-        need = working_set_bytes(self.method, m.shape, [int(A.shape[0]) for _, A in m.factors])
-        return _too_large(m, self.method, self.device, need, free_bytes(self.device))
+        m, ranks = self.current
+        need = working_set_bytes(self.method, m.shape, ranks)
+        return _too_large(m, ranks, self.method, self.device, need, free_bytes(self.device))
