@@ -62,7 +62,9 @@ class StateStore:
     def put(self, name: str, state) -> None:
         tensors, layout = _flatten(state)
         size = sum(t.numel() * t.element_size() for t in tensors)
-        if self.used + size <= self.budget:
+        # A state over a quarter of the budget goes to disk whatever room is left: kept, one or
+        # two of them (n = 256: 84-192 MB each) would sit under every later module's SVD.
+        if self.used + size <= self.budget and size <= self.budget // 4:
             self.memory[name] = (state, size)
             self.used += size
             return
@@ -315,6 +317,12 @@ def _ties_global_passes(
         return m, space.row_factors(m, states.get(ref.name))
 
     # The thresholds in about one full pass where the kernels allow it (factors on the CPU).
+    if rows_in_state:
+        # Every module's basis before the selection's histograms exist (n_tasks x 512 KB: 128 MB
+        # at n = 256), so that they are not held under the largest SVD. The passes after it read
+        # only the states, as they would have anyway.
+        for ref in progress(modules, f"{desc}: bases"):
+            factors_of(ref)
     first = next((f for f in (factors_of(ref)[1] for ref in modules) if f), None)
     sel = ops.MagnitudeThreshold(n_tasks, top_k, sampled=first is not None and _on_cpu(first))
     del first  # (a module's rows: the store may hold them on disk)

@@ -256,3 +256,20 @@ def test_writer_patch_rewrites_entries(tmp_path, dtype):
                 w.add("model.a", B0, A0)
                 w.patch(module, which, [at], torch.tensor([1.0]))
     assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+def test_state_store_keeps_small_states_and_spills_large_ones():
+    # In memory while the budget allows and the state is at most a quarter of it; larger states
+    # go to disk even with room left (they would sit under every later module's SVD).
+    store = driver.StateStore(budget=1024)
+    small = (torch.arange(16, dtype=torch.float64), [torch.ones(4, 2)])  # 160 bytes
+    large = (torch.arange(40, dtype=torch.float64), None)  # 320 bytes > 1024 / 4
+    try:
+        store.put("small", small)
+        store.put("large", large)
+        assert "small" in store.memory and "large" in store.on_disk and store.used == 160
+        back = store.pop("large")
+        assert torch.equal(back[0], large[0]) and back[1] is None and "large" not in store
+        assert torch.equal(store.pop("small")[1][0], small[1][0]) and store.used == 0
+    finally:
+        store.close()
