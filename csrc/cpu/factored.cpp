@@ -65,7 +65,7 @@ inline int64_t whole_blocks(int64_t cols) { return (cols + kBlockCols - 1) / kBl
 // blocks), at most kTile of them. Tiles run across a band of kBandStrips column strips, then
 // down: a thread's consecutive tiles share every task's P rows (read from memory once a band
 // instead of once a strip: with 1000 tasks a 4096-wide module's P is 256 MB, read 128 times
-// at one strip a band), while the band's Q panels (kBandStrips x 1 KB x rank/16 a task) stay
+// at one strip a band), while the band's Q panels (kBandStrips x 2 KB x rank/16 a task) stay
 // in the last-level cache from one row of tiles to the next.
 struct Tile {
   int64_t a0, ta, b0, tb, ldv;
@@ -165,7 +165,7 @@ void add_group(TileAccum& acc, const GroupScratch& s, int g, int64_t len, const 
 
 // v[i * ldv + j] = task t's entry (a0 + i, b0 + j) for i < ta, j < tb (columns tb .. ldv-1 of
 // v hold padding: entries of Q's zero columns); then, with DARE, each row's run of tb entries
-// is masked. q is t's padded Q. Returns false if an entry (before DARE, as the row kernels check
+// is masked. q is t's Q panels. Returns false if an entry (before DARE, as the row kernels check
 // the stored rows) is NaN or Inf.
 bool task_tile(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t c, const Tile& tile, float* out) {
   const int64_t rank = t.rank, a0 = tile.a0, ta = tile.ta, b0 = tile.b0, tb = tile.tb, ldv = tile.ldv;
@@ -202,7 +202,7 @@ inline void prefetch_output(float* out, int64_t c, const Tile& tile) {
   }
 }
 
-// Asks for task t's factors under a tile (its P rows and its padded Q's panel) while the task
+// Asks for task t's factors under a tile (its P rows and its Q panels) while the task
 // before it is computed: with many tasks they no longer stay in cache from one tile to the next.
 inline void prefetch_factors(const FactorTask& t, const TaskQ& q, const Tile& tile) {
   const char* p = reinterpret_cast<const char*>(t.P + tile.a0 * t.rank);
@@ -268,7 +268,7 @@ void sample_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t
   }
 }
 
-// Task `task`'s keys over the whole row (factors t, padded Q q), counted into sel as `pass`
+// Task `task`'s keys over the whole row (factors t, Q panels q), counted into sel as `pass`
 // says (kWindow, kList, kTop or kLow); returns false if an entry is NaN or Inf.
 bool count_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, const TaskFactors& f,
                 const Tiling& tiling, TaskPass pass, MagnitudeSelect& sel, int64_t task) {
