@@ -1,7 +1,8 @@
-// DARE on a run of consecutive elements of one row, for the CPU path being compiled: the same
-// masks as dare_run (tile.h: Philox4x32-10 of DESIGN.md §1, one block per 4 elements), with the
+// DARE on a run of consecutive elements of one row, for the CPU path being compiled (Philox4x32-10
+// of DESIGN.md §1, one block per 4 elements: tile.h's dare_fill and dare_masked), with the
 // Philox blocks computed 4 or 8 at a time in AVX2 registers on the avx2 path. GCC does not vectorise
 // the scalar loop (the 32 x 32 -> 64-bit products), and Philox was most of DARE's cost there.
+// Also load_tile, the row kernels' load of a run with DARE, so that they share this path's DARE.
 // Include after path.h (it names the path's namespace and turns AVX2 on).
 #pragma once
 
@@ -54,8 +55,9 @@ inline void philox_blocks(PhiloxKey key, uint64_t g0, __m256i (&words)[2 * kSets
 }
 #endif
 
-// dare_run (tile.h) with the blocks from philox_blocks where the path has it: a run that starts on a
-// block is masked in registers, 32 elements at a time; the rest goes through the words array.
+// DARE on buf[0..len), elements first .. first+len-1 of their module (len <= kTile): with the blocks
+// from philox_blocks where the path has it, a run that starts on a block masked in registers, 32 or
+// 16 elements at a time; the rest through the words array.
 inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, float* buf) {
   const uint64_t g0 = first >> 2;
   const int64_t lead = int64_t(first & 3), groups = (lead + len + 3) / 4;
@@ -94,3 +96,22 @@ inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, f
 }
 
 }  // namespace kx::cpu::KX_CPU_PATH::dare_path
+
+namespace kx::cpu::KX_CPU_PATH {
+
+// buf[0..len) = dare(row r)[j0 .. j0+len); returns false if a loaded value is NaN or Inf.
+inline bool load_tile(const TaskRows& x, int64_t r, const DareSpec& d, int64_t j0, int64_t len,
+                      float* buf) {
+  const char* base = static_cast<const char*>(x.rows[r]) + j0 * x.stride * dtype_size(x.dtype);
+  switch (x.dtype) {
+    case DType::f32: load_as_float(reinterpret_cast<const float*>(base), x.stride, len, buf); break;
+    case DType::f16: load_as_float(reinterpret_cast<const half_t*>(base), x.stride, len, buf); break;
+    case DType::bf16: load_as_float(reinterpret_cast<const bf16_t*>(base), x.stride, len, buf); break;
+  }
+  uint32_t nonfinite = 0;
+  for (int64_t t = 0; t < len; ++t) nonfinite |= magnitude_key(buf[t]) >= kNonFiniteKey;
+  if (d.enabled) dare_path::run(x.dare_keys[r], d, uint64_t(d.elem_offset + j0), len, buf);
+  return nonfinite == 0;
+}
+
+}  // namespace kx::cpu::KX_CPU_PATH

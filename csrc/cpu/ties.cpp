@@ -16,7 +16,8 @@
 #include <vector>
 
 #include "tile.h"
-#include "path.h"  // last
+#include "path.h"  // last (but for the path's own helpers)
+#include "dare_run.h"
 
 namespace kx::cpu::KX_CPU_PATH {
 namespace {

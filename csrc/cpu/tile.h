@@ -1,6 +1,6 @@
 // The CPU kernels work on tiles: a run of one row's elements is loaded as float, with DARE
-// applied, into a small buffer, so the merge loops that follow are plain float loops the
-// compiler vectorises, whatever the storage dtype and stride.
+// applied (load_tile, csrc/cpu/dare_run.h), into a small buffer, so the merge loops that follow
+// are plain float loops the compiler vectorises, whatever the storage dtype and stride.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -24,7 +24,8 @@ inline void load_as_float(const T* src, int64_t stride, int64_t len, float* buf)
 // `first` of its module (DESIGN.md §1: the mask depends only on the key and the index).
 // The run's mask words are one Philox block per 4 elements, laid out so that element t's word
 // is words[t + lead] (lead = first mod 4): blocks g0 + i for i in [from, groups) are written by
-// dare_fill, the run masked by dare_masked. (csrc/cpu/dare_run.h: the same with AVX2 blocks.)
+// dare_fill, the run masked by dare_masked (csrc/cpu/dare_run.h puts them together, with AVX2
+// blocks on that path).
 inline void dare_fill(PhiloxKey key, uint64_t g0, int64_t from, int64_t groups, uint32_t* words) {
   for (int64_t i = from; i < groups; ++i) {
     const Philox4 w = dare_words(key, g0 + uint64_t(i));
@@ -38,28 +39,6 @@ inline void dare_fill(PhiloxKey key, uint64_t g0, int64_t from, int64_t groups, 
 inline void dare_masked(const uint32_t* words, int64_t lead, const DareSpec& d, int64_t len, float* buf) {
   const DareSpec dare = d;
   for (int64_t t = 0; t < len; ++t) buf[t] = dare_apply(buf[t], words[t + lead], dare);
-}
-
-inline void dare_run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, float* buf) {
-  const int64_t lead = int64_t(first & 3);
-  uint32_t words[kTile + 8];
-  dare_fill(key, first >> 2, 0, (lead + len + 3) / 4, words);
-  dare_masked(words, lead, d, len, buf);
-}
-
-// buf[0..len) = dare(row r)[j0 .. j0+len); returns false if a loaded value is NaN or Inf.
-inline bool load_tile(const TaskRows& x, int64_t r, const DareSpec& d, int64_t j0, int64_t len,
-                      float* buf) {
-  const char* base = static_cast<const char*>(x.rows[r]) + j0 * x.stride * dtype_size(x.dtype);
-  switch (x.dtype) {
-    case DType::f32: load_as_float(reinterpret_cast<const float*>(base), x.stride, len, buf); break;
-    case DType::f16: load_as_float(reinterpret_cast<const half_t*>(base), x.stride, len, buf); break;
-    case DType::bf16: load_as_float(reinterpret_cast<const bf16_t*>(base), x.stride, len, buf); break;
-  }
-  uint32_t nonfinite = 0;
-  for (int64_t t = 0; t < len; ++t) nonfinite |= magnitude_key(buf[t]) >= kNonFiniteKey;
-  if (d.enabled) dare_run(x.dare_keys[r], d, uint64_t(d.elem_offset + j0), len, buf);
-  return nonfinite == 0;
 }
 
 inline void store_tile(const float* buf, int64_t len, DType dtype, void* out, int64_t j0) {
