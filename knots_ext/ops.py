@@ -244,6 +244,17 @@ class MagnitudeThreshold:
     def round(self) -> int:
         return self._sel.round
 
+    def counting_copy(self) -> MagnitudeThreshold:
+        """This selection's open round with nothing counted yet (picklable), to count part of the
+        entries in another process; add_counts adds what it counted. Counts are integer sums, so
+        any split of the entries gives the same thresholds."""
+        copy = MagnitudeThreshold.__new__(MagnitudeThreshold)
+        copy._sel, copy.n_tasks = self._sel.counting_copy(), self.n_tasks
+        return copy
+
+    def add_counts(self, copy: MagnitudeThreshold) -> None:
+        self._sel.add_counts(copy._sel)
+
     def update(
         self,
         task: int,

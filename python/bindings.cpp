@@ -259,6 +259,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("nonfinite", &MagnitudeSelect::nonfinite,
                              "Whether a value sent in this round was NaN or Inf (finish_round then raises)")
       .def("finish_round", &MagnitudeSelect::finish_round)
+      .def("counting_copy", &MagnitudeSelect::counting_copy,
+           "This selection's open pass with nothing counted yet (to count part of the entries elsewhere)")
+      .def("add_counts", &MagnitudeSelect::add_counts, "Adds a counting copy's counts of the same pass")
+      .def(py::pickle([](const MagnitudeSelect& sel) { return py::bytes(sel.serialize()); },
+                      [](const py::bytes& state) { return MagnitudeSelect::deserialize(std::string(state)); }))
       .def("total", &MagnitudeSelect::total)
       .def("thresholds", [](const MagnitudeSelect& sel) {
         if (!sel.done()) throw std::logic_error("thresholds are not final yet: finish every round first");

@@ -16,7 +16,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -173,6 +176,105 @@ class MagnitudeSelect {
     done_ = true;
   }
   float threshold(int64_t task) const { return bits_float(key_[task]); }
+
+  // Counting a pass in other processes (knots_ext.distributed): counting_copy() is this
+  // selection's plan for the open pass with nothing counted; add_counts() adds such a copy's
+  // counts to this one. Counts are integer sums (and ORs, and key lists that are selected
+  // from, not read in order), so any split of the entries gives the same thresholds.
+  MagnitudeSelect counting_copy() const {
+    MagnitudeSelect c(n_, top_k_, sampled_);
+    c.round_ = round_;
+    c.done_ = done_;
+    c.prefix_ = prefix_;
+    c.phase_ = phase_;
+    c.window_ = window_;
+    c.span_ = span_;
+    return c;
+  }
+  void add_counts(const MagnitudeSelect& o) {
+    if (o.n_ != n_ || o.sampled_ != sampled_ || o.round_ != round_ || o.top_k_ != top_k_)
+      throw std::invalid_argument("counts of another selection or another pass");
+    for (size_t i = 0; i < hist_.size(); ++i) hist_[i] += o.hist_[i];
+    for (int64_t t = 0; t < n_; ++t) {
+      total_[t] += o.total_[t];
+      below_[t] += o.below_[t];
+      low_or_[t] |= o.low_or_[t];
+      if (o.overflow_[t]) {
+        overflow_[t] = true;
+        std::vector<uint32_t>().swap(keys_[t]);
+      } else if (sampled_) {
+        add_keys(t, o.keys_[t].data(), o.keys_[t].size());
+      }
+    }
+    nonfinite_ = nonfinite_ || o.nonfinite_;
+  }
+
+  // The whole state as bytes and back (to cross processes; the histograms' nonzero bins only).
+  std::string serialize() const {
+    std::string out;
+    const auto pod = [&](auto v) { out.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+    const auto vec = [&](const auto& v) {
+      pod(uint64_t(v.size()));
+      for (size_t i = 0; i < v.size(); ++i) pod(typename std::decay_t<decltype(v)>::value_type(v[i]));  // (vector<bool>)
+    };
+    pod(n_), pod(top_k_), pod(sampled_), pod(round_), pod(done_), pod(nonfinite_), pod(missed_);
+    uint64_t nonzero = 0;
+    for (uint64_t h : hist_) nonzero += h != 0;
+    pod(nonzero);
+    for (size_t i = 0; i < hist_.size(); ++i)
+      if (hist_[i] != 0) pod(uint64_t(i)), pod(hist_[i]);
+    vec(total_), vec(low_or_), vec(prefix_), vec(rank_), vec(key_), vec(exact_), vec(phase_), vec(below_);
+    vec(window_), vec(span_), vec(overflow_);
+    pod(uint64_t(keys_.size()));
+    for (const auto& list : keys_) vec(list);
+    return out;
+  }
+  static MagnitudeSelect deserialize(const std::string& bytes) {
+    size_t at = 0;
+    const auto read = [&](auto& v) {
+      if (bytes.size() - at < sizeof(v)) throw std::invalid_argument("truncated magnitude selection state");
+      std::memcpy(&v, bytes.data() + at, sizeof(v));
+      at += sizeof(v);
+    };
+    const auto count = [&](size_t item) {
+      uint64_t size = 0;
+      read(size);
+      if (size > (bytes.size() - at) / item) throw std::invalid_argument("truncated magnitude selection state");
+      return size;
+    };
+    const auto vec = [&](auto& v) {
+      v.resize(count(sizeof(typename std::decay_t<decltype(v)>::value_type)));
+      for (size_t i = 0; i < v.size(); ++i) {
+        typename std::decay_t<decltype(v)>::value_type x{};
+        read(x);
+        v[i] = x;
+      }
+    };
+    int64_t n = 0;
+    double top_k = 0;
+    bool sampled = false;
+    read(n), read(top_k), read(sampled);
+    MagnitudeSelect s(n, top_k, sampled);
+    read(s.round_), read(s.done_), read(s.nonfinite_), read(s.missed_);
+    for (uint64_t e = count(2 * sizeof(uint64_t)); e > 0; --e) {
+      uint64_t i = 0, h = 0;
+      read(i), read(h);
+      if (i >= s.hist_.size()) throw std::invalid_argument("corrupt magnitude selection state");
+      s.hist_[i] = h;
+    }
+    vec(s.total_), vec(s.low_or_), vec(s.prefix_), vec(s.rank_), vec(s.key_), vec(s.exact_), vec(s.phase_);
+    vec(s.below_), vec(s.window_), vec(s.span_), vec(s.overflow_);
+    s.keys_.resize(count(sizeof(uint64_t)));
+    for (auto& list : s.keys_) vec(list);
+    const size_t tasks = size_t(n);
+    for (size_t size : {s.total_.size(), s.low_or_.size(), s.prefix_.size(), s.rank_.size(), s.key_.size(),
+                        s.exact_.size(), s.phase_.size(), s.below_.size(), s.window_.size(), s.span_.size(),
+                        s.overflow_.size()})
+      if (size != tasks) throw std::invalid_argument("corrupt magnitude selection state");
+    if (s.keys_.size() != (sampled ? tasks : 0) || at != bytes.size())
+      throw std::invalid_argument("corrupt magnitude selection state");
+    return s;
+  }
 
  private:
   void classic_only() const {
