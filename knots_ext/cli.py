@@ -103,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--force", action="store_true", help="merge adapters of different base models")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the per-module work on a Ray cluster at ADDRESS (host:port; none: a local Ray started "
+        "for the merge); the same result; needs pip install 'knots-ext[ray]' and adapter paths every worker reads",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
 
@@ -237,6 +246,8 @@ def _run(args, given: set, parser_dests: set) -> int:
             weights=args.weights,
             module_weights=args.module_weights,
             format=args.format,
+            executor="local" if args.ray is None else "ray",
+            ray_address=args.ray or None,
             **params,
         )
     except (io.AdapterError, ValueError, KeyError, OSError) as e:

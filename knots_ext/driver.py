@@ -212,62 +212,174 @@ def run(
     progress,
     consumed: bool = False,
     patcher=None,
+    passes=None,
 ) -> None:
-    """Merges every module with `method` and hands each (ref, update) to emit, once. consumed:
-    emit is done with each update when it returns (it keeps no reference to it or its tensors),
-    so the driver may reuse the merged rows' buffer for the next module (OutputPool). patcher:
-    the consumer can rewrite entries of an emitted module's rows (Patcher), so that a module
-    waiting for TIES's majority sign is emitted at once and patched at the end, not held."""
+    """Merges every module with `method` and hands each (ref, update) to emit, once, in the
+    modules' order. consumed: emit is done with each update when it returns (it keeps no
+    reference to it or its tensors), so the driver may reuse the merged rows' buffer for the
+    next module (OutputPool). patcher: the consumer can rewrite entries of an emitted module's
+    rows (Patcher), so that a module waiting for TIES's majority sign is emitted at once and
+    patched at the end, not held. passes(space, load): where the per-module work runs (a
+    Passes: LocalPasses, here, by default; knots_ext.distributed: on a Ray cluster)."""
     pool = OutputPool(consumed)
     if not getattr(method.space, "rows_verbatim", False):
         patcher = None
-    if method.space is None:
-        for ref in progress(modules, method.name):
-            m = load(ref)
-            emit(ref, method.rule(m, params) if m.tasks else zero_update(ref))
+    space = method.space(params) if method.space is not None else None
+    passes = (passes or LocalPasses)(space, load)
+    if space is not None and method.rule == "ties" and params["top_k_scope"] == "task":
+        dare_p, seed = (params["dare_p"], params["seed"]) if method.dare else (0.0, 0)
+        try:
+            _ties_global(
+                space,
+                params["top_k"],
+                params["lam"],
+                dare_p,
+                seed,
+                modules,
+                passes,
+                n_tasks,
+                emit,
+                progress,
+                method.name,
+                pool,
+                patcher,
+            )
+        finally:
+            passes.close()
         return
-    space = method.space(params)
+    for ref, update in passes.updates(modules, progress, method, params, pool):
+        emit(ref, update)
+
+
+def merge_module(method, space, params: dict, ref: ModuleRef, m: ModuleTasks, pool=None):
+    """(update, merged rows or None) of one module with tasks merged on its own: every method but
+    TIES with thresholds global per task. pool: where the merged rows' buffer comes from."""
+    if space is None:
+        return method.rule(m, params), None
     dare_p, seed = (params["dare_p"], params["seed"]) if method.dare else (0.0, 0)
-    lam = params["lam"]
-    if method.rule == "ties" and params["top_k_scope"] == "task":
-        _ties_global(
-            space,
-            params["top_k"],
-            lam,
-            dare_p,
-            seed,
-            modules,
-            load,
-            n_tasks,
-            emit,
-            progress,
-            method.name,
-            pool,
-            patcher,
-        )
-        return
-
-    def rows_rule(factors, m):
-        out = pool.take(factors)
-        if method.rule == "ta":
-            return factor_ops.weighted_sum(factors, [lam] * len(factors), dare_p, seed, m.name, m.tasks, out=out)
-        return _ties_one_module(factors, m, params["top_k"], lam, dare_p, seed, out)
-
-    _per_module(space, modules, load, emit, progress, method.name, rows_rule, pool)
+    state = space.prepare(m)
+    factors = space.row_factors(m, state)
+    out = pool.take(factors) if pool is not None else None
+    if method.rule == "ta":
+        lam = params["lam"]
+        merged = factor_ops.weighted_sum(factors, [lam] * len(factors), dare_p, seed, m.name, m.tasks, out=out)
+    else:
+        merged = _ties_one_module(factors, m, params["top_k"], params["lam"], dare_p, seed, out)
+    return space.update(ref, merged, state), merged
 
 
-def _per_module(space, modules, load, emit, progress, desc, merge_rows, pool):
-    """Each module on its own: its space state, its task rows' merge (merge_rows(factors, m)),
-    mapped back."""
-    for ref in progress(modules, desc):
-        m = load(ref)
+class Passes:
+    """Where the merge's per-module work runs; the driver keeps the order, the reductions (TIES's
+    thresholds and majority sign) and the output. LocalPasses runs it here, module by module;
+    knots_ext.distributed.RayPasses on a Ray cluster, with the same results to the bit."""
+
+    def updates(self, modules, progress, method, params, pool):
+        """(ref, update) per module in order: merge_module's for a module with tasks (its merged
+        rows' buffer back to pool once the update is emitted), else its zero update."""
+        raise NotImplementedError
+
+    def selection(self, modules, n_tasks: int, top_k: float, progress, desc: str):
+        """The MagnitudeThreshold for global TIES, every module's state made first where the
+        space keeps its rows in it (rows_in_state)."""
+        raise NotImplementedError
+
+    def count(self, modules, sel, dare_p: float, seed: int, progress, desc: str) -> None:
+        """One round of sel's histograms over every module's task rows."""
+        raise NotImplementedError
+
+    def apply(self, modules, thresholds, lam, dare_p, seed, pool, progress, desc):
+        """(ref, merged rows, sign sum, zero-sum positions, update) per module in order: merged is
+        None for a module without tasks (update: its zero update); update is None when positions
+        wait for the majority sign (the module's state is then kept for factors_of and state)."""
+        raise NotImplementedError
+
+    def factors_of(self, ref):
+        """(ModuleTasks, row factors) of a module whose state is kept."""
+        raise NotImplementedError
+
+    def state(self, ref, pop: bool = False):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalPasses(Passes):
+    """The work in this process: each module's factors loaded once for all passes where they fit
+    (LoadCache), its space state kept between them (StateStore)."""
+
+    def __init__(self, space, load):
+        self.space, self.load = space, load
+        self.states = StateStore()
+        self.loaded = LoadCache(load)
+        # A space whose state holds its rows' factors (rows_in_state) is loaded once: later
+        # passes need only the module's tasks and scales, kept here without the factors.
+        self.rows_in_state = getattr(space, "rows_in_state", False)
+        self.known: dict = {}
+
+    def updates(self, modules, progress, method, params, pool):
+        for ref in progress(modules, method.name):
+            m = self.load(ref)
+            if not m.tasks:
+                yield ref, zero_update(ref)
+                continue
+            update, merged = merge_module(method, self.space, params, ref, m, pool)
+            yield ref, update
+            if merged is not None:
+                pool.give(merged)
+
+    def factors_of(self, ref):
+        m = self.known.get(ref.name) or (self.load if self.rows_in_state else self.loaded)(ref)
+        if self.rows_in_state:
+            self.known[ref.name] = replace(m, factors=[])
         if not m.tasks:
-            emit(ref, zero_update(ref))
-            continue
-        state = space.prepare(m)
-        merged = merge_rows(space.row_factors(m, state), m)
-        emit(ref, space.update(ref, merged, state))
-        pool.give(merged)
+            return m, None
+        if ref.name not in self.states:
+            self.states.put(ref.name, self.space.prepare(m))
+        return m, self.space.row_factors(m, self.states.get(ref.name))
+
+    def state(self, ref, pop: bool = False):
+        if pop:
+            self.loaded.drop(ref.name)
+            return self.states.pop(ref.name)
+        return self.states.get(ref.name)
+
+    def selection(self, modules, n_tasks, top_k, progress, desc):
+        if self.rows_in_state:
+            # Every module's basis before the selection's histograms exist (n_tasks x 512 KB:
+            # 128 MB at n = 256), so that they are not held under the largest SVD. The passes
+            # after it read only the states, as they would have anyway.
+            for ref in progress(modules, f"{desc}: bases"):
+                self.factors_of(ref)
+        first = next((f for f in (self.factors_of(ref)[1] for ref in modules) if f), None)
+        # The thresholds in about one full pass where the kernels allow it (factors on the CPU).
+        return ops.MagnitudeThreshold(n_tasks, top_k, sampled=first is not None and _on_cpu(first))
+
+    def count(self, modules, sel, dare_p, seed, progress, desc):
+        for ref in progress(modules, desc):
+            m, factors = self.factors_of(ref)
+            if factors:
+                factor_ops.histogram(sel, factors, dare_p, seed, ref.name, m.tasks)
+            # (released before the next module is loaded and prepared: at n = 256 a 4096-wide
+            # module's factors and state are ~300 MB)
+            del m, factors
+
+    def apply(self, modules, thresholds, lam, dare_p, seed, pool, progress, desc):
+        for ref in progress(modules, desc):
+            m = factors = None  # (the previous module's, released before this one is loaded)
+            m, factors = self.factors_of(ref)
+            if not factors:
+                yield ref, None, 0, [], zero_update(ref)
+                continue
+            own = [thresholds[t] for t in m.tasks]
+            merged, signs, zero = factor_ops.ties_apply(
+                factors, own, lam, dare_p, seed, ref.name, m.tasks, out=pool.take(factors)
+            )
+            update = None if zero else self.space.update(ref, merged, self.state(ref, pop=True))
+            yield ref, merged, signs, zero, update
+
+    def close(self) -> None:
+        self.states.close()
 
 
 def _ties_one_module(factors, m, top_k, lam, dare_p, seed, out=None):
@@ -285,79 +397,28 @@ def _ties_one_module(factors, m, top_k, lam, dare_p, seed, out=None):
     return merged
 
 
-def _ties_global(space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, pool, patcher):
+def _ties_global(space, top_k, lam, dare_p, seed, modules, passes, n_tasks, emit, progress, desc, pool, patcher):
     """TIES with per-task thresholds over all modules and one majority sign over all positions.
     Each module's space state (its KnOTS SVD) is computed once and kept for the passes."""
-    states = StateStore()
-    try:
-        _ties_global_passes(
-            space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states, pool, patcher
-        )
-    finally:
-        states.close()
-
-
-def _ties_global_passes(
-    space, top_k, lam, dare_p, seed, modules, load, n_tasks, emit, progress, desc, states, pool, patcher
-):
-    loaded = LoadCache(load)
-    # A space whose state holds its rows' factors (rows_in_state) is loaded once: later passes
-    # need only the module's tasks and scales, kept here without the factors.
-    rows_in_state = getattr(space, "rows_in_state", False)
-    known: dict = {}
-
-    def factors_of(ref):
-        m = known.get(ref.name) or (load if rows_in_state else loaded)(ref)
-        if rows_in_state:
-            known[ref.name] = replace(m, factors=[])
-        if not m.tasks:
-            return m, None
-        if ref.name not in states:
-            states.put(ref.name, space.prepare(m))
-        return m, space.row_factors(m, states.get(ref.name))
-
-    # The thresholds in about one full pass where the kernels allow it (factors on the CPU).
-    if rows_in_state:
-        # Every module's basis before the selection's histograms exist (n_tasks x 512 KB: 128 MB
-        # at n = 256), so that they are not held under the largest SVD. The passes after it read
-        # only the states, as they would have anyway.
-        for ref in progress(modules, f"{desc}: bases"):
-            factors_of(ref)
-    first = next((f for f in (factors_of(ref)[1] for ref in modules) if f), None)
-    sel = ops.MagnitudeThreshold(n_tasks, top_k, sampled=first is not None and _on_cpu(first))
-    del first  # (a module's rows: the store may hold them on disk)
+    sel = passes.selection(modules, n_tasks, top_k, progress, desc)
     while not sel.done:
-        for ref in progress(modules, f"{desc}: thresholds, round {sel.round + 1}"):
-            m, factors = factors_of(ref)
-            if factors:
-                factor_ops.histogram(sel, factors, dare_p, seed, ref.name, m.tasks)
-            # (released before the next module is loaded and prepared: at n = 256 a 4096-wide
-            # module's factors and state are ~300 MB)
-            del m, factors
+        passes.count(modules, sel, dare_p, seed, progress, f"{desc}: thresholds, round {sel.round + 1}")
         sel.finish_round()
     thresholds = sel.thresholds()
 
     sign_sum, pending = 0, []
-    for ref in progress(modules, f"{desc}: merge"):
-        m = factors = None  # (the previous module's, released before this one is loaded)
-        m, factors = factors_of(ref)
-        if not factors:
-            emit(ref, zero_update(ref))
-            continue
-        own = [thresholds[t] for t in m.tasks]
-        merged, signs, zero = factor_ops.ties_apply(
-            factors, own, lam, dare_p, seed, ref.name, m.tasks, out=pool.take(factors)
-        )
+    applied = passes.apply(modules, thresholds, lam, dare_p, seed, pool, progress, f"{desc}: merge")
+    for ref, merged, signs, zero, update in applied:
         sign_sum += signs
-        if not zero:
-            loaded.drop(ref.name)
-            emit(ref, space.update(ref, merged, states.pop(ref.name)))
-            pool.give(merged)
+        if update is not None:
+            emit(ref, update)
+            if merged is not None:
+                pool.give(merged)
             continue
         # Positions whose trimmed sum is exactly 0 wait for the majority sign. A consumer that
         # can patch gets the module now (those positions 0 for the moment; the state is kept for
         # the fix), so that memory does not grow with the modules waiting; else it is held.
-        update = space.update(ref, merged, states.get(ref.name))
+        update = space.update(ref, merged, passes.state(ref))
         if patcher is not None and patcher.accepts(ref, update):
             emit(ref, update)
             pending.append((ref, None, zero))
@@ -368,13 +429,12 @@ def _ties_global_passes(
     majority = (sign_sum > 0) - (sign_sum < 0)
     for ref, merged, zero in pending:
         m = factors = None
-        m, factors = factors_of(ref)
+        m, factors = passes.factors_of(ref)
         fixed = merged if merged is not None else torch.empty(factor_ops.shape_of(factors), dtype=torch.float32)
         factor_ops.ties_fix_majority(
             factors, fixed, [thresholds[t] for t in m.tasks], zero, majority, lam, dare_p, seed, ref.name, m.tasks
         )
-        loaded.drop(ref.name)
-        state = states.pop(ref.name)
+        state = passes.state(ref, pop=True)
         if merged is None:  # (only the zero positions of `fixed` are written)
             patcher.apply(ref, zero, fixed.reshape(-1)[torch.as_tensor(zero, dtype=torch.int64)])
         else:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from . import driver, factor_ops, hub, io, recipe
+from . import distributed, driver, factor_ops, hub, io, recipe
 from ._arrays import all_finite
 from ._progress import make_progress
 from .device import Placement, check_device
@@ -263,6 +264,8 @@ def merge(
     quiet: bool = True,
     weights=None,
     module_weights=None,
+    executor: str = "local",
+    ray_address: str | None = None,
     **params,
 ) -> MergeResult:
     """Merges n LoRA adapters (paths or loaded io.Adapter objects) into one, with `method` one
@@ -285,21 +288,29 @@ def merge(
     (regex, weight) rules, a {regex: weight} dict or "REGEX=W" strings; a module's updates are
     scaled, on top of the adapter weights, by the first rule whose regex re.search-matches its name
     (without "base_model.model."), 1 when none does.
+
+    executor: "local" (this process) or "ray": the per-module work in Ray tasks (pip install
+    'knots-ext[ray]'; knots_ext.distributed), on the Ray this process is connected to, else the
+    cluster at ray_address ("host:port"), else a local Ray started for the merge. The same result
+    to the bit; the adapters must be paths every worker can read; CPU only.
     """
     spec, declared, device, adapters, task_weights = _prepare(
         adapters, method, params, device, alpha, force, extra, weights, module_weights
     )
+    distributed.check_executor(executor, device, adapters)
     result = _result_of(method, declared, adapters, task_weights, alpha, extra, force)
     out: dict = {}
-    run_merge(
-        spec,
-        _setup(spec, declared, adapters),
-        adapters,
-        device,
-        lambda ref, update: out.__setitem__(ref.name, update),
-        quiet,
-        task_weights,
-    )
+    with _executor(executor, ray_address, method, declared, adapters, alpha, force, task_weights, device) as passes:
+        run_merge(
+            spec,
+            _setup(spec, declared, adapters),
+            adapters,
+            device,
+            lambda ref, update: out.__setitem__(ref.name, update),
+            quiet,
+            task_weights,
+            passes=passes,
+        )
     result.modules = dict(sorted(out.items()))
     result.extra, result.dropped_extra = _merge_extra(adapters, extra)
     return result
@@ -350,17 +361,21 @@ def merge_to(
     weights=None,
     module_weights=None,
     format: str | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
     **params,
 ) -> MergeSummary:
     """merge() straight to a PEFT adapter folder (MergeResult.save's rules for out_dir, checked
     before the merge starts): each module's factors are written as soon as they are final, so the
     merge never holds its whole result. rank and rank_energy truncate each module (saved_factors;
     both None: lossless); the summary's `truncation` says what that cost. format: the output's
-    file format, "peft", "kohya" or "diffusers" (io.formats), by default the inputs'."""
+    file format, "peft", "kohya" or "diffusers" (io.formats), by default the inputs'. executor,
+    ray_address: merge()'s."""
     check_rank(rank, rank_energy)
     spec, declared, device, adapters, task_weights = _prepare(
         adapters, method, params, device, alpha, force, extra, weights, module_weights
     )
+    distributed.check_executor(executor, device, adapters)
     header = _result_of(method, declared, adapters, task_weights, alpha, extra, force)
     io.check_output(out_dir, inputs=header.inputs, overwrite=overwrite)
     layout = output_layout(
@@ -386,7 +401,10 @@ def merge_to(
             names.append(ref.name)
 
         # The writer has written each update to the file when emit returns: its buffers are free.
-        run_merge(spec, params, adapters, device, emit, quiet, task_weights, consumed=True, patcher=patcher)
+        with _executor(executor, ray_address, method, declared, adapters, alpha, force, task_weights, device) as passes:
+            run_merge(
+                spec, params, adapters, device, emit, quiet, task_weights, consumed=True, patcher=patcher, passes=passes
+            )
         merged_extra, dropped = _merge_extra(adapters, extra)
         for key in sorted(merged_extra):
             writer.add_extra(key, merged_extra[key])
@@ -467,6 +485,16 @@ def _setup(spec, declared: dict, adapters: list) -> dict:
     return declared if spec.setup is None else spec.setup(declared, adapters)
 
 
+@contextmanager
+def _executor(executor: str, address, method, declared, adapters, alpha, force, weights, device):
+    """driver.run's passes for `executor` (checked): None (here) or on Ray, connected for the merge."""
+    if executor == "local":
+        yield None
+        return
+    with distributed.cluster(address) as ray:
+        yield distributed.passes_for(ray, [a.path for a in adapters], method, declared, alpha, force, weights)
+
+
 def run_merge(
     spec,
     params: dict,
@@ -477,11 +505,12 @@ def run_merge(
     weights: TaskWeights | None = None,
     consumed: bool = False,
     patcher: driver.Patcher | None = None,
+    passes=None,
 ) -> None:
     """The merge of loaded adapters, each module's update handed to emit(ref, update) as soon as
     it is final (checked finite). weights scale each adapter's update of each module. consumed:
     emit keeps no reference to an update once it returns; patcher: emit's consumer can rewrite
-    entries of a module's merged rows later (driver.run)."""
+    entries of a module's merged rows later; passes: where the per-module work runs (driver.run)."""
     weights = weights or TaskWeights()
     names = sorted(set().union(*(a.modules for a in adapters)))
     modules = []
@@ -490,12 +519,7 @@ def run_merge(
         modules.append(ModuleRef(name, tasks, tuple(adapters[tasks[0]].shape(name))))
 
     placement = Placement(device, spec)
-
-    def load(ref: ModuleRef) -> ModuleTasks:
-        """The module's tasks with a non-zero update (factors loaded now, on the merge device)."""
-        factors = [adapters[i].factors(ref.name) for i in ref.tasks]
-        scales = [adapters[i].scale(ref.name) * w for i, w in zip(ref.tasks, weights.scales(ref.tasks, ref.name))]
-        return placement.load(drop_zero_updates(ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape)))
+    load = module_loader(adapters, weights, placement)
 
     def checked(ref, update):
         _check_finite(ref, update, adapters, params.get("lam"))
@@ -503,11 +527,24 @@ def run_merge(
 
     try:
         with placement.results(checked) as deliver:
-            driver.run(spec, params, modules, load, len(adapters), deliver, make_progress(quiet), consumed, patcher)
+            driver.run(
+                spec, params, modules, load, len(adapters), deliver, make_progress(quiet), consumed, patcher, passes
+            )
     except ValueError as e:
         if isinstance(e, io.AdapterError) or "NaN or Inf" not in str(e):  # (a bad input names its file)
             raise
         _blame_nonfinite(modules, load, spec.space(params), adapters, e)
+
+
+def module_loader(adapters: list, weights: TaskWeights, placement: Placement):
+    """load(ref): the module's tasks with a non-zero update (factors loaded now, on the merge device)."""
+
+    def load(ref: ModuleRef) -> ModuleTasks:
+        factors = [adapters[i].factors(ref.name) for i in ref.tasks]
+        scales = [adapters[i].scale(ref.name) * w for i, w in zip(ref.tasks, weights.scales(ref.tasks, ref.name))]
+        return placement.load(drop_zero_updates(ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape)))
+
+    return load
 
 
 def _check_finite(ref, update, adapters, lam) -> None:

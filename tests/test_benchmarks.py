@@ -97,3 +97,26 @@ def test_bench_scale_quick(tmp_path):
         assert g["flat_in_n"]["n_low"] == 2 and g["flat_in_n"]["n_high"] == 4 and g["flat_in_n"]["ratio"] > 0
         assert g["peak_rss"]["n"] == 4 and isinstance(g["peak_rss"]["met"], bool)
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_ray_quick(tmp_path):
+    out = tmp_path / "ray.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_ray.py"), "--quick", "--cache", str(tmp_path / "cache"),
+                           "--project", "1,2,4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {(r["method"], r["n"]) for r in res["runs"]} == {("knots-ties", 4), ("ties", 4)}
+    for r in res["runs"]:
+        assert r["same_bits"] and set(r["ray"]) == {"1", "2"}
+        assert all(w["same"] and w["steady"] > 0 and w["start"] > 0 for w in r["ray"].values())
+        tasks = r["inline"]["tasks"]
+        names = [name for _, name, _ in tasks]  # 4 modules: their states, >= 1 round of counts (4 a task), the merge
+        assert names[:4] == ["_prepare"] * 4 and names[-4:] == ["_apply"] * 4 and "_count" in names[4:-4]
+        assert all(s >= 0 for _, _, s in tasks) and [p for p, _, _ in tasks] == sorted(p for p, _, _ in tasks)
+        p = r["projection"]
+        assert p["1"] >= p["2"] >= p["4"] > 0  # more workers never take longer in the model
+    sys.path.insert(0, str(BENCH))
+    import bench_ray
+
+    assert bench_ray.makespan([3.0, 1.0, 1.0, 1.0], 2) == 3.0 and bench_ray.makespan([1.0, 1.0, 1.0], 2) == 2.0
+    assert bench_ray.makespan([2.0, 2.0], 1) == 4.0
