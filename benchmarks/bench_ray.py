@@ -10,19 +10,26 @@ Every figure comes from a fresh child process (harness.run_child):
 
   local        knots_ext.merge(paths, method) in one process with 2 threads (the default), and
                with 1 thread (a Ray worker's share here: Ray runs each 1-CPU worker with 1 thread).
-  ray W        a local Ray started with W CPUs (W workers), then merge(..., executor="ray")
+  ray W        a local Ray started with W CPUs (W workers), then merge(..., executor="ray") with
+               the driver's torch at 1 thread (so each task runs with 1 thread on 1 CPU: RayPasses)
                twice: the first merge pays the workers' start (Python, torch, the adapters'
                headers), the second is the steady state. Ray's own start is reported apart.
   tasks        the Ray tasks of the merge run inline in one process with 1 thread (distributed.
                RayPasses with a stand-in for Ray that calls each task at once and times it): each
                task's seconds, in the order the driver sends them, and the driver's own time (the
-               rest: thresholds, majority sign, emitting). The merges' results are compared bit by bit.
+               rest: thresholds, majority sign, emitting), and the states' size. The results of the
+               1-thread runs (local, inline, Ray) are compared bit by bit (the 2-thread merge's
+               KnOTS basis rounds differently: torch's float64 GEMMs depend on the thread count).
+               States: kept in the object store (what the merge does) vs
+               made again in every later phase (the extra work that would cost, from their times).
 
-Projection for N workers (reported, with its assumptions): the driver's own time, plus per phase
+Projection for N workers (reported, with its assumptions), for --project-layers (default 32: all
+of Llama-3-8B's attention, each measured layer's tasks repeated): the driver's own time, plus per phase
 (states, each threshold round, merge: the driver waits for each phase's results before the next)
 the makespan of its tasks on N workers, each task going to the first worker free, in the order
 sent (Ray's FIFO queue), plus Ray's measured per-task overhead (the steady-state 1-worker time
-minus the inline run's, per task) paid serially by the driver. Assumes workers as fast as one core
+minus the inline run's, per task), given two ways: paid by the driver one task after another
+(an upper bound), or by the workers as part of each task (a lower bound). Assumes workers as fast as one core
 here, adapters read from a filesystem as fast as this disk, and object-store transfers as cheap
 as on one machine (states and merged rows cross the network on a real cluster).
 
@@ -89,9 +96,11 @@ def job_local(paths: list, method: str, threads: int) -> dict:
 
 def job_ray(paths: list, method: str, workers: int) -> dict:
     import ray
+    import torch
 
     import knots_ext
 
+    torch.set_num_threads(1)  # the tasks' threads (RayPasses): one a worker, as many tasks as workers
     t0 = time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     start = time.perf_counter() - t0
@@ -112,6 +121,7 @@ class InlineRay:
     def __init__(self):
         self.tasks: list = []  # (phase, task name, seconds)
         self.phase, self.fetched = 0, False
+        self.state_bytes = 0  # the states the object store holds between the passes
 
     def remote(self, **options):
         def wrap(fn):
@@ -119,12 +129,18 @@ class InlineRay:
 
             class Task:
                 @staticmethod
+                def options(**options):
+                    return Task
+
+                @staticmethod
                 def remote(*args):
                     if ray.fetched:
                         ray.phase, ray.fetched = ray.phase + 1, False
                     t0 = time.perf_counter()
                     out = fn(*args)
                     ray.tasks.append((ray.phase, fn.__name__, time.perf_counter() - t0))
+                    if fn.__name__ == "_prepare":
+                        ray.state_bytes += sum(t.numel() * t.element_size() for t in _flatten(out[0])[0])
                     return out
 
             return Task
@@ -145,7 +161,7 @@ def job_tasks(paths: list, method: str) -> dict:
     inline = InlineRay()
     spec, declared, device, adapters, weights = engine._prepare(paths, method, _params(method), "cpu", None, False,
                                                                 "drop")
-    job = distributed.Job("bench", tuple(paths), method, dict(declared), None, False, weights)
+    job = distributed.Job("bench", tuple(paths), method, dict(declared), None, False, weights, 1)
     out: dict = {}
     t0 = time.perf_counter()
     engine.run_merge(spec, engine._setup(spec, declared, adapters), adapters, device,
@@ -153,7 +169,13 @@ def job_tasks(paths: list, method: str) -> dict:
                      passes=lambda space, load: distributed.RayPasses(inline, job, space, load))
     wall = time.perf_counter() - t0
     result = type("R", (), {"modules": out})()
-    return dict(wall=wall, tasks=inline.tasks, digest=_digest(result))
+    return dict(wall=wall, tasks=inline.tasks, digest=_digest(result), state_bytes=inline.state_bytes)
+
+
+def _flatten(state):
+    from knots_ext.driver import _flatten as flatten
+
+    return flatten(state)
 
 
 def makespan(seconds: list, workers: int) -> float:
@@ -164,11 +186,16 @@ def makespan(seconds: list, workers: int) -> float:
     return max(free)
 
 
-def project(tasks: list, driver_s: float, overhead_s: float, workers: int) -> float:
+def project(tasks: list, driver_s: float, overhead_s: float, workers: int, copies: int = 1,
+            serial: bool = True) -> float:
+    """copies: the model's layers as that many copies of the measured ones (each phase's tasks
+    repeated, the driver's time scaled alike). serial: the per-task overhead paid by the driver
+    one task after another (an upper bound), else by the workers with each task (a lower one)."""
     phases: dict = {}
     for phase, _, s in tasks:
-        phases.setdefault(phase, []).append(s)
-    return driver_s + sum(makespan(s, workers) for s in phases.values()) + overhead_s * len(tasks)
+        phases.setdefault(phase, []).append(s if serial else s + overhead_s)
+    spans = sum(makespan(s * copies, workers) for s in phases.values())
+    return copies * (driver_s + (overhead_s * len(tasks) if serial else 0.0)) + spans
 
 
 def main(argv=None):
@@ -178,6 +205,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--workers", default="1,2", help="Ray workers of the measured runs (default 1,2)")
     ap.add_argument("--project", default="1,2,4,8,16,32,64,128", help="N of the projection")
+    ap.add_argument("--project-layers", type=int, default=32,
+                    help="the projection's model: this many layers, copies of the measured ones (default 32)")
     ap.add_argument("--quick", action="store_true", help="small shapes, n = 4, 1 layer")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "knots_ext_bench_scale"))
     ap.add_argument("--out", default=None, help="default benchmarks/results/results_ray.json (_quick with --quick)")
@@ -203,19 +232,40 @@ def main(argv=None):
             driver_s = max(inline["wall"] - task_s, 0.0)
             steady1 = ray_runs[min(ray_runs)]["steady"]
             overhead = max(steady1 - inline["wall"], 0.0) / max(len(inline["tasks"]), 1)
-            digests = {local2["digest"], local1["digest"], inline["digest"], *(r["digest"] for r in ray_runs.values())}
+            # the tasks run with 1 thread: the bits of the 1-thread merge in one process
+            digests = {local1["digest"], inline["digest"], *(r["digest"] for r in ray_runs.values())}
             same = len(digests) == 1
-            projection = {N: project(inline["tasks"], driver_s, overhead, N) for N in map(int, args.project.split(","))}
+            copies = max(1, args.project_layers // args.layers)
+            projection = {N: project(inline["tasks"], driver_s, overhead, N, copies)
+                          for N in map(int, args.project.split(","))}
+            projection_parallel = {N: project(inline["tasks"], driver_s, overhead, N, copies, serial=False)
+                                   for N in projection}
+            local_full = local2["seconds"] * copies
+            # States kept in the object store vs made again in each later phase that reads them
+            prepare_s = sum(s for _, name, s in inline["tasks"] if name == "_prepare")
+            later = len({p for p, name, _ in inline["tasks"] if name != "_prepare"})
+            say(f"  states: {prepare_s:.2f} s to make, {inline['state_bytes'] / 2**20:.1f} MiB kept in the object "
+                f"store; made again in each of the {later} later phases instead: +{prepare_s * later:.2f} s of work")
             runs.append(dict(method=method, n=n, layers=args.layers, local_2threads=local2, local_1thread=local1,
                              inline=dict(wall=inline["wall"], driver=driver_s, tasks=inline["tasks"]),
                              ray={str(w): r for w, r in ray_runs.items()}, overhead_per_task=overhead,
-                             projection={str(k): v for k, v in projection.items()}, same_bits=same))
+                             states=dict(seconds=prepare_s, bytes=inline["state_bytes"], later_phases=later,
+                                         recompute_extra_seconds=prepare_s * later),
+                             projection={str(k): v for k, v in projection.items()},
+                             projection_overhead_in_tasks={str(k): v for k, v in projection_parallel.items()},
+                             projection_layers=copies * args.layers, local_2threads_projected=local_full,
+                             same_bits=same,
+                             same_bits_as_2_threads=local2["digest"] == local1["digest"]))
             rows.append([method, n, f"{local2['seconds']:.2f}", f"{local1['seconds']:.2f}",
                          *(f"{r['steady']:.2f} ({r['steady'] / local2['seconds']:.2f}x)" for r in ray_runs.values()),
                          f"{ray_runs[min(ray_runs)]['start']:.1f} / {ray_runs[min(ray_runs)]['first']:.1f}",
                          len(inline["tasks"]), f"{overhead * 1e3:.1f}", "yes" if same else "NO"])
-            say(fmt_table(["N workers (projected)", "s", "vs local 2 threads"],
-                          [[N, f"{v:.2f}", f"{v / local2['seconds']:.2f}x"] for N, v in projection.items()]))
+            say(f"  projection for {copies * args.layers} layers ({copies} x the measured {args.layers}); one process, "
+                f"2 threads: {local_full:.1f} s (x{copies} of the measured)")
+            say(fmt_table(["N workers (projected)", "s, overhead serial", "vs one process", "s, overhead in tasks",
+                           "vs one process"],
+                          [[N, f"{v:.2f}", f"{v / local_full:.2f}x", f"{projection_parallel[N]:.2f}",
+                            f"{projection_parallel[N] / local_full:.2f}x"] for N, v in projection.items()]))
     workers = list(map(int, args.workers.split(",")))
     say(fmt_table(["method", "n", "local 2 thr s", "local 1 thr s", *(f"ray {w} worker(s) s" for w in workers),
                    "ray start / first merge s", "tasks", "overhead ms/task", "same bits"], rows))

@@ -85,6 +85,7 @@ class Job:
     alpha: float | None
     force: bool
     weights: TaskWeights
+    threads: int  # torch's threads in every task: the driver's (see RayPasses)
 
 
 @dataclass
@@ -102,6 +103,7 @@ _opened: dict = {}  # in each worker process: Job.key -> Opened
 
 def _open(job: Job):
     """The merge as this worker sees it, opened once per job and worker process."""
+    torch.set_num_threads(job.threads)
     if job.key not in _opened:
         from . import engine
         from .device import Placement
@@ -181,15 +183,22 @@ def _remote(ray, name: str, returns: int = 1):
 
 class RayPasses(driver.Passes):
     """driver.Passes on a Ray cluster (see the module's docstring). States stay in the object
-    store, referenced here, until the module's last pass."""
+    store, referenced here, until the module's last pass.
 
-    def __init__(self, ray, job: Job, space, load):
+    Every task runs torch with the driver's thread count and asks Ray for as many CPUs (at most
+    a node's): torch's float64 GEMMs (the KnOTS basis U = B_cat R^-1 W) round differently with
+    another thread count, so the bits are those of the merge in one process with that many
+    threads (set torch.set_num_threads, or OMP_NUM_THREADS, in the driver: 1 for the most tasks
+    at once). The merge kernels' own results do not depend on threads."""
+
+    def __init__(self, ray, job: Job, space, load, cpus: int | None = None):
         self.ray, self.job, self.space, self.load = ray, job, space, load
+        self.cpus = job.threads if cpus is None else cpus
         self.states: dict = {}  # module name -> ObjectRef of its state
         self.has_tasks: dict = {}  # module name -> whether it has tasks
 
     def _call(self, name: str, *args, returns: int = 1):
-        return _remote(self.ray, name, returns).remote(self.job, *args)
+        return _remote(self.ray, name, returns).options(num_cpus=self.cpus).remote(self.job, *args)
 
     def _in_order(self, pending, progress, desc):
         """The results of pending (ref, ObjectRef) in order, each fetched when reached."""
@@ -248,8 +257,12 @@ class RayPasses(driver.Passes):
 
 def passes_for(ray, paths, method: str, declared: dict, alpha, force: bool, weights):
     """driver.run's passes(space, load) for this merge on the connected Ray cluster."""
-    job = Job(uuid.uuid4().hex, tuple(os.fspath(p) for p in paths), method, dict(declared), alpha, force, weights)
-    return lambda space, load: RayPasses(ray, job, space, load)
+    threads = torch.get_num_threads()
+    paths = tuple(os.fspath(p) for p in paths)
+    job = Job(uuid.uuid4().hex, paths, method, dict(declared), alpha, force, weights, threads)
+    # (a task asking for more CPUs than any node has would never start)
+    largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    return lambda space, load: RayPasses(ray, job, space, load, cpus=max(1, min(threads, largest)))
 
 
 def check_executor(executor: str, device, adapters) -> None:

@@ -102,7 +102,7 @@ def test_bench_scale_quick(tmp_path):
 def test_bench_ray_quick(tmp_path):
     out = tmp_path / "ray.json"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_ray.py"), "--quick", "--cache", str(tmp_path / "cache"),
-                           "--project", "1,2,4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--project", "1,2,4", "--project-layers", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert {(r["method"], r["n"]) for r in res["runs"]} == {("knots-ties", 4), ("ties", 4)}

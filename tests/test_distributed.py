@@ -88,6 +88,18 @@ def test_module_scope_and_majority_signs(inputs, method):
         assert_same_bits(knots_ext.merge(paths, method, **kw), knots_ext.merge(paths, method, executor="ray", **kw))
 
 
+def test_tasks_run_with_the_drivers_threads(tmp_path, crash_marker, restore_threads):
+    """torch's float64 GEMMs of the KnOTS basis round differently with another thread count (8
+    rank-16 tasks of a 2048-wide module: they do on the 2-core machines here), so every Ray task
+    runs torch with the driver's threads: the bits of the merge in one process with as many."""
+    shapes = {"self_attn.o_proj": (2048, 2048)}
+    paths = [write_adapter(tmp_path / f"a{i}", 16, 16, layers=1, modules=shapes, seed=i) for i in range(8)]
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        local = knots_ext.merge(paths, "knots-ties", top_k=0.3)
+        assert_same_bits(local, knots_ext.merge(paths, "knots-ties", top_k=0.3, executor="ray"))
+
+
 def test_merge_to_writes_the_same_file(inputs, tmp_path):
     paths, _ = inputs
     knots_ext.merge_to(tmp_path / "local", paths, "ties", top_k=0.2)
