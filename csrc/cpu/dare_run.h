@@ -16,16 +16,17 @@ namespace kx::cpu::KX_CPU_PATH::dare_path {
 
 #if defined(KX_CPU_AVX2)
 // Philox blocks g0 .. g0 + 4 kSets - 1 under key, in element order: words[q] holds blocks
-// g0 + 2q and g0 + 2q + 1 (words 0-3 of each). The rounds run in 64-bit lanes, lane j of set h being block
-// g0 + 4h + j with each word in the low half of its lane: _mm256_mul_epu32 then yields the whole
-// 64-bit product and reads only low halves, so the high halves may hold anything, and a round is
-// 2 products, 2 shifts and 4 XORs a set (the 32-bit layout also needed shifts and blends to
-// split odd lanes: 1.0 -> 0.72 ns a word on one core).
+// g0 + 2q and g0 + 2q + 1 (words 0-3 of each). The rounds run in 64-bit lanes, lane j of set h
+// being block g0 + 4h + j with each word in the low half of its lane: _mm256_mul_epu32 then
+// yields the whole 64-bit product and reads only low halves, so the high halves may hold
+// anything, and a round is 2 products, 2 shifts and 4 XORs a set (the 32-bit layout also needed
+// shifts and blends to split odd lanes: 1.0 -> 0.72 ns a word on one core).
 template <int kSets>
 inline void philox_blocks(PhiloxKey key, uint64_t g0, __m256i (&words)[2 * kSets]) {
   __m256i c0[kSets], c1[kSets], c2[kSets], c3[kSets];
   for (int h = 0; h < kSets; ++h) {
-    c0[h] = _mm256_add_epi64(_mm256_set1_epi64x(int64_t(g0)), _mm256_setr_epi64x(4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3));
+    const __m256i lane = _mm256_setr_epi64x(4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3);
+    c0[h] = _mm256_add_epi64(_mm256_set1_epi64x(int64_t(g0)), lane);
     c1[h] = _mm256_srli_epi64(c0[h], 32);
     c2[h] = c3[h] = _mm256_setzero_si256();
   }
@@ -55,9 +56,9 @@ inline void philox_blocks(PhiloxKey key, uint64_t g0, __m256i (&words)[2 * kSets
 }
 #endif
 
-// DARE on buf[0..len), elements first .. first+len-1 of their module (len <= kTile): with the blocks
-// from philox_blocks where the path has it, a run that starts on a block masked in registers, 32 or
-// 16 elements at a time; the rest through the words array.
+// DARE on buf[0..len), elements first .. first+len-1 of their module (len <= kTile): with the
+// blocks from philox_blocks where the path has it, a run that starts on a block masked in
+// registers, 32 or 16 elements at a time; the rest through the words array.
 inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, float* buf) {
   const uint64_t g0 = first >> 2;
   const int64_t lead = int64_t(first & 3), groups = (lead + len + 3) / 4;
