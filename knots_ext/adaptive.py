@@ -13,6 +13,8 @@ coefficients' gradients are autograd's through that one forward pass: exact.
     with pool.attached(model, coefs):              # forward hooks on the model's Linear modules
         loss = loss_fn(model)                      # ... and coefs.values.grad after backward()
     coefs, history = learn_coefficients(pool, model, loss_fn, per_module=True)   # Adam
+    coefs, history = search_coefficients(pool, model, loss_fn)   # gradient-free (nevergrad NGOpt)
+    factors, history = train_lora(pool, model, loss_fn, rank=16)   # the new-LoRA control
     ranked, losses = retrieve(pool, model, loss_fn)   # candidates by their target loss alone
     pool.save(out_dir, coefs)                      # a PEFT adapter of the merged update
 
@@ -21,6 +23,7 @@ Model modules are found by the adapters' module names without PEFT's "base_model
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -223,20 +226,13 @@ def learn_coefficients(
     coefs = pool.coefficients(per_module, init)
     opt = torch.optim.Adam([coefs.values], lr=lr)
     history = []
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    try:
-        with pool.attached(model, coefs):
-            for _ in range(int(steps)):
-                opt.zero_grad()
-                loss = loss_fn(model)
-                loss.backward()
-                history.append(float(loss))
-                opt.step()
-    finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
+    with _frozen(model), pool.attached(model, coefs):
+        for _ in range(int(steps)):
+            opt.zero_grad()
+            loss = loss_fn(model)
+            loss.backward()
+            history.append(float(loss.detach()))
+            opt.step()
     return Coefficients(coefs.values.detach().clone(), coefs.modules), history
 
 
@@ -253,3 +249,100 @@ def retrieve(pool: Pool, model: torch.nn.Module, loss_fn, top: int | None = None
                 losses.append(float(loss_fn(model)))
     order = sorted(range(pool.size), key=lambda i: (losses[i], i))[: top if top is not None else pool.size]
     return order, [losses[i] for i in order]
+
+
+def _frozen(model: torch.nn.Module):
+    """The model's parameters without gradients while inside (their own flags back after)."""
+
+    @contextmanager
+    def frozen():
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    return frozen()
+
+
+def search_coefficients(
+    pool: Pool,
+    model: torch.nn.Module,
+    loss_fn,
+    *,
+    per_module: bool = False,
+    budget: int = 40,
+    l1: float = 0.05,
+    bound: float = 1.5,
+    init: float | None = None,
+    seed: int = 0,
+) -> tuple[Coefficients, list]:
+    """LoraHub's gradient-free search: nevergrad's NGOpt over the coefficients in [-bound, bound],
+    minimising loss_fn(model) + l1 * sum |c| with `budget` evaluations, from 1/m each (init).
+    Returns the recommended coefficients and each evaluation's objective. Needs nevergrad
+    (pip install 'knots-ext[adapt]')."""
+    try:
+        import nevergrad as ng
+    except ImportError:
+        raise ValueError("search_coefficients needs nevergrad: pip install 'knots-ext[adapt]'") from None
+    import numpy as np
+
+    coefs = pool.coefficients(per_module, init)
+    coefs.values.requires_grad_(False)
+    start = coefs.values.clamp(-bound, bound).numpy().copy()
+    param = ng.p.Array(init=start, lower=-bound, upper=bound)
+    param.random_state = np.random.RandomState(seed)
+    optimizer = ng.optimizers.NGOpt(parametrization=param, budget=int(budget), num_workers=1)
+    history = []
+
+    def objective(x) -> float:
+        coefs.values.copy_(torch.as_tensor(x, dtype=torch.float64))
+        return float(loss_fn(model)) + l1 * float(np.abs(x).sum())
+
+    with _frozen(model), pool.attached(model, coefs), torch.no_grad():
+        for _ in range(int(budget)):
+            candidate = optimizer.ask()
+            value = objective(candidate.value)
+            optimizer.tell(candidate, value)
+            history.append(value)
+    best = torch.as_tensor(optimizer.provide_recommendation().value, dtype=torch.float64)
+    return Coefficients(best.reshape(coefs.values.shape).clone(), coefs.modules), history
+
+
+def train_lora(
+    pool: Pool,
+    model: torch.nn.Module,
+    loss_fn,
+    *,
+    rank: int = 16,
+    steps: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> tuple[dict, list]:
+    """The new-LoRA control: a LoRA of `rank` on the pool's modules (A Gaussian / sqrt(d_in), B
+    zero, as PEFT starts one), trained by Adam on loss_fn(model) for `steps`, the budget of the
+    coefficient search. Returns {module: (B, A)} (scale 1) and the loss before each step."""
+    gen = torch.Generator().manual_seed(seed)
+    factors, params = {}, []
+    for name in pool.modules:
+        B0, A0, _ = pool.factors(name)
+        A = (torch.randn(rank, A0.shape[1], generator=gen) / math.sqrt(A0.shape[1])).requires_grad_()
+        B = torch.zeros(B0.shape[0], rank, requires_grad=True)
+        factors[name] = (B, A, torch.zeros(rank, dtype=torch.long))
+        params += [B, A]
+    trainee = Pool([None], factors, pool.base_model)
+    coefs = trainee.coefficients(init=1.0)
+    coefs.values.requires_grad_(False)
+    opt = torch.optim.Adam(params, lr=lr)
+    history = []
+    with _frozen(model), trainee.attached(model, coefs):
+        for _ in range(int(steps)):
+            opt.zero_grad()
+            loss = loss_fn(model)
+            loss.backward()
+            history.append(float(loss.detach()))
+            opt.step()
+    return {name: (B.detach().clone(), A.detach().clone()) for name, (B, A, _) in factors.items()}, history

@@ -6,12 +6,13 @@ merged update."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 
 import knots_ext
-from knots_ext.adaptive import Pool, learn_coefficients, retrieve
+from knots_ext.adaptive import Pool, learn_coefficients, retrieve, search_coefficients, train_lora
 from merge_refs import F64, SHAPES, read_scaled_factors, read_updates, write_adapter
 
 LAYERS = 2
@@ -197,3 +198,61 @@ def test_model_without_the_module_is_one_clear_error(paths):
         with pool.attached(model, pool.coefficients()):
             pass
     assert not model.model.layers[0].self_attn.q_proj._forward_hooks  # nothing left attached
+
+
+def fit_problem(paths, truth=(0.8, -0.4, 0.5)):
+    """The tiny model, the pool and a target made by known coefficients; the loss and its float64
+    reference as a function of the coefficients (one per adapter)."""
+    model = TinyModel()
+    pool = Pool.load(paths)
+    updates = [read_updates(p) for p in paths]
+    want = reference_outputs(model, updates, lambda i, name: truth[i])
+
+    def loss_fn(m):
+        return sum(((y.to(F64) - want[k]) ** 2).mean() for k, y in m().items())
+
+    def ref_loss(c):
+        out = reference_outputs(model, updates, lambda i, name: float(c[i]))
+        return sum(float(((out[k] - want[k]) ** 2).mean()) for k in want)
+
+    return model, pool, loss_fn, ref_loss, want
+
+
+def test_gradient_free_search_lowers_the_objective(paths):
+    model, pool, loss_fn, ref_loss, _ = fit_problem(paths)
+    coefs, history = search_coefficients(pool, model, loss_fn, budget=40, seed=3)
+    assert len(history) == 40 and coefs.values.shape == (3, 1)
+    best = coefs.values[:, 0].tolist()
+    assert all(abs(c) <= 1.5 for c in best)
+    start = [1 / 3] * 3
+    objective = lambda c: ref_loss(c) + 0.05 * sum(abs(x) for x in c)  # noqa: E731
+    assert objective(best) < objective(start)
+    again, _ = search_coefficients(pool, model, loss_fn, budget=40, seed=3)
+    assert torch.equal(again.values, coefs.values)  # seeded
+
+
+def test_gradient_free_search_needs_nevergrad(paths, monkeypatch):
+    model, pool, loss_fn, _, _ = fit_problem(paths)
+    monkeypatch.setitem(sys.modules, "nevergrad", None)
+    with pytest.raises(ValueError, match=r"pip install 'knots-ext\[adapt\]'"):
+        search_coefficients(pool, model, loss_fn)
+
+
+def test_new_lora_control_trains_from_zero(paths):
+    model, pool, loss_fn, ref_loss, want = fit_problem(paths)
+    factors, history = train_lora(pool, model, loss_fn, rank=4, steps=150, lr=1e-2, seed=1)
+    assert len(history) == 150
+    assert history[0] == pytest.approx(ref_loss([0.0, 0.0, 0.0]), rel=1e-5)  # B starts at zero: the base model
+    for name in pool.modules:
+        B, A = factors[name]
+        d_out, d_in = pool.factors(name)[0].shape[0], pool.factors(name)[1].shape[1]
+        assert B.shape == (d_out, 4) and A.shape == (4, d_in) and not B.requires_grad
+    # the trained LoRA's loss, recomputed in float64 from its factors
+    with torch.no_grad():
+        trained = 0.0
+        for name, x in model.inputs.items():
+            lin = model.get_submodule(name)
+            B, A = factors[f"base_model.model.{name}"]
+            y = x.to(F64) @ (lin.weight.to(F64) + B.to(F64) @ A.to(F64)).T + lin.bias.to(F64)
+            trained += float(((y - want[name]) ** 2).mean())
+    assert trained < 0.5 * history[0]
