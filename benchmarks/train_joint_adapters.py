@@ -6,6 +6,9 @@ repository ships them, so the benchmark does not retrain).
 
     python benchmarks/train_joint_adapters.py            # all tasks, ~2 min each on 2 CPU cores
     python benchmarks/train_joint_adapters.py --tasks tweets --steps 50 --out /tmp/adapters
+    python benchmarks/train_joint_adapters.py --shards 3 --out benchmarks/adapt_pool
+        # the adaptive-merging pool's other adapters: per task, 3 more, each on its own third of
+        # the training split and (tasks of 3 or more classes) without one class, seeds 1, 2, 3
 """
 from __future__ import annotations
 
@@ -27,10 +30,24 @@ import joint_tasks as jt  # noqa: E402
 DEFAULT_OUT = HERE / "joint_adapters"
 
 
-def train_task(task, tokenizer, heads, args, out_dir: Path) -> dict:
+def shard_of(task, shard: int, shards: int):
+    """(name, Task) of shard `shard`: its own 1/shards of the training split, and for tasks of 3 or
+    more classes without class shard % classes (a label subset: its head leaves that class out)."""
+    train = task.splits["train"]
+    drop = shard % len(task.classes) if len(task.classes) >= 3 else None
+    classes = [c for k, c in enumerate(task.classes) if k != drop]
+    rows = [(t, task.classes[y]) for i, (t, y) in enumerate(zip(train.texts, train.labels))
+            if i % shards == shard and y != drop]
+    sub = jt.Task(f"{task.name}-shard{shard}", classes)
+    sub.splits["train"] = jt.Split([t for t, _ in rows], [classes.index(c) for _, c in rows])
+    return sub
+
+
+def train_task(task, tokenizer, heads, args, out_dir: Path, seed=None) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(args.seed)
+    seed = args.seed if seed is None else seed
+    torch.manual_seed(seed)
     _, base = jt.load_base_model()
     config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=jt.LORA_TARGETS)
     model = get_peft_model(base, config)
@@ -39,7 +56,7 @@ def train_task(task, tokenizer, heads, args, out_dir: Path) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / args.steps)
-    rng = np.random.RandomState(args.seed)
+    rng = np.random.RandomState(seed)
     labels = torch.tensor(train.labels)
     model.train()
     t0, losses = time.perf_counter(), []
@@ -79,6 +96,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--shards", type=int, default=0,
+                    help="instead of one adapter per task, this many per task on shards of it (shard_of)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,12 +108,15 @@ def main(argv=None):
     log_path = out_dir / "training.json"
     log = json.loads(log_path.read_text())["tasks"] if log_path.exists() else {}
     for name in args.tasks.split(","):
-        task = jt.load_task(name)
-        print(f"training {name}: {len(task.splits['train'].texts)} examples", flush=True)
-        log[name] = train_task(task, tokenizer, heads, args, out_dir)
-        print(f"  {name}: {log[name]}", flush=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("out", "tasks", "threads")}
-        log_path.write_text(json.dumps({"settings": settings, "tasks": log}, indent=2) + "\n")
+        full = jt.load_task(name)
+        for seed_offset, task in enumerate([shard_of(full, i, args.shards) for i in range(args.shards)] or [full]):
+            print(f"training {task.name}: {len(task.splits['train'].texts)} examples", flush=True)
+            log[task.name] = train_task(task, tokenizer, heads, args, out_dir,
+                                        seed=args.seed + (1 + seed_offset if args.shards else 0))
+            log[task.name]["classes"] = task.classes
+            print(f"  {task.name}: {log[task.name]}", flush=True)
+            settings = {k: v for k, v in vars(args).items() if k not in ("out", "tasks", "threads")}
+            log_path.write_text(json.dumps({"settings": settings, "tasks": log}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

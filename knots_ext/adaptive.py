@@ -112,6 +112,22 @@ class Pool:
             factors[name] = (B[:, cols], A[cols], torch.tensor([new_index[int(owner[j])] for j in keep]))
         return Pool([self.adapters[i] for i in indices], factors, self.base_model)
 
+    @classmethod
+    def concat(cls, pools: list) -> Pool:
+        """The pools' adapters one after another (e.g. a real pool and random ones)."""
+        factors: dict = {}
+        offset = 0
+        for p in pools:
+            for name in p.modules:
+                B, A, owner = p._factors[name]
+                if name in factors:
+                    B0, A0, o0 = factors[name]
+                    factors[name] = (torch.cat([B0, B], 1), torch.cat([A0, A], 0), torch.cat([o0, owner + offset]))
+                else:
+                    factors[name] = (B, A, owner + offset)
+            offset += p.size
+        return cls([a for p in pools for a in p.adapters], factors, pools[0].base_model)
+
     def coefficients(self, per_module: bool = False, init: float | None = None) -> Coefficients:
         """Coefficients of init (default 1/m, the study's start) each, requiring grad."""
         value = 1.0 / self.size if init is None else float(init)
@@ -242,10 +258,9 @@ def retrieve(pool: Pool, model: torch.nn.Module, loss_fn, top: int | None = None
     losses = []
     with torch.no_grad():
         for i in range(pool.size):
-            coefs = pool.coefficients(per_module=False, init=0.0)
-            coefs.values.requires_grad_(False)
-            coefs.values[i] = 1.0
-            with pool.attached(model, coefs):
+            alone = pool.subset([i])  # (its own factors only: one forward costs one adapter's LoRA)
+            coefs = alone.coefficients(per_module=False, init=1.0)
+            with alone.attached(model, coefs):
                 losses.append(float(loss_fn(model)))
     order = sorted(range(pool.size), key=lambda i: (losses[i], i))[: top if top is not None else pool.size]
     return order, [losses[i] for i in order]

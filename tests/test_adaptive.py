@@ -256,3 +256,18 @@ def test_new_lora_control_trains_from_zero(paths):
             y = x.to(F64) @ (lin.weight.to(F64) + B.to(F64) @ A.to(F64)).T + lin.bias.to(F64)
             trained += float(((y - want[name]) ** 2).mean())
     assert trained < 0.5 * history[0]
+
+
+def test_concatenated_pools_are_their_adapters_in_turn(paths):
+    pool = Pool.load(paths)
+    both = Pool.concat([pool, pool.random_like(seed=5)])
+    assert both.size == 6 and both.modules == pool.modules
+    coefs = both.coefficients()
+    with torch.no_grad():
+        coefs.values.zero_()
+        coefs.values[1] = 1.0  # adapter 1 of the first pool alone
+    updates = read_updates(paths[1])
+    merged = both.merged_factors(coefs)
+    for name in pool.modules:
+        B, A = merged[name]
+        assert float((B.double() @ A.double() - updates[name]).abs().max()) <= 1e-5 * float(updates[name].abs().max())

@@ -120,3 +120,22 @@ def test_bench_ray_quick(tmp_path):
 
     assert bench_ray.makespan([3.0, 1.0, 1.0, 1.0], 2) == 3.0 and bench_ray.makespan([1.0, 1.0, 1.0], 2) == 2.0
     assert bench_ray.makespan([2.0, 2.0], 1) == 4.0
+
+
+def test_adapt_eval_runs(tmp_path):
+    """benchmarks/adapt_eval.py on one target with 2 optimisation steps (its quick mode does all five
+    targets with 100): every row, an accuracy within its bootstrap interval, the own adapter well above
+    chance."""
+    out = tmp_path / "adapt"
+    proc = subprocess.run([sys.executable, str(BENCH / "adapt_eval.py"), "--quick", "--tasks", "sms_spam", "--steps", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["pool"] == 20
+    rows = res["results"]["sms_spam/k=16"]
+    assert set(rows) == {"zero-shot", "uniform ta", "uniform ties", "uniform knots-ties", "adaptive-grad",
+                         "adaptive-free", "adaptive-grad-random", "adaptive-free-random", "new-lora", "own adapter"}
+    for mean, lo, hi in rows.values():
+        assert 0.0 <= lo <= mean <= hi <= 1.0
+    assert rows["own adapter"][0] > 0.8
+    assert (out / "results.md").read_text().count("|") > 20 and (out / "accuracy.png").stat().st_size > 0
