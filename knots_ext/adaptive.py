@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from . import io
-
-PEFT_PREFIX = "base_model.model."
+from .engine import PEFT_PREFIX, _load
 
 
 @dataclass
@@ -67,8 +66,6 @@ class Pool:
     @classmethod
     def load(cls, adapters, alpha: float | None = None) -> Pool:
         """The pool of these adapters (paths, or loaded io adapters)."""
-        from .engine import _load
-
         loaded = _load(adapters, alpha)
         io.check_compatible(loaded)
         names = sorted(set().union(*(a.modules for a in loaded)))
@@ -240,7 +237,14 @@ def learn_coefficients(
     loss_fn(model) with the merged update attached; the model's own parameters stay as they are.
     Returns the coefficients (detached) and the loss before each step."""
     coefs = pool.coefficients(per_module, init)
-    opt = torch.optim.Adam([coefs.values], lr=lr)
+    history = _adam(pool, coefs, model, loss_fn, [coefs.values], steps, lr)
+    return Coefficients(coefs.values.detach().clone(), coefs.modules), history
+
+
+def _adam(pool: Pool, coefs: Coefficients, model, loss_fn, params: list, steps: int, lr: float) -> list:
+    """Adam on params minimising loss_fn(model) with the pool attached, the model frozen; the loss
+    before each step."""
+    opt = torch.optim.Adam(params, lr=lr)
     history = []
     with _frozen(model), pool.attached(model, coefs):
         for _ in range(int(steps)):
@@ -249,7 +253,7 @@ def learn_coefficients(
             loss.backward()
             history.append(float(loss.detach()))
             opt.step()
-    return Coefficients(coefs.values.detach().clone(), coefs.modules), history
+    return history
 
 
 def retrieve(pool: Pool, model: torch.nn.Module, loss_fn, top: int | None = None) -> tuple[list, list]:
@@ -351,13 +355,5 @@ def train_lora(
     trainee = Pool([None], factors, pool.base_model)
     coefs = trainee.coefficients(init=1.0)
     coefs.values.requires_grad_(False)
-    opt = torch.optim.Adam(params, lr=lr)
-    history = []
-    with _frozen(model), trainee.attached(model, coefs):
-        for _ in range(int(steps)):
-            opt.zero_grad()
-            loss = loss_fn(model)
-            loss.backward()
-            history.append(float(loss.detach()))
-            opt.step()
+    history = _adam(trainee, coefs, model, loss_fn, params, steps, lr)
     return {name: (B.detach().clone(), A.detach().clone()) for name, (B, A, _) in factors.items()}, history
