@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path  # noqa: F401 (the CLI test's task file uses it)
 
 import pytest
 import torch
 
 import knots_ext
+from knots_ext import adapt_cli
 from knots_ext.adaptive import Pool, learn_coefficients, retrieve, search_coefficients, train_lora
 from merge_refs import F64, SHAPES, read_scaled_factors, read_updates, write_adapter
 
@@ -271,3 +273,60 @@ def test_concatenated_pools_are_their_adapters_in_turn(paths):
     for name in pool.modules:
         B, A = merged[name]
         assert float((B.double() @ A.double() - updates[name]).abs().max()) <= 1e-5 * float(updates[name].abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# knots-adapt (knots_ext.adapt_cli), in this process: the task file builds the tiny model and the
+# target of known coefficients
+
+
+TASK_FILE = """
+import test_adaptive as t
+PATHS = {paths!r}
+_model = t.TinyModel()
+_updates = [t.read_updates(t.Path(p)) for p in PATHS]
+_want = t.reference_outputs(_model, _updates, lambda i, name: (0.8, -0.4, 0.5)[i])
+
+def model():
+    return _model
+
+def loss(m):
+    return sum(((y.to(t.F64) - _want[k]) ** 2).mean() for k, y in m().items())
+"""
+
+
+def test_knots_adapt_learns_and_writes_the_merged_adapter(paths, tmp_path, capsys):
+    task = tmp_path / "task.py"
+    task.write_text(TASK_FILE.format(paths=[str(p) for p in paths]))
+    out = tmp_path / "out"
+    assert adapt_cli.main([*map(str, paths), "-o", str(out), "--task", str(task), "--steps", "300"]) == 0
+    assert "adam: loss" in capsys.readouterr().out
+    manifest = json.loads((out / "knots_merge.json").read_text())["merge"]
+    coefs = manifest["coefficients"]["values"]
+    assert not manifest["coefficients"]["per_module"]
+    assert [round(c[0], 1) for c in coefs] == [0.8, -0.4, 0.5]
+    merged, updates = read_updates(out), [read_updates(p) for p in paths]
+    for name in merged:
+        want = sum(c[0] * u[name] for c, u in zip(coefs, updates))
+        assert float((merged[name] - want).abs().max()) <= 1e-5 * float(want.abs().max()), name
+    # --top 2: the two adapters with the lowest loss alone are kept, in that order
+    out2 = tmp_path / "out2"
+    assert adapt_cli.main([*map(str, paths), "-o", str(out2), "--task", str(task), "--top", "2", "--steps", "5"]) == 0
+    kept = json.loads((out2 / "knots_merge.json").read_text())["merge"]["adapters"]
+    assert len(kept) == 2 and kept[0] == str(paths[0])  # adapter 0 (coefficient 0.8) fits the target best alone
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "no such task file"),
+    ("def model(): pass\n", "defines no loss()"),
+    ("raise RuntimeError('boom')\n", "RuntimeError: boom"),
+])
+def test_knots_adapt_bad_task_file_is_one_line(paths, tmp_path, capsys, content, needle):
+    task = tmp_path / "task.py"
+    if content is not None:
+        task.write_text(content)
+    out = tmp_path / "out"
+    assert adapt_cli.main([*map(str, paths), "-o", str(out), "--task", str(task)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and str(task) in err[0], err
+    assert not out.exists()
