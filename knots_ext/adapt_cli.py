@@ -23,7 +23,7 @@ import os
 import sys
 
 from . import io
-from .adaptive import Pool, learn_coefficients, retrieve, search_coefficients
+from .adaptive import Pool, check_settings, learn_coefficients, retrieve, search_coefficients
 from .cli import _error_line, _Parser
 
 
@@ -70,10 +70,9 @@ def main(argv=None) -> int:
         print(f"knots-adapt: error: {message}", file=sys.stderr)
         return 2
 
-    for flag, value in (("--steps", args.steps), ("--budget", args.budget), ("--top", args.top)):
-        if value is not None and value < 1:
-            return fail(f"{flag} must be >= 1, got {value}")
     try:
+        # (before any work: the API checks them again where it uses them)
+        check_settings(steps=args.steps, lr=args.lr, budget=args.budget, top=args.top)
         io.check_output(args.output, inputs=args.adapters, overwrite=args.overwrite)
         make_model, loss = load_task(args.task)
         pool = Pool.load(args.adapters, alpha=args.alpha)

@@ -236,6 +236,7 @@ def learn_coefficients(
     """Adam on the coefficients (the study's lr 5e-2, 100 steps, start 1/m) minimising
     loss_fn(model) with the merged update attached; the model's own parameters stay as they are.
     Returns the coefficients (detached) and the loss before each step."""
+    check_settings(steps=steps, lr=lr)
     coefs = pool.coefficients(per_module, init)
     history = _adam(pool, coefs, model, loss_fn, [coefs.values], steps, lr)
     return Coefficients(coefs.values.detach().clone(), coefs.modules), history
@@ -259,6 +260,7 @@ def _adam(pool: Pool, coefs: Coefficients, model, loss_fn, params: list, steps: 
 def retrieve(pool: Pool, model: torch.nn.Module, loss_fn, top: int | None = None) -> tuple[list, list]:
     """The pool's adapters ranked by loss_fn(model) with each one alone attached (coefficient 1,
     the others 0), lowest first: (indices, their losses), the first `top` of them."""
+    check_settings(top=top)
     losses = []
     with torch.no_grad():
         for i in range(pool.size):
@@ -270,21 +272,34 @@ def retrieve(pool: Pool, model: torch.nn.Module, loss_fn, top: int | None = None
     return order, [losses[i] for i in order]
 
 
+@contextmanager
 def _frozen(model: torch.nn.Module):
     """The model's parameters without gradients while inside (their own flags back after)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
-    @contextmanager
-    def frozen():
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
 
-    return frozen()
+def check_settings(**settings) -> None:
+    """One ValueError line for a setting out of range: steps, budget, rank and top are integers
+    >= 1 (top may be None), lr and bound finite and > 0, l1 finite and >= 0."""
+    for name, value in settings.items():
+        if name in ("steps", "budget", "rank", "top"):
+            if value is None and name == "top":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        else:
+            least = 0.0 if name == "l1" else None
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (value < least if least is not None else value <= 0):
+                bound = ">= 0" if least is not None else "> 0"
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def search_coefficients(
@@ -303,6 +318,7 @@ def search_coefficients(
     minimising loss_fn(model) + l1 * sum |c| with `budget` evaluations, from 1/m each (init).
     Returns the recommended coefficients and each evaluation's objective. Needs nevergrad
     (pip install 'knots-ext[adapt]')."""
+    check_settings(budget=budget, l1=l1, bound=bound)
     try:
         import nevergrad as ng
     except ImportError:
@@ -344,6 +360,7 @@ def train_lora(
     """The new-LoRA control: a LoRA of `rank` on the pool's modules (A Gaussian / sqrt(d_in), B
     zero, as PEFT starts one), trained by Adam on loss_fn(model) for `steps`, the budget of the
     coefficient search. Returns {module: (B, A)} (scale 1) and the loss before each step."""
+    check_settings(rank=rank, steps=steps, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     factors, params = {}, []
     for name in pool.modules:

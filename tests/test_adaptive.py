@@ -330,3 +330,29 @@ def test_knots_adapt_bad_task_file_is_one_line(paths, tmp_path, capsys, content,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and str(task) in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("call,needle", [
+    (lambda pool, model, loss: learn_coefficients(pool, model, loss, steps=0), "steps must be an integer >= 1"),
+    (lambda pool, model, loss: learn_coefficients(pool, model, loss, lr=float("nan")), "lr must be a finite number > 0"),
+    (lambda pool, model, loss: search_coefficients(pool, model, loss, budget=2.5), "budget must be an integer >= 1"),
+    (lambda pool, model, loss: search_coefficients(pool, model, loss, l1=-0.1), "l1 must be a finite number >= 0"),
+    (lambda pool, model, loss: search_coefficients(pool, model, loss, bound=0), "bound must be a finite number > 0"),
+    (lambda pool, model, loss: train_lora(pool, model, loss, rank=0), "rank must be an integer >= 1"),
+    (lambda pool, model, loss: retrieve(pool, model, loss, top=0), "top must be an integer >= 1"),
+])
+def test_settings_out_of_range_are_one_line(paths, call, needle):
+    model, pool, loss_fn, _, _ = fit_problem(paths)
+    with pytest.raises(ValueError) as e:
+        call(pool, model, loss_fn)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--steps", "0", "steps must be"), ("--lr", "-1", "lr must be"),
+                                               ("--top", "0", "top must be"), ("--budget", "0", "budget must be")])
+def test_knots_adapt_refuses_bad_settings(paths, tmp_path, capsys, flag, value, needle):
+    out = tmp_path / "out"
+    assert adapt_cli.main([*map(str, paths), "-o", str(out), "--task", "missing.py", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
