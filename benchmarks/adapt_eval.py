@@ -22,7 +22,7 @@ examples (drawn from its training split, per seed) are all the method sees. Rows
 Retrieval: the pool ranked by the target examples' loss with each adapter alone; the top m (5).
 Loss: cross-entropy of SCALE x cosine(embedding, the target's class prompts), as the adapters were
 trained. Accuracy on the target's 200 test examples, mean over seeds, with a bootstrap 95%
-interval over test examples (the same resample for every seed). Nothing is tuned toward a method.
+interval over test examples (the same resamples for every seed and row). Nothing is tuned toward a method.
 
     python benchmarks/adapt_eval.py --quick      # k = 16, one seed: ~10 min on 2 cores
     python benchmarks/adapt_eval.py              # k = 16 and 64, seeds 0, 1, 2
@@ -55,7 +55,6 @@ TASK_ADAPTERS = HERE / "joint_adapters"
 POOL_ADAPTERS = HERE / "adapt_pool"
 DEFAULT_OUT = HERE / "adapt_results"
 TOP_M = 5
-BOOTSTRAP = 1000
 ROWS = ["zero-shot", "uniform ta", "uniform ties", "uniform knots-ties", "adaptive-grad", "adaptive-free",
         "adaptive-grad-random", "adaptive-free-random", "new-lora", "own adapter"]
 
@@ -167,12 +166,11 @@ def timing(tokenizer, model, heads, owners: dict) -> dict:
             "candidates": pool100.size}
 
 
-def bootstrap(correct: list, rng) -> tuple[float, float, float]:
+def mean_interval(correct: list) -> tuple[float, float, float]:
     """Mean accuracy over seeds and its bootstrap 95% interval over test examples."""
     stack = np.stack(correct).astype(float)  # seeds x examples
-    n = stack.shape[1]
-    means = [stack[:, rng.randint(0, n, n)].mean() for _ in range(BOOTSTRAP)]
-    return float(stack.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    lo, hi = jt.bootstrap_interval(lambda idx: stack[:, idx[0]].mean(), [stack.shape[1]])
+    return float(stack.mean()), lo, hi
 
 
 def main(argv=None):
@@ -185,10 +183,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--timing", action="store_true", help="only the speed targets (timing())")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the runs already in OUT/partial.json (an interrupted run's), run the rest")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.quick:
         args.ks, args.seeds = "16", "0"
     ks, seeds = [int(k) for k in args.ks.split(",")], [int(s) for s in args.seeds.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer, model = jt.load_base_model()
     for p in model.parameters():
@@ -202,6 +205,12 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "timing.json").write_text(json.dumps(t, indent=1) + "\n")
         return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each (task, k, seed) run's per-example results are kept as they come, so a long run that is
+    # stopped resumes where it was (--resume) with the same numbers.
+    partial_path = out / "partial.json"
+    partial = json.loads(partial_path.read_text()) if args.resume and partial_path.exists() else {}
     results, timings, t_start = {}, {}, time.perf_counter()
     for name in args.tasks.split(","):
         task = jt.load_task(name)
@@ -209,19 +218,21 @@ def main(argv=None):
         for k in ks:
             per_row: dict = {r: [] for r in ROWS}
             for seed in seeds:
-                args.seed_now = seed
-                target = Target(task, tokenizer, model, heads, k, seed)
-                got = run_target(target, pool_list, str(TASK_ADAPTERS / name), args, timings)
+                key = f"{name}/k={k}/seed={seed}"
+                if key not in partial:
+                    args.seed_now = seed
+                    target = Target(task, tokenizer, model, heads, k, seed)
+                    got = run_target(target, pool_list, str(TASK_ADAPTERS / name), args, timings)
+                    partial[key] = {r: got[r].astype(int).tolist() for r in ROWS}
+                    partial_path.write_text(json.dumps(partial) + "\n")
+                    print(f"[{time.perf_counter() - t_start:6.0f} s] {key}: "
+                          + ", ".join(f"{r} {got[r].mean():.3f}" for r in ROWS), flush=True)
                 for r in ROWS:
-                    per_row[r].append(got[r])
-                print(f"[{time.perf_counter() - t_start:6.0f} s] {name} k={k} seed={seed}: "
-                      + ", ".join(f"{r} {got[r].mean():.3f}" for r in ROWS), flush=True)
-            rng = np.random.RandomState(7)
-            results[f"{name}/k={k}"] = {r: bootstrap(v, rng) for r, v in per_row.items()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"args": {k: v for k, v in vars(args).items() if k != "seed_now"}, "pool": len(owners),
-               "results": results, "timings": timings, "seconds": time.perf_counter() - t_start}
+                    per_row[r].append(np.array(partial[key][r], dtype=bool))
+            results[f"{name}/k={k}"] = {r: mean_interval(v) for r, v in per_row.items()}
+    settings = {k: v for k, v in vars(args).items() if k not in ("seed_now", "resume", "threads")}
+    summary = {"args": settings, "pool": len(owners), "results": results, "timings": timings,
+               "seconds": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "accuracy.png")

@@ -6,6 +6,8 @@ repository ships them, so the benchmark does not retrain).
 
     python benchmarks/train_joint_adapters.py            # all tasks, ~2 min each on 2 CPU cores
     python benchmarks/train_joint_adapters.py --tasks tweets --steps 50 --out /tmp/adapters
+    python benchmarks/train_joint_adapters.py --harder   # joint_eval.py --harder's adapters: 8 tasks,
+        # rank 16 (alpha 32), 320 steps, in benchmarks/joint_adapters_hard/ (~4.5 min each)
     python benchmarks/train_joint_adapters.py --shards 3 --out benchmarks/adapt_pool
         # the adaptive-merging pool's other adapters: per task, 3 more, each on its own third of
         # the training split and (tasks of 3 or more classes) without one class, seeds 1, 2, 3
@@ -28,6 +30,9 @@ if str(HERE) not in sys.path:
 import joint_tasks as jt  # noqa: E402
 
 DEFAULT_OUT = HERE / "joint_adapters"
+# The harder setting: more tasks, twice the rank (alpha / rank kept at 2), 4x the steps.
+HARDER = {"tasks": ",".join(jt.HARD_TASK_NAMES), "rank": 16, "alpha": 32.0, "steps": 320,
+          "out": str(HERE / "joint_adapters_hard")}
 
 
 def shard_of(task, shard: int, shards: int):
@@ -98,7 +103,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--shards", type=int, default=0,
                     help="instead of one adapter per task, this many per task on shards of it (shard_of)")
+    ap.add_argument("--harder", action="store_true", help="the harder setting's adapters: " + str(HARDER))
     args = ap.parse_args(argv)
+    if args.harder:
+        vars(args).update(HARDER)
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
@@ -115,7 +123,7 @@ def main(argv=None):
                                         seed=args.seed + (1 + seed_offset if args.shards else 0))
             log[task.name]["classes"] = task.classes
             print(f"  {task.name}: {log[task.name]}", flush=True)
-            settings = {k: v for k, v in vars(args).items() if k not in ("out", "tasks", "threads")}
+            settings = {k: v for k, v in vars(args).items() if k not in ("out", "tasks", "threads", "harder")}
             log_path.write_text(json.dumps({"settings": settings, "tasks": log}, indent=2) + "\n")
 
 

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,10 +60,14 @@ def test_score_per_task_and_joint():
         correct = sum(max(range(len(ids)), key=lambda j: sims[row + i, ids[j]]) == y for i, y in enumerate(s.labels))
         assert got["acc"][task.name] == pytest.approx(correct / len(s.labels))
         row += len(s.labels)
-    joint = [jt.JOINT_LABELS.index(t.classes[y]) for t in inputs.tasks for y in t.splits["test"].labels]
+    # the joint label space: the union of the tasks' classes only (5 of the 15 labels here)
+    columns = sorted({jt.JOINT_LABELS.index(c) for t in inputs.tasks for c in t.classes})
+    assert len(columns) == 5
+    joint = [columns.index(jt.JOINT_LABELS.index(t.classes[y])) for t in inputs.tasks for y in t.splits["test"].labels]
     for k, key in ((1, "hits1"), (3, "hits3")):
-        expected = sum(rank_of(sims[i], joint[i]) < k for i in range(len(joint))) / len(joint)
+        expected = sum(rank_of(sims[i, columns], joint[i]) < k for i in range(len(joint))) / len(joint)
         assert got[key] == pytest.approx(expected)
+        assert got["correct"][key].double().mean().item() == pytest.approx(expected)
 
 
 def test_ensemble_takes_the_most_confident_model():
@@ -85,7 +90,8 @@ def test_ensemble_takes_the_most_confident_model():
             correct += best_pred == y
         assert got["acc"][task.name] == pytest.approx(correct / len(task.splits["test"].labels))
         row += len(task.splits["test"].labels)
-    probs = torch.stack([torch.softmax(jt.SCALE * e.double() @ heads.double().T, 1) for e in embs]).amax(0)
+    columns = sorted({jt.JOINT_LABELS.index(c) for t in inputs.tasks for c in t.classes})
+    probs = torch.stack([torch.softmax(jt.SCALE * e.double() @ heads[columns].double().T, 1) for e in embs]).amax(0)
     top1 = probs.argmax(1)
     assert got["hits1"] == pytest.approx((top1 == inputs.joint).double().mean().item())
 
@@ -98,6 +104,61 @@ def test_ensemble_of_one_model_is_that_model():
     one, plain = je.ensemble_score([emb], inputs, heads), je.score(emb, inputs, heads)
     assert one["acc"] == pytest.approx(plain["acc"])
     assert one["hits1"] == pytest.approx(plain["hits1"]) and one["hits3"] == pytest.approx(plain["hits3"])
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
+    # 0/1 outcomes, p = 0.7, n = 400: the percentile interval is close to p +- 1.96 sqrt(p(1-p)/n)
+    x = np.array([1] * 280 + [0] * 120, dtype=float)
+    lo, hi = jt.bootstrap_interval(lambda idx: x[idx[0]].mean(), [len(x)], reps=4000)
+    half = 1.96 * (0.7 * 0.3 / 400) ** 0.5
+    assert lo == pytest.approx(0.7 - half, abs=0.01) and hi == pytest.approx(0.7 + half, abs=0.01)
+    assert jt.bootstrap_interval(lambda idx: np.ones(5)[idx[0]].mean(), [5]) == (1.0, 1.0)
+
+
+def test_bootstrap_interval_resamples_each_stratum_alike_for_every_statistic():
+    a, b = np.arange(10.0), np.arange(10.0)[::-1].copy()
+    first = jt.bootstrap_interval(lambda idx: a[idx[0]].mean() + a[idx[1]].sum(), [10, 10])
+    # the same draws (sizes and seed only): b reversed, drawn at 9 - i, gives a's statistic
+    again = jt.bootstrap_interval(lambda idx: b[9 - idx[0]].mean() + b[9 - idx[1]].sum(), [10, 10])
+    assert first == again
+    # strata are resampled separately: a stratum of one example never varies
+    assert jt.bootstrap_interval(lambda idx: idx[0].sum() + 0.0, [1, 50]) == (0.0, 0.0)
+
+
+def test_intervals_of_a_result():
+    inputs = fake_inputs(n_per_task=(60, 40), seed=8)
+    g = torch.Generator().manual_seed(9)
+    heads = torch.nn.functional.normalize(torch.randn(len(jt.JOINT_LABELS), 16, generator=g), dim=1)
+    embs = [torch.nn.functional.normalize(torch.randn(len(inputs.texts), 16, generator=g), dim=1) for _ in range(3)]
+    ft = [je.score(e, inputs, heads)["correct"] for e in embs[:2]]
+    res = je.score(embs[2], inputs, heads)
+    ci = je.intervals(res, ft, inputs)
+    avg = sum(res["acc"].values()) / 2
+    assert ci["avg"][0] <= avg <= ci["avg"][1] and ci["avg"][0] < ci["avg"][1]
+    assert ci["hits1"][0] <= res["hits1"] <= ci["hits1"][1] and ci["hits3"][0] <= res["hits3"] <= ci["hits3"][1]
+    # a finetuned model against itself: normalized accuracy exactly 1 in every resample
+    own = {"correct": {"acc": torch.cat([ft[0]["acc"][:60], ft[1]["acc"][60:]])}}
+    got = je.intervals(own, ft, inputs)
+    assert got["normalized"] == (1.0, 1.0) and set(got) == {"avg", "normalized"}  # no joint result given
+    # paired: a result against itself differs by exactly 0 on every resample
+    assert set(je.intervals(res, ft, inputs, minus=res).values()) == {(0.0, 0.0)}
+
+
+def test_difference_of_two_methods():
+    inputs = fake_inputs(n_per_task=(60, 40), seed=10)
+    g = torch.Generator().manual_seed(11)
+    heads = torch.nn.functional.normalize(torch.randn(len(jt.JOINT_LABELS), 16, generator=g), dim=1)
+    embs = [torch.nn.functional.normalize(torch.randn(len(inputs.texts), 16, generator=g), dim=1) for _ in range(4)]
+    ft = [je.score(e, inputs, heads)["correct"] for e in embs[:2]]
+    a, b = ({"per_task": je.score(e, inputs, heads), "joint": je.score(e, inputs, heads)} for e in embs[2:])
+    got = je.difference(a, b, ft, inputs)
+    ft_acc = [ft[t]["acc"][inputs.rows(t)].double().mean().item() for t in range(2)]
+    expected = sum((a["per_task"]["acc"][f"task{t}"] - b["per_task"]["acc"][f"task{t}"]) / ft_acc[t]
+                   for t in range(2)) / 2
+    assert got["normalized"][0] == pytest.approx(expected)
+    assert got["hits1"][0] == pytest.approx(a["joint"]["hits1"] - b["joint"]["hits1"])
+    for d, lo, hi in got.values():
+        assert lo <= d <= hi and lo < hi
 
 
 def test_linear_search_sweeps_each_parameter_in_order():
@@ -143,7 +204,7 @@ def _norm(text):
     return " ".join(text.split()).lower()
 
 
-@pytest.mark.parametrize("name", jt.TASK_NAMES)
+@pytest.mark.parametrize("name", jt.HARD_TASK_NAMES)
 def test_task_splits_are_fixed_disjoint_and_labelled(name):
     a, b = jt.load_task(name), jt.load_task(name)
     for split in ("train", "val", "test"):
@@ -160,12 +221,13 @@ def test_task_splits_are_fixed_disjoint_and_labelled(name):
     assert not any("&#039;" in t or "&amp;" in t or "\nham\t" in t or "\nspam\t" in t for t in texts)
 
 
-def test_shipped_adapters_cover_the_attention_projections():
+@pytest.mark.parametrize("setting, rank", [(je.STANDARD, 8), (je.HARDER, 16)])
+def test_shipped_adapters_cover_the_attention_projections(setting, rank):
     import knots_ext
 
-    for name in jt.TASK_NAMES:
-        a = knots_ext.io.load_adapter(str(je.ADAPTERS / name))
-        assert len(a.modules) == 6 * 4
+    for name in setting.tasks:
+        a = knots_ext.io.load_adapter(str(setting.adapters / name))
+        assert len(a.modules) == 6 * 4 and {a.rank(m) for m in a.modules} == {rank}
         assert all(m.rsplit("encoder.layer.", 1)[1].split(".", 1)[1] in
                    ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
                    for m in a.modules)
@@ -198,6 +260,9 @@ def test_quick_run_end_to_end(tmp_path, capsys, monkeypatch):
             assert m.shape == (2, 2) and torch.allclose(m, m.T) and torch.allclose(m.diagonal(), torch.ones(2))
             assert 0.0 <= float(m[0, 1]) <= 1.0
     assert "| knots-ties |" in (out / "results.md").read_text()
+    d, lo, hi = res["differences"]["knots-ties - ta"]["hits1"]
+    assert d == pytest.approx(rows["knots-ties"]["joint"]["hits1"] - rows["ta"]["joint"]["hits1"]) and lo <= d <= hi
+    assert "| knots-ties - ta |" in (out / "results.md").read_text()
 
 
 def test_missing_adapters_is_one_error_line(tmp_path, capsys):
@@ -205,3 +270,32 @@ def test_missing_adapters_is_one_error_line(tmp_path, capsys):
         je.main(["--quick", "--tasks", "sms_spam", "--adapters", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "sms_spam" in str(exc.value) and "no adapter" in str(exc.value)
     assert not (tmp_path / "o").exists()
+
+
+def test_with_intervals_takes_a_rerun_only_if_it_reproduces_the_shipped_figures():
+    def row(acc, hits1, ci=None):
+        r = {"per_task": {"params": {"lam": 0.5}, "acc": {"a": acc}}, "joint": {"params": {}, "hits1": hits1}}
+        if ci:
+            r["per_task"]["avg_ci"] = ci
+        return r
+
+    full = {"rows": {"ta": row(0.7649999856948853, 0.3)}, "mode": "full"}
+    rerun = {"rows": {"ta": row(0.765, 0.30000001192092896, ci=[0.7, 0.8])}, "seconds": 1, "differences": {}}
+    got = je.with_intervals(full, rerun, Path("r.json"))  # float32 rounding of the same figures
+    assert got["rows"]["ta"]["per_task"]["avg_ci"] == [0.7, 0.8] and got["mode"] == "full"
+    with pytest.raises(SystemExit, match=r"r\.json: row ta: the re-run's per_task acc"):
+        je.with_intervals({"rows": {"ta": row(0.765, 0.3)}}, {"rows": {"ta": row(0.77, 0.3)}, "seconds": 1},
+                          Path("r.json"))  # one flipped prediction of 200
+
+
+def test_harder_setting_quick_run(tmp_path):
+    """--harder: its own tasks, rank-16 adapters and shipped choices, on two of its new tasks."""
+    out = tmp_path / "hard"
+    je.main(["--quick", "--harder", "--tasks", "movie_reviews,subjectivity", "--methods", "ta,knots-ties",
+             "--silent", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert res["joint_labels"] == ["negative", "positive", "plot", "review"]  # only the classes in play
+    for task in ("movie_reviews", "subjectivity"):
+        assert rows["finetuned"]["per_task"]["acc"][task] > rows["zero-shot"]["per_task"]["acc"][task]
+    assert set(res["differences"]) == {"knots-ties - ta"}
