@@ -299,3 +299,18 @@ def test_harder_setting_quick_run(tmp_path):
     for task in ("movie_reviews", "subjectivity"):
         assert rows["finetuned"]["per_task"]["acc"][task] > rows["zero-shot"]["per_task"]["acc"][task]
     assert set(res["differences"]) == {"knots-ties - ta"}
+
+
+def test_train_joint_adapters_writes_a_peft_adapter(tmp_path):
+    import knots_ext
+    import train_joint_adapters as tja
+
+    tja.main(["--tasks", "sms_spam", "--steps", "2", "--batch-size", "4", "--rank", "4", "--out", str(tmp_path)])
+    a = knots_ext.io.load_adapter(str(tmp_path / "sms_spam"))
+    assert len(a.modules) == 24 and {a.rank(m) for m in a.modules} == {4}
+    assert json.loads((tmp_path / "training.json").read_text())["tasks"]["sms_spam"]["steps"] == 2
+    # the shipped harder adapters were trained with the --harder preset
+    shipped = json.loads((je.HARDER.adapters / "training.json").read_text())
+    assert {k: shipped["settings"][k] for k in ("rank", "alpha", "steps")} == \
+        {k: tja.HARDER[k] for k in ("rank", "alpha", "steps")}
+    assert list(shipped["tasks"]) == jt.HARD_TASK_NAMES == tja.HARDER["tasks"].split(",")
