@@ -182,7 +182,8 @@ def intervals(result: dict, finetuned: list, inputs: Inputs, minus: dict | None 
         if key in result["correct"]:  # no joint results for the finetuned row
             a = per_task(result, key)
             b = per_task(minus, key) if minus is not None else None
-            out[name] = jt.bootstrap_interval(lambda idx: stat(a, idx) - (stat(b, idx) if b else 0.0), sizes)
+            out[name] = jt.bootstrap_interval(
+                lambda idx, stat=stat, a=a, b=b: stat(a, idx) - (stat(b, idx) if b else 0.0), sizes)
     return out
 
 
@@ -556,7 +557,8 @@ def with_intervals(full: dict, rerun: dict, path: Path) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="test only, with the hyperparameters chosen by the shipped full run (benchmarks/joint_results)")
+                    help="test only, with the hyperparameters chosen by the shipped full run "
+                         "(benchmarks/joint_results, with --harder benchmarks/joint_results_hard)")
     ap.add_argument("--out", default=None, help="output folder (default: joint-eval-out with --quick, "
                                                 "else benchmarks/joint_results)")
     ap.add_argument("--adapters", default="", help="adapter folder (default: benchmarks/joint_adapters, "

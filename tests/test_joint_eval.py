@@ -302,8 +302,9 @@ def test_harder_setting_quick_run(tmp_path):
 
 
 def test_train_joint_adapters_writes_a_peft_adapter(tmp_path):
-    import knots_ext
     import train_joint_adapters as tja
+
+    import knots_ext
 
     tja.main(["--tasks", "sms_spam", "--steps", "2", "--batch-size", "4", "--rank", "4", "--out", str(tmp_path)])
     a = knots_ext.io.load_adapter(str(tmp_path / "sms_spam"))
