@@ -25,7 +25,8 @@ trained. Accuracy on the target's 200 test examples, mean over seeds, with a boo
 interval over test examples (the same resamples for every seed and row). Nothing is tuned toward a method.
 
     python benchmarks/adapt_eval.py --quick      # k = 16, one seed: ~10 min on 2 cores
-    python benchmarks/adapt_eval.py              # k = 16 and 64, seeds 0, 1, 2
+    python benchmarks/adapt_eval.py              # k = 16 and 64, seeds 0, 1, 2 (hours on 2 cores;
+                                                 # --resume goes on from OUT/partial.json)
     python benchmarks/adapt_eval.py --timing     # the speed targets: 30 adapters' per-module
                                                  # coefficients vs a new LoRA; retrieval of 100
 

@@ -139,3 +139,9 @@ def test_adapt_eval_runs(tmp_path):
         assert 0.0 <= lo <= mean <= hi <= 1.0
     assert rows["own adapter"][0] > 0.8
     assert (out / "results.md").read_text().count("|") > 20 and (out / "accuracy.png").stat().st_size > 0
+    # --resume: the kept run is reused, nothing is run again, the same figures come out
+    again = subprocess.run([sys.executable, str(BENCH / "adapt_eval.py"), "--quick", "--tasks", "sms_spam",
+                            "--steps", "2", "--out", str(out), "--resume"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "sms_spam/k=16/seed=0:" in proc.stdout and "sms_spam/k=16/seed=0:" not in again.stdout
+    assert json.loads((out / "results.json").read_text())["results"] == res["results"]
