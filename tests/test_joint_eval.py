@@ -125,13 +125,20 @@ def test_bootstrap_interval_resamples_each_stratum_alike_for_every_statistic():
     assert jt.bootstrap_interval(lambda idx: idx[0].sum() + 0.0, [1, 50]) == (0.0, 0.0)
 
 
-def test_intervals_of_a_result():
-    inputs = fake_inputs(n_per_task=(60, 40), seed=8)
-    g = torch.Generator().manual_seed(9)
+def two_finetuned_and_others(seed: int, others: int):
+    """Two tasks of 60 and 40 test inputs, random heads, two random "finetuned" models' correct
+    vectors and `others` more models' embeddings."""
+    inputs = fake_inputs(n_per_task=(60, 40), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
     heads = torch.nn.functional.normalize(torch.randn(len(jt.JOINT_LABELS), 16, generator=g), dim=1)
-    embs = [torch.nn.functional.normalize(torch.randn(len(inputs.texts), 16, generator=g), dim=1) for _ in range(3)]
-    ft = [je.score(e, inputs, heads)["correct"] for e in embs[:2]]
-    res = je.score(embs[2], inputs, heads)
+    embs = [torch.nn.functional.normalize(torch.randn(len(inputs.texts), 16, generator=g), dim=1)
+            for _ in range(2 + others)]
+    return inputs, heads, [je.score(e, inputs, heads)["correct"] for e in embs[:2]], embs[2:]
+
+
+def test_intervals_of_a_result():
+    inputs, heads, ft, (emb,) = two_finetuned_and_others(8, 1)
+    res = je.score(emb, inputs, heads)
     ci = je.intervals(res, ft, inputs)
     avg = sum(res["acc"].values()) / 2
     assert ci["avg"][0] <= avg <= ci["avg"][1] and ci["avg"][0] < ci["avg"][1]
@@ -145,12 +152,8 @@ def test_intervals_of_a_result():
 
 
 def test_difference_of_two_methods():
-    inputs = fake_inputs(n_per_task=(60, 40), seed=10)
-    g = torch.Generator().manual_seed(11)
-    heads = torch.nn.functional.normalize(torch.randn(len(jt.JOINT_LABELS), 16, generator=g), dim=1)
-    embs = [torch.nn.functional.normalize(torch.randn(len(inputs.texts), 16, generator=g), dim=1) for _ in range(4)]
-    ft = [je.score(e, inputs, heads)["correct"] for e in embs[:2]]
-    a, b = ({"per_task": je.score(e, inputs, heads), "joint": je.score(e, inputs, heads)} for e in embs[2:])
+    inputs, heads, ft, embs = two_finetuned_and_others(10, 2)
+    a, b = ({"per_task": je.score(e, inputs, heads), "joint": je.score(e, inputs, heads)} for e in embs)
     got = je.difference(a, b, ft, inputs)
     ft_acc = [ft[t]["acc"][inputs.rows(t)].double().mean().item() for t in range(2)]
     expected = sum((a["per_task"]["acc"][f"task{t}"] - b["per_task"]["acc"][f"task{t}"]) / ft_acc[t]
