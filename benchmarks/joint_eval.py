@@ -392,8 +392,8 @@ def plots(results: dict, out: Path) -> list:
         top = max(c[1] for c in cis) + 5
         ax.set_ylim(max(0, min(c[0] for c in cis) - 10), min(100, top) if key == "hits1" else top)
         ax.set_title(title)
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        for i, (v, c) in enumerate(zip(vals, cis)):
+            ax.text(i, c[1], f"{v:.1f}", ha="center", va="bottom", fontsize=7)  # above the interval
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
