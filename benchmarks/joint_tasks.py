@@ -224,7 +224,7 @@ TASK_SOURCES = {
     "subjectivity": (_subjectivity, ["plot", "review"]),
 }
 TASK_NAMES = list(TASK_SOURCES)[:5]  # the joint-evaluation benchmark's tasks
-HARD_TASK_NAMES = list(TASK_SOURCES)  # the harder setting: 8 tasks (README of joint_eval.py)
+HARD_TASK_NAMES = list(TASK_SOURCES)  # the harder setting: 8 tasks (joint_eval.py --harder)
 
 
 def load_task(name: str) -> Task:
