@@ -332,10 +332,6 @@ def mean_offdiag(matrix) -> float:
 
 # ---- outputs ------------------------------------------------------------------------------------
 
-def pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def fmt_params(params: dict) -> str:
     return " ".join(f"{k}={v:g}" for k, v in params.items()) or "-"
 
