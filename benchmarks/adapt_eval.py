@@ -30,7 +30,8 @@ interval over test examples (the same resamples for every seed and row). Nothing
     python benchmarks/adapt_eval.py --timing     # the speed targets: 30 adapters' per-module
                                                  # coefficients vs a new LoRA; retrieval of 100
 
-Writes results.json, results.md and a plot to --out (default benchmarks/adapt_results/)."""
+Writes results.json, results.md and a plot to --out (default benchmarks/adapt_results/, and its
+quick/ for --quick, so that a quick run leaves the full run's results alone)."""
 from __future__ import annotations
 
 import argparse
@@ -182,7 +183,8 @@ def main(argv=None):
     ap.add_argument("--tasks", default=",".join(jt.TASK_NAMES))
     ap.add_argument("--top-m", type=int, default=TOP_M)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--out", default=None,
+                    help="results folder (default benchmarks/adapt_results/, its quick/ with --quick)")
     ap.add_argument("--timing", action="store_true", help="only the speed targets (timing())")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the runs already in OUT/partial.json (an interrupted run's), run the rest")
@@ -190,6 +192,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.ks, args.seeds = "16", "0"
+    if args.out is None:
+        args.out = str(DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
     ks, seeds = [int(k) for k in args.ks.split(",")], [int(s) for s in args.seeds.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
