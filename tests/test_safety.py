@@ -237,7 +237,10 @@ def test_cli_signal_subprocess(tmp_path, two, sig, code, word):
         engine.run_merge = slow
         sys.exit(cli.main({[str(p) for p in two]!r} + ["-o", {str(tmp_path / 'out')!r}]))
     """)
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell's background job (`cmd &`, e.g. this suite
+    # run that way) starts with SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(sig)
     _, err = p.communicate(timeout=30)
