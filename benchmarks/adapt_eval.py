@@ -175,6 +175,32 @@ def mean_interval(correct: list) -> tuple[float, float, float]:
     return float(stack.mean()), lo, hi
 
 
+# The study's questions as paired differences (first row - second), per k, over the five targets.
+DIFFERENCES = [("adaptive-grad", "new-lora"), ("adaptive-grad", "adaptive-grad-random"),
+               ("adaptive-grad", "uniform knots-ties"), ("uniform knots-ties", "uniform ties"),
+               ("uniform knots-ties", "uniform ta")]
+
+
+def differences(correct: dict, ks: list) -> dict:
+    """{"a - b/k=K": (mean, lo, hi)}: the mean over targets of row a's accuracy minus row b's (each
+    a mean over seeds), with a paired bootstrap 95% interval: each target's test examples resampled
+    within the target, the same draws for both rows. correct: {(task, k): {row: seeds x examples}}."""
+    out = {}
+    for k in ks:
+        groups = [rows for (_, kk), rows in correct.items() if kk == k]
+        if not groups:
+            continue
+        for a, b in DIFFERENCES:
+            gaps = [g[a].astype(float) - g[b].astype(float) for g in groups]
+
+            def stat(idx, gaps=gaps):
+                return float(np.mean([gap[:, i].mean() for gap, i in zip(gaps, idx)]))
+
+            lo, hi = jt.bootstrap_interval(stat, [gap.shape[1] for gap in gaps])
+            out[f"{a} - {b}/k={k}"] = (float(np.mean([gap.mean() for gap in gaps])), lo, hi)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="k = 16, seed 0 only")
@@ -216,7 +242,7 @@ def main(argv=None):
     # stopped resumes where it was (--resume) with the same numbers.
     partial_path = out / "partial.json"
     partial = json.loads(partial_path.read_text()) if args.resume and partial_path.exists() else {}
-    results, timings, t_start = {}, {}, time.perf_counter()
+    results, correct, timings, t_start = {}, {}, {}, time.perf_counter()
     for name in args.tasks.split(","):
         task = jt.load_task(name)
         pool_list = [p for p, t in owners.items() if t != name]
@@ -235,13 +261,15 @@ def main(argv=None):
                 for r in ROWS:
                     per_row[r].append(np.array(partial[key][r], dtype=bool))
             results[f"{name}/k={k}"] = {r: mean_interval(v) for r, v in per_row.items()}
+            correct[(name, k)] = {r: np.stack(v) for r, v in per_row.items()}
     settings = {k: v for k, v in vars(args).items() if k not in ("seed_now", "resume", "threads")}
-    summary = {"args": settings, "pool": len(owners), "results": results, "timings": timings,
-               "seconds": time.perf_counter() - t_start}
+    gaps = differences(correct, ks)
+    summary = {"args": settings, "pool": len(owners), "results": results, "differences": gaps,
+               "timings": timings, "seconds": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    (out / "results.md").write_text(markdown(results) + "\n" + markdown_differences(gaps))
     plot(results, out / "accuracy.png")
-    print(markdown(results))
+    print(markdown(results) + "\n" + markdown_differences(gaps))
     print(f"wrote {out}/results.json, results.md, accuracy.png ({summary['seconds']:.0f} s)")
 
 
@@ -252,6 +280,19 @@ def markdown(results: dict) -> str:
         cells = [f"{results[c][r][0]:.3f} [{results[c][r][1]:.3f}, {results[c][r][2]:.3f}]" for c in cols]
         lines.append(f"| {r} | " + " | ".join(cells) + f" | {np.mean([results[c][r][0] for c in cols]):.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_differences(gaps: dict) -> str:
+    lines = ["| paired difference, mean over targets | " + " | ".join(f"k = {k}" for k in _ks(gaps)) + " |",
+             "|---|" + "---|" * len(_ks(gaps))]
+    for a, b in DIFFERENCES:
+        cells = [gaps.get(f"{a} - {b}/k={k}") for k in _ks(gaps)]
+        lines.append(f"| {a} - {b} | " + " | ".join(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ks(gaps: dict) -> list:
+    return sorted({int(key.rsplit("=", 1)[1]) for key in gaps})
 
 
 def plot(results: dict, path: Path) -> None:

@@ -139,9 +139,35 @@ def test_adapt_eval_runs(tmp_path):
         assert 0.0 <= lo <= mean <= hi <= 1.0
     assert rows["own adapter"][0] > 0.8
     assert (out / "results.md").read_text().count("|") > 20 and (out / "accuracy.png").stat().st_size > 0
+    gaps = res["differences"]
+    assert len(gaps) == 5 and all(key.endswith("/k=16") for key in gaps)
+    for mean, lo, hi in gaps.values():
+        assert -1.0 <= lo <= mean <= hi <= 1.0
     # --resume: the kept run is reused, nothing is run again, the same figures come out
     again = subprocess.run([sys.executable, str(BENCH / "adapt_eval.py"), "--quick", "--tasks", "sms_spam",
                             "--steps", "2", "--out", str(out), "--resume"], capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "sms_spam/k=16/seed=0:" in proc.stdout and "sms_spam/k=16/seed=0:" not in again.stdout
     assert json.loads((out / "results.json").read_text())["results"] == res["results"]
+
+
+def test_adapt_eval_paired_differences():
+    """adapt_eval.differences: the mean over targets of the per-target accuracy gaps, and a paired
+    interval: one row that only adds correct answers to another lies above 0, equal rows give 0."""
+    import numpy as np
+
+    import adapt_eval
+
+    rng = np.random.RandomState(0)
+    correct = {}
+    for task, n in (("a", 50), ("b", 80)):
+        base = rng.rand(3, n) < 0.6
+        rows = {r: base.copy() for r in adapt_eval.ROWS}
+        rows["adaptive-grad"] = base | (rng.rand(3, n) < 0.3)
+        correct[(task, 16)] = rows
+    gaps = adapt_eval.differences(correct, [16, 64])
+    assert set(gaps) == {f"{a} - {b}/k=16" for a, b in adapt_eval.DIFFERENCES}
+    expected = np.mean([(r["adaptive-grad"].astype(float) - r["new-lora"]).mean() for r in correct.values()])
+    mean, lo, hi = gaps["adaptive-grad - new-lora/k=16"]
+    assert abs(mean - expected) < 1e-12 and 0.0 < lo <= mean <= hi
+    assert gaps["uniform knots-ties - uniform ties/k=16"] == (0.0, 0.0, 0.0)
