@@ -283,16 +283,13 @@ def markdown(results: dict) -> str:
 
 
 def markdown_differences(gaps: dict) -> str:
-    lines = ["| paired difference, mean over targets | " + " | ".join(f"k = {k}" for k in _ks(gaps)) + " |",
-             "|---|" + "---|" * len(_ks(gaps))]
+    ks = sorted({int(key.rsplit("=", 1)[1]) for key in gaps})
+    lines = ["| paired difference, mean over targets | " + " | ".join(f"k = {k}" for k in ks) + " |",
+             "|---|" + "---|" * len(ks)]
     for a, b in DIFFERENCES:
-        cells = [gaps.get(f"{a} - {b}/k={k}") for k in _ks(gaps)]
+        cells = [gaps[f"{a} - {b}/k={k}"] for k in ks]
         lines.append(f"| {a} - {b} | " + " | ".join(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _ks(gaps: dict) -> list:
-    return sorted({int(key.rsplit("=", 1)[1]) for key in gaps})
 
 
 def plot(results: dict, path: Path) -> None:
