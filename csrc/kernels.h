@@ -70,6 +70,13 @@ std::vector<std::string> paths();  // the paths this build has and this CPU can 
 std::string path();                // the one that runs
 void set_path(const std::string& name);
 std::string arch();                // the -march the baseline path was built for
+// What widen_f32 saw, as bits.
+constexpr int kSawNonFinite = 1, kSawZero = 2;
+// Host arrays only: n contiguous elements of dtype at src, widened into dst as float32 (dst
+// nullptr: only looked at). Returns kSawNonFinite | kSawZero for the values seen: one pass where
+// torch takes three calls (convert, check finite, check for zeros), each waking its threads
+// (LoRA factors are small: the wake-ups cost more than the work).
+int widen_f32(const void* src, int64_t n, DType dtype, float* dst);
 #include "kernel_api.h"
 }  // namespace cpu
 

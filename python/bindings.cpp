@@ -160,6 +160,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_path", &cpu::set_path, py::arg("name"),
         "Runs the CPU kernels on this path (one of build_info()['cpu_paths']); results do not change");
   m.def("num_threads", &cpu::num_threads);
+  m.def(
+      "widen_f32",
+      [](uintptr_t src, int64_t n, int dtype, uintptr_t dst) {
+        if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0, 1 or 2");
+        py::gil_scoped_release release;
+        return cpu::widen_f32(reinterpret_cast<const void*>(src), n, DType(dtype), reinterpret_cast<float*>(dst));
+      },
+      py::arg("src"), py::arg("n"), py::arg("dtype"), py::arg("dst") = 0,
+      "Host arrays: n contiguous elements (dtype code) at src into float32 at dst (0: not written); "
+      "returns bit 1 if one was NaN or Inf, bit 2 if one was zero");
+  m.attr("SAW_NONFINITE") = cpu::kSawNonFinite;
+  m.attr("SAW_ZERO") = cpu::kSawZero;
   m.def("module_id", [](const std::string& name) { return fnv1a64(name.data(), name.size()); },
         "64-bit FNV-1a of a module name: the module part of DARE's stream");
   m.def("dare_key", [](uint64_t seed, uint64_t task, uint64_t module_id) {

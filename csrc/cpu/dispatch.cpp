@@ -100,6 +100,40 @@ std::string path() { return active().name; }
 void set_path(const std::string& name) { selected().store(find(name)); }
 std::string arch() { return KX_CPU_ARCH_NAME; }
 
+namespace {
+template <class T, bool kWrite>
+int widen(const T* src, int64_t n, float* dst) {
+  // Magnitude bits: >= 0x7f800000 is Inf or NaN, 0 is +-0. Branch-free, so it vectorises.
+  uint32_t nonfinite = 0, zero = 0;
+#pragma omp parallel for if (n >= (int64_t(1) << 22)) reduction(| : nonfinite, zero) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_float(src[i]);
+    if constexpr (kWrite) dst[i] = v;
+    const uint32_t mag = float_bits(v) & 0x7fffffffu;
+    nonfinite |= uint32_t(mag >= 0x7f800000u);
+    zero |= uint32_t(mag == 0u);
+  }
+  return (nonfinite ? kSawNonFinite : 0) | (zero ? kSawZero : 0);
+}
+
+template <class T>
+int widen_to(const void* src, int64_t n, float* dst) {
+  const T* s = static_cast<const T*>(src);
+  return dst != nullptr ? widen<T, true>(s, n, dst) : widen<T, false>(s, n, nullptr);
+}
+}  // namespace
+
+int widen_f32(const void* src, int64_t n, DType dtype, float* dst) {
+  if (n < 0) throw std::invalid_argument("negative length");
+  if (n > 0 && src == nullptr) throw std::invalid_argument("null source pointer");
+  switch (dtype) {
+    case DType::f32: return widen_to<float>(src, n, dst);
+    case DType::f16: return widen_to<half_t>(src, n, dst);
+    case DType::bf16: return widen_to<bf16_t>(src, n, dst);
+  }
+  throw std::invalid_argument("unknown dtype");
+}
+
 void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector<int64_t>& task_of_row,
                          MagnitudeSelect& sel) {
   active().magnitude_histogram(x, d, task_of_row, sel);

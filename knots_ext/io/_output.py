@@ -17,6 +17,7 @@ Rules (the writer never destroys a user's files):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -171,6 +172,22 @@ def remove_stale_temps(parent: str, base: str) -> None:
         if m and not _process_alive(int(m.group(1))):
             # (rmtree leaves a symlink or a file of that name alone: it refuses them, ignored)
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+# Bytes appended to an output file between two starts of its writeback (start_writeback).
+WRITEBACK_CHUNK = 16 << 20
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Asks the kernel to start writing a file's range to disk now, without waiting for it (Linux:
+    fadvise DONTNEED starts the writeback of the range's dirty pages; the pages still being
+    written stay cached). Written this way as the merge goes, a large output's closing fsync has
+    little left to wait for (416 MB: 0.15 s -> ~0 here). Advice only: ignored where unsupported."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None or length <= 0:
+        return
+    with contextlib.suppress(OSError):
+        advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def fsync_path(path: str) -> None:

@@ -382,10 +382,14 @@ class Adapter:
             if module in self._conv:  # B (c_out, r, 1, 1) -> c_out x r, A (r, c_in, kh, kw) -> r x c_in*kh*kw
                 t = t.reshape(t.shape[0], -1)
             stored = t
-            if dtype is not None and t.dtype != dtype:
-                t = t.to(dtype)
-            # One check, on the converted tensor: torch's isfinite on bf16/fp16 is ~100x slower.
-            if not _arrays.all_finite(t):
+            if dtype == torch.float32:  # (the merge's case: converted and checked in one pass)
+                t, finite = _arrays.float32_checked(t)
+            else:
+                if dtype is not None and t.dtype != dtype:
+                    t = t.to(dtype)
+                # One check, on the converted tensor: torch's isfinite on bf16/fp16 is ~100x slower.
+                finite = _arrays.all_finite(t)
+            if not finite:
                 if _arrays.all_finite(stored.to(torch.float64)):
                     raise AdapterError(self.weights_path, f"module {module}: {which} overflows {dtype}")
                 raise AdapterError(self.weights_path, f"module {module}: {which} holds NaN or Inf values")

@@ -26,6 +26,7 @@ from ._common import (
 )
 from ._output import (
     MANIFEST_NAME,
+    WRITEBACK_CHUNK,
     fresh_temp_name,
     fsync_path,
     inspect_output,
@@ -33,6 +34,7 @@ from ._output import (
     manifest_text,
     plain_file_name,
     remove_stale_temps,
+    start_writeback,
 )
 from .adapter import CONFIG_NAME
 from .formats import OutputLayout
@@ -165,6 +167,7 @@ class AdapterWriter:
         self.modules_to_save: set = set()
         self.entries: dict[str, dict] = {}  # key -> safetensors header entry
         self.size = 0
+        self.written_back = 0  # data bytes whose writeback has been started (start_writeback)
         parent, base = os.path.dirname(self.target), os.path.basename(self.target)
         self.tmp: str | None = None
         try:
@@ -209,6 +212,10 @@ class AdapterWriter:
             "data_offsets": [self.size, self.size + raw.size],
         }
         self.size += raw.size
+        if self.size - self.written_back >= WRITEBACK_CHUNK:
+            self.data.flush()
+            start_writeback(self.data.fileno(), self.data_start + self.written_back, self.size - self.written_back)
+            self.written_back = self.size
 
     def add(self, module: str, B, A, *, finite: bool = False) -> None:
         """Writes module's factors: its update is exactly B @ A (B: d_out x r, A: r x d_in). finite:
