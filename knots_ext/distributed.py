@@ -128,11 +128,13 @@ def _merge_module(job: Job, ref: ModuleRef):
     return zero_update(ref) if not m.tasks else driver.merge_module(o.method, o.space, o.params, ref, m)[0]
 
 
-def _prepare(job: Job, ref: ModuleRef):
-    """(the module's state, whether it has tasks): two objects, so that the driver fetches the flag only."""
+def _prepare(job: Job, ref: ModuleRef, threads: int | None = None):
+    """(the module's state, whether it has tasks): two objects, so that the driver fetches the flag
+    only. threads: torch's threads for the basis (driver.bases_threads), None: the job's."""
     o = _open(job)
     m = o.load(ref)
-    return (o.space.prepare(m), True) if m.tasks else (None, False)
+    with driver.torch_threads(threads):
+        return (o.space.prepare(m), True) if m.tasks else (None, False)
 
 
 def _count(job: Job, refs: list, has_tasks: list, sel, dare_p: float, seed: int, *states):
@@ -213,8 +215,9 @@ class RayPasses(driver.Passes):
         from . import ops
 
         pending = []
+        threads = driver.bases_threads(modules)  # (as one process would: the same bits)
         for ref in modules:
-            self.states[ref.name], has = self._call("_prepare", ref, returns=2)
+            self.states[ref.name], has = self._call("_prepare", ref, threads, returns=2)
             pending.append((ref, has))
         for ref, has in self._in_order(pending, progress, f"{desc}: bases"):
             self.has_tasks[ref.name] = has

@@ -12,9 +12,12 @@ as soon as it is final (streamed to disk by the CLI)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -32,6 +35,33 @@ STATE_MEMORY = 256 << 20
 # the adapters again (no temporary copy: the adapter files are the copy). A module's factors are
 # n r (d_out + d_in) floats: at n = 8 a Llama-3-8B layer's q, k, v, o are 13 MiB.
 FACTOR_MEMORY = 128 << 20
+# Global TIES's bases (one SVD per module) are computed with one torch thread each, as many
+# modules at a time as torch has threads, when no module has more tasks than this: small bases'
+# linear algebra (k x k cores, d x k products) gains little from threads, and their Python
+# between products holds the GIL (n = 8 rank-16 on 2 cores: 1.43 -> 1.18 s for 32 layers).
+# Their bits then do not depend on the thread count. More tasks: one module at a time, threaded.
+BASES_ONE_THREAD_MAX_TASKS = 16
+
+
+def bases_threads(modules: list) -> int | None:
+    """The torch threads global TIES computes its modules' bases with: 1 when every module has at
+    most BASES_ONE_THREAD_MAX_TASKS tasks, else None (torch's setting). Ray's workers follow it,
+    so that their bits are this process's."""
+    return 1 if all(len(ref.tasks) <= BASES_ONE_THREAD_MAX_TASKS for ref in modules) else None
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op threads set to `threads` (None: left alone) inside the block."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -349,11 +379,51 @@ class LocalPasses(Passes):
             # Every module's basis before the selection's histograms exist (n_tasks x 512 KB:
             # 128 MB at n = 256), so that they are not held under the largest SVD. The passes
             # after it read only the states, as they would have anyway.
-            for ref in progress(modules, f"{desc}: bases"):
-                self.factors_of(ref)
+            self._bases(progress(modules, f"{desc}: bases"), bases_threads(modules))
         first = next((f for f in (self.factors_of(ref)[1] for ref in modules) if f), None)
         # The thresholds in about one full pass where the kernels allow it (factors on the CPU).
         return ops.MagnitudeThreshold(n_tasks, top_k, sampled=first is not None and _on_cpu(first))
+
+    def _bases(self, modules, threads: int | None) -> None:
+        """Every module's state (factors_of's), in order. With one torch thread per basis
+        (bases_threads) and more threads to spare, workers load and prepare the modules side by
+        side, each at most one module ahead; only for factors on the CPU (the first module with
+        tasks tells, prepared here)."""
+        workers = torch.get_num_threads() if threads == 1 else 1
+        with torch_threads(threads):
+            todo = iter(modules)
+            for ref in todo:
+                known, state = self._load_prepared(ref)
+                self._keep_state(ref, known, state)
+                if known.tasks:
+                    on_cpu = all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in _flatten(state)[0])
+                    break
+            else:
+                return
+            if workers == 1 or not on_cpu:
+                for ref in todo:
+                    self.factors_of(ref)
+                return
+            with ThreadPoolExecutor(workers, thread_name_prefix="knots-bases") as pool:
+                pending: deque = deque()
+                for ref in todo:
+                    pending.append((ref, pool.submit(self._load_prepared, ref)))
+                    if len(pending) > workers:
+                        ref, done = pending.popleft()
+                        self._keep_state(ref, *done.result())
+                while pending:
+                    ref, done = pending.popleft()
+                    self._keep_state(ref, *done.result())
+
+    def _load_prepared(self, ref):
+        """(the module as loaded, without its factors: its state holds its rows; its state)"""
+        m = self.load(ref)
+        return replace(m, factors=[]), (self.space.prepare(m) if m.tasks else None)
+
+    def _keep_state(self, ref, known, state) -> None:
+        self.known[ref.name] = known
+        if state is not None:
+            self.states.put(ref.name, state)
 
     def count(self, modules, sel, dare_p, seed, progress, desc):
         for ref in progress(modules, desc):

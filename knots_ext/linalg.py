@@ -6,6 +6,8 @@ dense updates and their concatenation are never formed. Dense factorisations are
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +73,9 @@ CHOLESKY_QR_MAX_COND = 1e4
 CORE_CHUNK = 512
 
 
-def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None, coef_dtype=torch.float64) -> KnotsSVD:
+def knots_svd(
+    Bs, As, scales, tol: float = DEFAULT_TOL, device=None, coef_dtype=torch.float64, u_dtype=torch.float64
+) -> KnotsSVD:
     """The SVD of the concatenation of s_i * B_i @ A_i (B_i: d_out x r_i, A_i: r_i x d_in) along
     the input dimension, in float64, from the factors (DESIGN.md §1, the QR-of-factors trick).
 
@@ -83,7 +87,8 @@ def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None, coef_dtype=
     d_in-sized factor. Q R is CholeskyQR (Gram of B_cat, Cholesky; U = B_cat R^-1 W) when R is
     well conditioned, else Householder QR (rank-deficient B_cat: collinear or duplicated
     adapters); when k >= d_out, Q = I and R = B_cat. Either way the representations rebuild X
-    exactly (X = U U^T X), and singular values <= tol are dropped."""
+    exactly (X = U U^T X), and singular values <= tol are dropped. U is computed in float64 and
+    returned as u_dtype (its signs fixed first)."""
     if not (len(Bs) == len(As) == len(scales)) or not Bs:
         raise ValueError("knots_svd needs one B, A and scale per task, and at least one task")
     f64 = dict(dtype=torch.float64, device=device if device is not None else Bs[0].device)
@@ -95,10 +100,10 @@ def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None, coef_dtype=
     if k < d_out:
         R, R_inv = _cholesky_r(B_cat)
         if R_inv is not None:
-            to_u = lambda W: B_cat @ (R_inv @ W)  # noqa: E731
+            to_u = lambda W, out: torch.matmul(B_cat, R_inv @ W, out=out)  # noqa: E731
         else:
             Q_B, R = torch.linalg.qr(B_cat)
-            to_u = lambda W: Q_B @ W  # noqa: E731
+            to_u = lambda W, out: torch.matmul(Q_B, W, out=out)  # noqa: E731
     else:
         R = B_cat
     chunks = _chunks(ranks)
@@ -116,7 +121,8 @@ def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None, coef_dtype=
     S = evals.flip(0).clamp_min(0.0).sqrt()
     keep = int((tol < S).sum())
     S, W = S[:keep], W[:, W.shape[1] - keep :].flip(1)
-    U = W if to_u is None else to_u(W)
+    # (returned as another dtype, the float64 U is a work array: not kept beyond this call)
+    U = W if to_u is None else to_u(W, _work("U", (d_out, keep), f64) if u_dtype != torch.float64 else None)
     if keep:
         sign = _column_signs(U)
         U.mul_(sign)
@@ -128,15 +134,37 @@ def knots_svd(Bs, As, scales, tol: float = DEFAULT_TOL, device=None, coef_dtype=
         rows = (W.T @ R[:, c0:c1]).to(coef_dtype)
         for t, a in tasks:
             coef[t] = rows[:, a - c0 : a - c0 + ranks[t]]
-    return KnotsSVD(U=U, S=S, coef=coef, A=list(As))
+    return KnotsSVD(U=U.to(u_dtype), S=S, coef=coef, A=list(As))
 
 
 def _scaled_cat(Bs, scales, ranks, f64) -> torch.Tensor:
-    """B_cat = [s_1 B_1 .. s_n B_n] in float64."""
-    B_cat = torch.cat([B.to(f64["device"]) for B in Bs], dim=1).to(f64["dtype"])
+    """B_cat = [s_1 B_1 .. s_n B_n] in float64 (a work array: see _work)."""
+    d_out = Bs[0].shape[0]
+    B_cat = torch.cat([B.to(f64["device"]) for B in Bs], dim=1, out=_work("B_cat", (d_out, sum(ranks)), f64))
     if any(float(s) != 1.0 for s in scales):
         B_cat *= torch.tensor([float(s) for s, r in zip(scales, ranks) for _ in range(r)], **f64)
     return B_cat
+
+
+# knots_svd's float64 work arrays (B_cat, the stacked A_i, U when returned in another dtype), kept
+# per thread and reused from module to module while they are this small: a fresh array of a few MB
+# costs its page faults (~1 ms per 4 MB here), more than the products made on it (n = 8: ~0.15 s
+# of a 3 s merge). Larger ones (many tasks) are allocated each time: their products dwarf the faults.
+WORK_MAX_BYTES = 8 << 20
+_work_arrays = threading.local()
+
+
+def _work(name: str, shape: tuple, f64) -> torch.Tensor:
+    """An uninitialised float64 array of `shape` on the merge device; on the CPU and up to
+    WORK_MAX_BYTES, the calling thread's array `name`, reused (valid until the next _work(name))."""
+    numel = math.prod(shape)
+    if torch.device(f64["device"]).type != "cpu" or numel * 8 > WORK_MAX_BYTES:
+        return torch.empty(shape, **f64)
+    arrays = _work_arrays.__dict__.setdefault("arrays", {})
+    buf = arrays.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = arrays[name] = torch.empty(numel, dtype=torch.float64)
+    return buf[:numel].view(shape)
 
 
 def _chunks(ranks) -> list:
@@ -163,7 +191,8 @@ def _row_grams(As, ranks, f64) -> list:
     for i, r in enumerate(ranks):
         by_rank.setdefault(r, []).append(i)
     for idx in by_rank.values():
-        stack = torch.stack([As[i].to(f64["device"]) for i in idx]).to(f64["dtype"])
+        A0 = As[idx[0]]
+        stack = torch.stack([As[i].to(f64["device"]) for i in idx], out=_work("A_stack", (len(idx), *A0.shape), f64))
         for i, G in zip(idx, stack @ stack.transpose(1, 2)):
             grams[i] = G
     return grams

@@ -19,6 +19,7 @@ from merge_refs import (
     read_scaled_factors,
     read_updates,
     ref_core,
+    ref_global_ties,
     ref_knots,
     write_adapter,
 )
@@ -258,6 +259,38 @@ def test_writer_patch_rewrites_entries(tmp_path, dtype):
     assert sorted(os.listdir(tmp_path)) == ["o"]
 
 
+def test_writer_starts_writeback_as_it_goes(tmp_path, monkeypatch):
+    """Every WRITEBACK_CHUNK bytes appended, the writer asks the kernel to start writing them
+    (start_writeback): the ranges asked for follow one another through the data section, and the
+    file is the same, patches of ranges already written back included."""
+    from knots_ext.io import save
+
+    asked = []
+    real = save.start_writeback
+
+    def spy(fd, offset, length):
+        asked.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(save, "WRITEBACK_CHUNK", 1000)
+    monkeypatch.setattr(save, "start_writeback", spy)
+    gen = torch.Generator().manual_seed(5)
+    factors = {f"model.m{i}": (torch.randn(20, 4, generator=gen), torch.randn(4, 30, generator=gen)) for i in range(6)}
+    with knots_ext.io.AdapterWriter(tmp_path / "o", base_model=None) as w:
+        for name, (B, A) in factors.items():
+            w.add(name, B, A)
+        w.patch("model.m0", "A", [3], torch.tensor([7.5]))  # (in a range already written back)
+        start = w.data_start
+    size = sum((B.numel() + A.numel()) * 4 for B, A in factors.values())
+    assert asked[0][0] == start and size - 1000 < sum(n for _, n in asked) <= size
+    assert all(o1 == o0 + n0 for (o0, n0), (o1, _) in zip(asked, asked[1:]))
+    assert all(n >= 1000 for _, n in asked)
+    factors["model.m0"][1].view(-1)[3] = 7.5
+    back = read_updates(tmp_path / "o")
+    for name, (B, A) in factors.items():
+        assert torch.equal(back["base_model.model." + name], B.double() @ A.double()), name
+
+
 def test_state_store_keeps_small_states_and_spills_large_ones():
     # In memory while the budget allows and the state is at most a quarter of it; larger states
     # go to disk even with room left (they would sit under every later module's SVD).
@@ -273,3 +306,70 @@ def test_state_store_keeps_small_states_and_spills_large_ones():
         assert torch.equal(store.pop("small")[1][0], small[1][0]) and store.used == 0
     finally:
         store.close()
+
+
+def test_bases_side_by_side_one_thread_each(tmp_path, restore_threads):
+    """Global TIES on KnOTS computes small modules' bases with one torch thread each, several
+    modules at a time (driver.bases_threads): the merge's bits are then the same whatever torch's
+    thread count (with threads, the float64 GEMMs of 8 rank-16 tasks of a 2048-wide module round
+    differently here), the workers did run (on threads of their own), torch's setting is back
+    afterwards, and the result is TIES on the dense KnOTS representations (float64 reference)."""
+    import threading
+
+    shapes = {"self_attn.o_proj": (2048, 128), "self_attn.v_proj": (96, 128)}
+    paths = [write_adapter(tmp_path / f"a{i}", 16, 16, layers=2, modules=shapes, seed=i) for i in range(8)]
+    where = []
+    real = driver.LocalPasses._load_prepared
+
+    def spy(self, ref):
+        where.append(threading.current_thread() is threading.main_thread())
+        return real(self, ref)
+
+    driver.LocalPasses._load_prepared = spy
+    try:
+        results = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            where.clear()
+            results[threads] = knots_ext.merge(paths, "knots-ties", top_k=0.3)
+            assert torch.get_num_threads() == threads
+            # (the first module with tasks on this thread; with 2 threads the others on workers)
+            assert where == [True] if threads == 1 else (len(where) == 4 and where[0] and not any(where[1:]))
+    finally:
+        driver.LocalPasses._load_prepared = real
+    one, two = results[1], results[2]
+    for name, u in one.modules.items():
+        v = two.modules[name]
+        assert torch.equal(u.B, v.B) and torch.equal(u.A, v.A), name
+    updates = [read_updates(p) for p in paths]
+    names = sorted(updates[0])
+    U, reps = ref_knots(updates, names)
+    merged = ref_global_ties(reps, names, {n: tuple(reps[0][n].shape) for n in names}, 0.3, 1.0)
+    for name in names:
+        close(one.delta(name), U[name] @ merged[name], 1e-4, name)
+
+
+def test_bases_threads_rule():
+    small = [driver.ModuleRef("a", list(range(16)), (4, 4)), driver.ModuleRef("b", [0, 1], (4, 4))]
+    assert driver.bases_threads(small) == 1
+    assert driver.bases_threads([*small, driver.ModuleRef("c", list(range(17)), (4, 4))]) is None
+
+
+def test_error_in_a_bases_worker_is_the_merges(tmp_path, monkeypatch, restore_threads):
+    """A module whose basis fails in a worker fails the merge with that error (the workers' other
+    modules finished first), and torch's thread count is restored."""
+    torch.set_num_threads(2)
+    paths = [write_adapter(tmp_path / f"a{i}", 4, 8, layers=3, seed=i) for i in range(3)]
+    from knots_ext.methods.knots import KnotsSpace
+
+    real = KnotsSpace.prepare
+
+    def prepare(self, m):
+        if m.name.endswith("layers.2.self_attn.q_proj"):
+            raise ValueError(f"no basis for {m.name}")
+        return real(self, m)
+
+    monkeypatch.setattr(KnotsSpace, "prepare", prepare)
+    with pytest.raises(ValueError, match="no basis for .*layers.2.self_attn.q_proj"):
+        knots_ext.merge_to(tmp_path / "o", paths, "knots-ties", top_k=0.3)
+    assert torch.get_num_threads() == 2 and not (tmp_path / "o").exists()

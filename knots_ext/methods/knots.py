@@ -27,10 +27,11 @@ class KnotsSpace:
 
     def prepare(self, m: ModuleTasks):
         # The rows go to float32 kernels: coef_i in float32 (inner dimension r_i) costs nothing
-        # in accuracy.
+        # in accuracy; U is the output's float32 B.
         As = [A for _, A in m.factors]
-        svd = knots_svd([B for B, _ in m.factors], As, m.scales, tol=self.tol, coef_dtype=torch.float32)
-        return svd.U.to(torch.float32), svd.coef, As
+        f32 = torch.float32
+        svd = knots_svd([B for B, _ in m.factors], As, m.scales, tol=self.tol, coef_dtype=f32, u_dtype=f32)
+        return svd.U, svd.coef, As
 
     def row_factors(self, m: ModuleTasks, state) -> list:
         return [(c, A, 1.0) for c, A in zip(state[1], state[2])]
