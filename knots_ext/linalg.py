@@ -91,6 +91,13 @@ def knots_svd(
     returned as u_dtype (its signs fixed first)."""
     if not (len(Bs) == len(As) == len(scales)) or not Bs:
         raise ValueError("knots_svd needs one B, A and scale per task, and at least one task")
+    # U converted once _factored_svd's float64 arrays are gone (n = 256: 128 MB each)
+    U, S, coef = _factored_svd(Bs, As, scales, tol, device, coef_dtype, u_dtype != torch.float64)
+    return KnotsSVD(U=U.to(u_dtype), S=S, coef=coef, A=list(As))
+
+
+def _factored_svd(Bs, As, scales, tol, device, coef_dtype, u_in_work: bool):
+    """knots_svd's (U in float64, S, coef); u_in_work: U may be a work array (_work)."""
     f64 = dict(dtype=torch.float64, device=device if device is not None else Bs[0].device)
     ranks = [A.shape[0] for A in As]
     B_cat = _scaled_cat(Bs, scales, ranks, f64)
@@ -121,8 +128,7 @@ def knots_svd(
     S = evals.flip(0).clamp_min(0.0).sqrt()
     keep = int((tol < S).sum())
     S, W = S[:keep], W[:, W.shape[1] - keep :].flip(1)
-    # (returned as another dtype, the float64 U is a work array: not kept beyond this call)
-    U = W if to_u is None else to_u(W, _work("U", (d_out, keep), f64) if u_dtype != torch.float64 else None)
+    U = W if to_u is None else to_u(W, _work("U", (d_out, keep), f64) if u_in_work else None)
     if keep:
         sign = _column_signs(U)
         U.mul_(sign)
@@ -134,7 +140,7 @@ def knots_svd(
         rows = (W.T @ R[:, c0:c1]).to(coef_dtype)
         for t, a in tasks:
             coef[t] = rows[:, a - c0 : a - c0 + ranks[t]]
-    return KnotsSVD(U=U.to(u_dtype), S=S, coef=coef, A=list(As))
+    return U, S, coef
 
 
 def _scaled_cat(Bs, scales, ranks, f64) -> torch.Tensor:
