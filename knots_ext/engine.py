@@ -6,6 +6,7 @@ final, so its memory is one module's working set plus the bounded store of KnOTS
 
 from __future__ import annotations
 
+import gc
 import math
 import numbers
 import os
@@ -253,6 +254,23 @@ def _load(adapters, alpha):
     return loaded
 
 
+@contextmanager
+def _earlier_objects_frozen():
+    """Python's collector leaves the objects alive before the block (torch's alone are ~170 K) out
+    of its full passes inside it: each such pass costs ~70 ms here, the merge's own garbage is
+    collected as usual. Only when nothing is frozen yet (gc.freeze is the process's: a caller's
+    own freeze is left alone); unfrozen after. Used as merge's and merge_to's decorator."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@_earlier_objects_frozen()
 def merge(
     adapters,
     method: str = "knots-ties",
@@ -344,6 +362,7 @@ class MergeSummary:
     truncation: TruncationError | None = None  # with rank or rank_energy: what the truncation cost
 
 
+@_earlier_objects_frozen()
 def merge_to(
     out_dir,
     adapters,

@@ -373,3 +373,29 @@ def test_error_in_a_bases_worker_is_the_merges(tmp_path, monkeypatch, restore_th
     with pytest.raises(ValueError, match="no basis for .*layers.2.self_attn.q_proj"):
         knots_ext.merge_to(tmp_path / "o", paths, "knots-ties", top_k=0.3)
     assert torch.get_num_threads() == 2 and not (tmp_path / "o").exists()
+
+
+def test_merges_leave_earlier_objects_out_of_the_collector(three, tmp_path, monkeypatch):
+    """merge and merge_to freeze the objects alive before them (gc.freeze: the collector's full
+    passes skip them during the merge) and unfreeze them after; a caller's own freeze is left as it
+    was."""
+    import gc
+
+    seen = []
+    real = driver.run
+
+    def spy(*a, **k):
+        seen.append(gc.get_freeze_count())
+        return real(*a, **k)
+
+    monkeypatch.setattr(driver, "run", spy)
+    assert gc.get_freeze_count() == 0
+    knots_ext.merge(three, "ties", top_k=0.3)
+    knots_ext.merge_to(tmp_path / "o", three, "ties", top_k=0.3)
+    assert len(seen) == 2 and all(count > 0 for count in seen) and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        knots_ext.merge(three, "ties", top_k=0.3)
+        assert gc.get_freeze_count() > 0  # (not unfrozen; objects frozen and since freed leave the count)
+    finally:
+        gc.unfreeze()
