@@ -41,6 +41,10 @@ FACTOR_MEMORY = 128 << 20
 # between products holds the GIL (n = 8 rank-16 on 2 cores: 1.43 -> 1.18 s for 32 layers).
 # Their bits then do not depend on the thread count. More tasks: one module at a time, threaded.
 BASES_ONE_THREAD_MAX_TASKS = 16
+# What the bases side by side may hold at once, in bytes: a basis's working set is estimated as
+# 4x its state (its float64 temporaries), scaled from the first module to the widest; with many
+# threads or large bases, fewer workers (the bits are the same with any number of them).
+BASES_MEMORY = 512 << 20
 
 
 def bases_threads(modules: list) -> int | None:
@@ -386,16 +390,17 @@ class LocalPasses(Passes):
             # Every module's basis before the selection's histograms exist (n_tasks x 512 KB:
             # 128 MB at n = 256), so that they are not held under the largest SVD. The passes
             # after it read only the states, as they would have anyway.
-            self._bases(progress(modules, f"{desc}: bases"), bases_threads(modules))
+            widest = max(sum(ref.shape) for ref in modules)  # (d_out + d_in)
+            self._bases(progress(modules, f"{desc}: bases"), bases_threads(modules), widest)
         first = next((f for f in (self.factors_of(ref)[1] for ref in modules) if f), None)
         # The thresholds in about one full pass where the kernels allow it (factors on the CPU).
         return ops.MagnitudeThreshold(n_tasks, top_k, sampled=first is not None and _on_cpu(first))
 
-    def _bases(self, modules, threads: int | None) -> None:
+    def _bases(self, modules, threads: int | None, widest: int) -> None:
         """Every module's state (factors_of's), in order. With one torch thread per basis
         (bases_threads) and more threads to spare, workers load and prepare the modules side by
-        side, each at most one module ahead; only for factors on the CPU (the first module with
-        tasks tells, prepared here)."""
+        side, each at most one module ahead, as many as BASES_MEMORY holds; only for factors on the
+        CPU (the first module with tasks tells, prepared here). widest: the largest d_out + d_in."""
         workers = torch.get_num_threads() if threads == 1 else 1
         with torch_threads(threads):
             todo = iter(modules)
@@ -403,8 +408,12 @@ class LocalPasses(Passes):
                 known, state = self._load_prepared(ref)
                 self._keep_state(ref, known, state)
                 if known.tasks:
-                    on_cpu = all(t.device.type == "cpu" for t in _flatten(state)[0])
-                    del state  # (the store has it: here it would outlive its spill, 84-192 MB at n = 256)
+                    tensors = _flatten(state)[0]
+                    on_cpu = all(t.device.type == "cpu" for t in tensors)
+                    scale = widest / max(1, sum(ref.shape))
+                    one = 4 * scale * sum(t.numel() * t.element_size() for t in tensors)
+                    workers = min(workers, max(1, int(BASES_MEMORY // one) - 1))  # (+1 in flight)
+                    del state, tensors  # (the store has it: here it would outlive its spill, 84-192 MB at n = 256)
                     break
             else:
                 return

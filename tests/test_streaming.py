@@ -326,21 +326,28 @@ def test_bases_side_by_side_one_thread_each(tmp_path, restore_threads):
         return real(self, ref)
 
     driver.LocalPasses._load_prepared = spy
+    memory = driver.BASES_MEMORY
     try:
         results = {}
-        for threads in (1, 2):
+        for threads, room in ((1, memory), (2, memory), (2, 1)):  # (room 1: no memory for a second worker)
             torch.set_num_threads(threads)
+            driver.BASES_MEMORY = room
             where.clear()
-            results[threads] = knots_ext.merge(paths, "knots-ties", top_k=0.3)
+            results[threads, room] = knots_ext.merge(paths, "knots-ties", top_k=0.3)
             assert torch.get_num_threads() == threads
-            # (the first module with tasks on this thread; with 2 threads the others on workers)
-            assert where == [True] if threads == 1 else (len(where) == 4 and where[0] and not any(where[1:]))
+            # (the first module with tasks on this thread; with 2 threads and room the others on workers)
+            if threads == 1 or room == 1:
+                assert where == [True]
+            else:
+                assert len(where) == 4 and where[0] and not any(where[1:])
     finally:
         driver.LocalPasses._load_prepared = real
-    one, two = results[1], results[2]
-    for name, u in one.modules.items():
-        v = two.modules[name]
-        assert torch.equal(u.B, v.B) and torch.equal(u.A, v.A), name
+        driver.BASES_MEMORY = memory
+    one = results[1, memory]
+    for other in (results[2, memory], results[2, 1]):
+        for name, u in one.modules.items():
+            v = other.modules[name]
+            assert torch.equal(u.B, v.B) and torch.equal(u.A, v.A), name
     updates = [read_updates(p) for p in paths]
     names = sorted(updates[0])
     U, reps = ref_knots(updates, names)
