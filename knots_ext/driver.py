@@ -390,7 +390,7 @@ class LocalPasses(Passes):
             # Every module's basis before the selection's histograms exist (n_tasks x 512 KB:
             # 128 MB at n = 256), so that they are not held under the largest SVD. The passes
             # after it read only the states, as they would have anyway.
-            widest = max(sum(ref.shape) for ref in modules)  # (d_out + d_in)
+            widest = max((sum(ref.shape) for ref in modules), default=1)  # (d_out + d_in)
             self._bases(progress(modules, f"{desc}: bases"), bases_threads(modules), widest)
         first = next((f for f in (self.factors_of(ref)[1] for ref in modules) if f), None)
         # The thresholds in about one full pass where the kernels allow it (factors on the CPU).
