@@ -397,10 +397,11 @@ class LocalPasses(Passes):
         return ops.MagnitudeThreshold(n_tasks, top_k, sampled=first is not None and _on_cpu(first))
 
     def _bases(self, modules, threads: int | None, widest: int) -> None:
-        """Every module's state (factors_of's), in order. With one torch thread per basis
-        (bases_threads) and more threads to spare, workers load and prepare the modules side by
-        side, each at most one module ahead, as many as BASES_MEMORY holds; only for factors on the
-        CPU (the first module with tasks tells, prepared here). widest: the largest d_out + d_in."""
+        """Every module's state (as factors_of makes it, without forming its row factors), in order.
+        With one torch thread per basis (bases_threads) and more threads to spare, workers load and
+        prepare the modules side by side, each at most one module ahead, as many as BASES_MEMORY
+        holds; only for factors on the CPU (the first module with tasks tells, prepared here).
+        widest: the largest d_out + d_in."""
         workers = torch.get_num_threads() if threads == 1 else 1
         with torch_threads(threads):
             todo = iter(modules)
@@ -419,7 +420,7 @@ class LocalPasses(Passes):
                 return
             if workers == 1 or not on_cpu:
                 for ref in todo:
-                    self.factors_of(ref)
+                    self._keep_state(ref, *self._load_prepared(ref))
                 return
             with ThreadPoolExecutor(workers, thread_name_prefix="knots-bases") as pool:
                 pending: deque = deque()

@@ -335,11 +335,10 @@ def test_bases_side_by_side_one_thread_each(tmp_path, restore_threads):
             where.clear()
             results[threads, room] = knots_ext.merge(paths, "knots-ties", top_k=0.3)
             assert torch.get_num_threads() == threads
-            # (the first module with tasks on this thread; with 2 threads and room the others on workers)
-            if threads == 1 or room == 1:
-                assert where == [True]
-            else:
-                assert len(where) == 4 and where[0] and not any(where[1:])
+            # (all on this thread with one worker; with 2 threads and room, the first module with
+            # tasks here and the others on workers)
+            assert len(where) == 4 and where[0]
+            assert all(where[1:]) if threads == 1 or room == 1 else not any(where[1:])
     finally:
         driver.LocalPasses._load_prepared = real
         driver.BASES_MEMORY = memory
