@@ -146,6 +146,30 @@ def test_core_and_representations_in_chunks(monkeypatch, d_out):
     ]
 
 
+
+@pytest.mark.parametrize("d_out", [96, 30])  # CholeskyQR (triangular R); and k >= d_out (R = B_cat)
+def test_gram_core_and_row_grams_in_uneven_blocks(monkeypatch, d_out):
+    """B_cat's Gram formed lower block rows only (GRAM_BLOCK rows of it a product), the core's lower
+    triangle only and, for a triangular R, only R's rows down to each chunk's last column, and
+    the A_i A_i^T batched a few tasks at a time (WORK_MAX_BYTES): blocks that end unevenly, still
+    the dense SVD."""
+    monkeypatch.setattr(linalg, "GRAM_BLOCK", 5)
+    monkeypatch.setattr(linalg, "CORE_CHUNK", 9)
+    monkeypatch.setattr(linalg, "WORK_MAX_BYTES", 3 * 6 * 50 * 8)  # 3 tasks of rank 6 a batch
+    taken = routes(monkeypatch)
+    Bs, As, scales = random_tasks(d_out, 50, [6, 6, 2, 6, 6, 6, 3, 6])
+    check_against_dense(Bs, As, scales)
+    assert taken == (["cholesky"] if d_out == 96 else [])
+
+
+def test_lower_gram_is_the_lower_triangle_of_the_gram(monkeypatch):
+    monkeypatch.setattr(linalg, "GRAM_BLOCK", 4)
+    B = torch.randn(40, 13, generator=torch.Generator().manual_seed(3), dtype=F64)
+    got = linalg._lower_gram(B)
+    assert torch.allclose(torch.tril(got), torch.tril(B.T @ B), atol=1e-12, rtol=0)
+    for j0 in range(0, 13, 4):  # nothing right of each block row's diagonal block
+        assert not got[j0 : j0 + 4, j0 + 4 :].any()
+
 def test_float32_representations():
     Bs, As, scales = random_tasks(64, 40, [4, 4, 4])
     want = knots_svd(Bs, As, scales)
