@@ -5,6 +5,7 @@ Every threshold is compared with the float64 k-th smallest magnitude of the mate
 over rows sent as several modules (the threshold is global per task), for brackets counted key by
 key (large rows), listed (small rows) and missed (rows whose sample misleads)."""
 import math
+import struct
 
 import pytest
 import torch
@@ -171,3 +172,45 @@ def test_sampled_selection_takes_factors_on_the_cpu_only():
     with pytest.raises(ValueError, match="factored rows on the CPU only"):
         sel.update_rows(torch.randn(1, 100))
     assert not ops.MagnitudeThreshold(1, 0.2).sampled
+
+
+def histogram_counts(sel, n_tasks) -> torch.Tensor:
+    """(n_tasks, 65536) counts of a selection's open pass, read from its serialized state
+    (MagnitudeSelect::serialize: n, top_k, sampled, round, done, nonfinite, missed, then the
+    nonzero bins of the flat n x 65536 histograms as (index, count) pairs)."""
+    state = sel.selector.__getstate__()
+    (nonzero,) = struct.unpack_from("<Q", state, struct.calcsize("<qd?i??q"))
+    pairs = struct.unpack_from(f"<{2 * nonzero}Q", state, struct.calcsize("<qd?i??qQ"))
+    counts = torch.zeros(n_tasks * 65536, dtype=torch.int64)
+    counts[torch.tensor(pairs[0::2], dtype=torch.int64)] = torch.tensor(pairs[1::2], dtype=torch.int64)
+    return counts.view(n_tasks, 65536)
+
+
+@pytest.mark.parametrize(
+    "m,c,ranks,slots,dare_p",
+    [
+        (70, 300, [4, 2, 3], [0, 1, 2], 0.0),
+        (130, 40, [5, 5], [1, 0], 0.4),  # c not a whole number of sample blocks; DARE
+        (5, 7, [3], [0], 0.0),  # smaller than one sample block
+        (600, 1000, [6], [0], 0.0),  # one row, its column blocks shared by the threads
+        (600, 1000, [3, 4, 2, 6], [0, 1, 2, 3], 0.3),  # rows taken whole by the threads
+        (600, 1000, [3, 4, 2], [0, 1, 0], 0.0),  # two rows counted into one slot
+    ],
+)
+def test_sample_pass_counts_the_lattice(m, c, ranks, slots, dare_p):
+    """The sample pass's histograms hold exactly the top 16 bits of the lattice entries' keys (the
+    float32 entries of the kernels' model, after DARE), per slot: whichever way the threads split
+    the rows and columns."""
+    g = gen(m + c)
+    factors = [(torch.randn(m, r, generator=g), torch.randn(r, c, generator=g), 0.5 + i) for i, r in enumerate(ranks)]
+    n_slots, seed = max(slots) + 1, 11
+    sel = ops.MagnitudeThreshold(n_slots, 0.2, sampled=True)
+    factor_ops.histogram(sel, factors, dare_p, seed, MODULES[0], list(range(len(ranks))), slots=slots)
+    want = torch.zeros(n_slots, 65536, dtype=torch.int64)
+    lattice = lattice_mask(m, c).reshape(-1)
+    for t, row in enumerate(rows32(factors)):
+        values = dare_ref32(row, dare_p, seed, t, MODULES[0]) if dare_p else row
+        keys = (values[lattice].view(torch.int32) & 0x7FFFFFFF) >> 15
+        want[slots[t]] += torch.bincount(keys.to(torch.int64), minlength=65536)
+    assert int(want.sum()) == len(ranks) * int(lattice.sum())
+    assert torch.equal(histogram_counts(sel, n_slots), want)

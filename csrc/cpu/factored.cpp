@@ -226,45 +226,93 @@ void check(const TaskFactors& f) {
 
 namespace {
 
-// Task t's keys at the sample lattice (MagnitudeSelect, sampled mode) into hist by their top 16
-// bits: blocks of kSampleRowBlock rows x kSampleColBlock columns, with DARE, padding left out.
-// Non-finite values are flagged by the full pass that follows.
+// The sample lattice (MagnitudeSelect, sampled mode) column block by column block: block jb of
+// kSampleColBlock columns is sampled in the row blocks ib with sample_first_block(ib) ==
+// jb mod kSampleEvery, i.e. every kSampleEvery-th row block from first_sampled_row_block(jb).
+// In this order a block's Q panel (16 lines) stays in L1 while the P rows under it stream by;
+// row by row, each sampled block had read its panel from the last-level cache (3-5x the time of
+// an entry of the full pass for 1/16 of the entries).
+inline int64_t first_sampled_row_block(int64_t jb) {
+  static const std::vector<int64_t> first = [] {
+    std::vector<int64_t> f(kSampleEvery, -1);
+    for (int64_t ib = 0; ib < kSampleEvery; ++ib) f[size_t(sample_first_block(ib))] = ib;
+    return f;
+  }();
+  return first[size_t(jb % kSampleEvery)];
+}
+
+// block_entries of a sample block, kept out of line: inlined into sample_block, GCC left it scalar.
 template <int R>
-void sample_block_row(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t c, int64_t a0,
-                      int64_t ib, uint32_t* hist) {
-  static_assert(kBlockCols % kSampleColBlock == 0, "a sample block lies in one Q panel");
+[[gnu::noinline]] void sample_entries(const float* p, int64_t rank, const float* q, float scale, float* v) {
+  block_entries<R, kSampleColBlock>(p, rank, q, kBlockCols, scale, v, kSampleColBlock);
+}
+
+// Task t's keys at the sample block of R rows from a0 and the columns from b0 into hist by their
+// top 16 bits, with DARE, padding left out. Non-finite values are flagged by the full pass that
+// follows.
+template <int R>
+inline void sample_block(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t c, int64_t a0,
+                         int64_t b0, uint64_t* hist) {
   constexpr int C = kSampleColBlock;
   alignas(64) float v[R * C];
-  for (int64_t jb = sample_first_block(ib); jb * C < c; jb += kSampleEvery) {
-    const int64_t b0 = jb * C, tb = std::min<int64_t>(C, c - b0);
-    block_entries<R, C>(t.P + a0 * t.rank, t.rank, q.at(b0), kBlockCols, t.scale, v, C);
-    for (int i = 0; i < R; ++i) {
-      float* row = v + i * C;
-      if (d.enabled) dare_path::run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, row);
-      for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(row[j]) >> kRound0Shift];
+  const int64_t tb = std::min<int64_t>(C, c - b0);
+  sample_entries<R>(t.P + a0 * t.rank, t.rank, q.at(b0), t.scale, v);
+  for (int i = 0; i < R; ++i) {
+    float* row = v + i * C;
+    if (d.enabled) dare_path::run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, row);
+    for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(row[j]) >> kRound0Shift];
+  }
+}
+
+// Task t's sample blocks in column blocks jb0 .. jb1-1.
+void sample_columns(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t m, int64_t c, int64_t jb0,
+                    int64_t jb1, uint64_t* hist) {
+  static_assert(kBlockCols % kSampleColBlock == 0, "a sample block lies in one Q panel");
+  static_assert(kSampleRowBlock == 4, "sample_block takes blocks of up to 4 rows");
+  for (int64_t jb = jb0; jb < jb1; ++jb) {
+    const int64_t b0 = jb * kSampleColBlock;
+    for (int64_t a0 = first_sampled_row_block(jb) * kSampleRowBlock; a0 < m; a0 += kSampleEvery * kSampleRowBlock) {
+      switch (std::min<int64_t>(kSampleRowBlock, m - a0)) {
+        case 4: sample_block<4>(t, q, d, c, a0, b0, hist); break;
+        case 3: sample_block<3>(t, q, d, c, a0, b0, hist); break;
+        case 2: sample_block<2>(t, q, d, c, a0, b0, hist); break;
+        default: sample_block<1>(t, q, d, c, a0, b0, hist); break;
+      }
     }
   }
 }
 
-void sample_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t m, int64_t c,
-                 uint64_t* hist) {
-  static_assert(kSampleRowBlock == 4, "sample_block_row takes blocks of up to 4 rows");
-  const int64_t row_blocks = (m + kSampleRowBlock - 1) / kSampleRowBlock;
-#pragma omp parallel if (row_blocks * c > 16 * kSampleEvery * kTile)
-  {
-    std::vector<uint32_t> local(size_t(kRound0Bins), 0);
-#pragma omp for schedule(static)
-    for (int64_t ib = 0; ib < row_blocks; ++ib) {
-      const int64_t a0 = ib * kSampleRowBlock;
-      switch (std::min<int64_t>(kSampleRowBlock, m - a0)) {
-        case 4: sample_block_row<4>(t, q, d, c, a0, ib, local.data()); break;
-        case 3: sample_block_row<3>(t, q, d, c, a0, ib, local.data()); break;
-        case 2: sample_block_row<2>(t, q, d, c, a0, ib, local.data()); break;
-        default: sample_block_row<1>(t, q, d, c, a0, ib, local.data()); break;
-      }
+// The sample of rows `rows`, each counted into its task's histogram (task_of_row). With at
+// least as many rows as threads, all of distinct tasks, each thread takes whole rows and counts
+// straight into their histograms; else the threads share each row's column blocks, counting
+// into their own histograms, added at the end.
+void sample_rows(const TaskFactors& f, const QPanels& panels, const DareSpec& d, const std::vector<int64_t>& rows,
+                 const std::vector<int64_t>& task_of_row, MagnitudeSelect& sel) {
+  const int64_t col_blocks = (f.c + kSampleColBlock - 1) / kSampleColBlock, count = int64_t(rows.size());
+  std::vector<int64_t> tasks;
+  for (int64_t r : rows) tasks.push_back(task_of_row[r]);
+  std::sort(tasks.begin(), tasks.end());
+  const bool distinct = std::adjacent_find(tasks.begin(), tasks.end()) == tasks.end();
+  constexpr int64_t kThreadedSample = 32 * 1024;  // sampled entries a parallel region is worth
+  const int64_t per_row = f.m * f.c / kSampleEvery;  // (about)
+  if (distinct && count >= omp_get_max_threads()) {
+#pragma omp parallel for schedule(dynamic, 1) if (count * per_row > kThreadedSample)
+    for (int64_t e = 0; e < count; ++e) {
+      const int64_t r = rows[size_t(e)];
+      sample_columns(f.tasks[r], panels.of(r), d, f.m, f.c, 0, col_blocks, sel.hist(task_of_row[r]));
     }
+    return;
+  }
+  for (int64_t r : rows) {
+    uint64_t* hist = sel.hist(task_of_row[r]);
+#pragma omp parallel if (per_row > kThreadedSample)
+    {
+      std::vector<uint64_t> local(size_t(kRound0Bins), 0);
+#pragma omp for schedule(static)
+      for (int64_t jb = 0; jb < col_blocks; ++jb) sample_columns(f.tasks[r], panels.of(r), d, f.m, f.c, jb, jb + 1, local.data());
 #pragma omp critical
-    for (int64_t b = 0; b < kRound0Bins; ++b) hist[b] += local[b];
+      for (int64_t b = 0; b < kRound0Bins; ++b) hist[b] += local[b];
+    }
   }
 }
 
@@ -337,17 +385,19 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
   if (f.numel() >= (int64_t(1) << 32)) throw std::invalid_argument("arrays over 2^32 elements are not supported");
   const Tiling tiling(f);
   const QPanels panels(f);
+  std::vector<int64_t> sampled;
   for (int64_t r = 0; r < f.n(); ++r) {
     const int64_t task = task_of_row[r];
     const TaskPass pass = sel.pass_of(task);
     if (pass.what == Count::kNone) continue;
     if (pass.what == Count::kSample) {
-      sample_task(f.tasks[r], panels.of(r), d, f.m, f.c, sel.hist(task));
+      sampled.push_back(r);
       sel.add_total(task, uint64_t(f.numel()));
     } else if (!count_task(f.tasks[r], panels.of(r), d, f, tiling, pass, sel, task)) {
       sel.flag_nonfinite();
     }
   }
+  sample_rows(f, panels, d, sampled, task_of_row, sel);
 }
 
 void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vector<float>& thresholds, float lam,
