@@ -18,6 +18,7 @@ recipe then records the new hashes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -25,6 +26,7 @@ import numbers
 import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +64,21 @@ def sha256_file(path) -> str:
     return _hash_cache[key]
 
 
+def hash_side_by_side(files, threads: int = 8) -> None:
+    """Hashes files into sha256_file's cache a few at a time (file reads and hashlib release the
+    GIL): 64 adapters' 1.7 GB took 2.2 s one after another on 2 cores. A file that cannot be
+    hashed is left for sha256_file to report when it is asked for it."""
+
+    def attempt(path):
+        with contextlib.suppress(OSError, ValueError, AdapterError):
+            sha256_file(path)
+
+    files = list(files)
+    if len(files) > 1:
+        with ThreadPoolExecutor(min(threads, len(files), os.cpu_count() or 1)) as pool:
+            list(pool.map(attempt, files))
+
+
 def sources(adapters) -> list:
     """(absolute path, [files to hash]) of each loaded adapter: its weights file and, for a folder,
     its config; (its name, []) for an adapter held in memory. Nothing is read here."""
@@ -89,6 +106,7 @@ def describe(adapter_sources, method: str, params: Mapping, settings: Mapping, e
     name). with_output adds the output folder."""
     from . import __version__
 
+    hash_side_by_side(f for _, files in adapter_sources for f in files)
     entries = []
     for path, files in adapter_sources:
         entry: dict = {"path": path}

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 import knots_ext
 from knots_ext import cli
+from knots_ext.recipe import hash_side_by_side, sha256_file
 from knots_ext.io import AdapterError, save_adapter
 from merge_refs import close, read_updates, write_adapter
 
@@ -304,3 +305,17 @@ def test_sources_of_files_and_of_adapters_in_memory(three):
         (str(three[0]), [str(three[0] / "adapter_model.safetensors"), str(three[0] / "adapter_config.json")]),
         ("peft:task_b", []),
     ]
+
+
+def test_inputs_hashed_side_by_side_as_one_by_one(tmp_path):
+    """hash_side_by_side fills sha256_file's cache with each file's own digest, and leaves a path
+    it cannot hash (a folder, a missing file) for sha256_file to report, one clear line."""
+    files = []
+    for i in range(5):
+        files.append(tmp_path / f"f{i}.bin")
+        files[-1].write_bytes(bytes([i]) * (3 << 20 if i == 2 else 1000 + i))
+    hash_side_by_side([*files, tmp_path, tmp_path / "missing"], threads=3)
+    assert [sha256_file(f) for f in files] == [sha256(f) for f in files]
+    for bad in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(AdapterError, match=str(bad)):
+            sha256_file(bad)
