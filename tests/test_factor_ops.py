@@ -244,8 +244,9 @@ def test_continuous_factors(n, m, c, top_k):
 
 
 @pytest.mark.parametrize("exact", [True, False])
-def test_dare_masks_follow_the_contract(exact):
-    m, c, p, seed = 37, 131, 0.35, 2 ** 40 + 11
+@pytest.mark.parametrize("m,c", [(37, 131), (31, 96)])  # and tiles of whole 32-column rows, an odd number
+def test_dare_masks_follow_the_contract(exact, m, c):
+    p, seed = 0.35, 2 ** 40 + 11
     tasks = [4, 0, 9]
     factors = (int_factors if exact else rand_factors)(m, c, [3, 16, 64], seed=5)
     x = rows32(factors)

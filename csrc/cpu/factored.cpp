@@ -187,9 +187,7 @@ bool task_tile(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t c
   // included, flags exactly the tiles with a non-finite entry.
   uint32_t nonfinite = 0;
   for (int64_t e = 0; e < tile.len(); ++e) nonfinite |= magnitude_key(out[e]) >= kNonFiniteKey;
-  if (d.enabled)
-    for (int64_t i = 0; i < ta; ++i)
-      dare_path::run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, out + i * ldv);
+  if (d.enabled) dare_path::run_rows(t.dare_key, d, uint64_t(d.elem_offset + a0 * c + b0), c, ta, tb, out, ldv);
   return nonfinite == 0;
 }
 
