@@ -116,21 +116,27 @@ inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, f
 }
 
 // DARE on `rows` runs of len elements: run i is elements first + i * stride .. of its module, in
-// buf + i * ldv (a tile's rows). Runs of 32 elements on block boundaries (the factored kernels'
-// tiles) go two at a time on the avx2 path, 16 Philox blocks in flight instead of 8.
+// buf + i * ldv (a tile's rows, a sample block's). Runs of 32 or 16 elements on block boundaries
+// (the factored kernels' tiles and sample blocks) go 2 or 4 at a time on the avx2 path: 16
+// Philox blocks in flight instead of 8 or 4.
 inline void run_rows(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t stride, int64_t rows, int64_t len,
                      float* buf, int64_t ldv) {
   int64_t i = 0;
 #if defined(KX_CPU_AVX2)
-  if (len == 32 && first % 4 == 0 && stride % 4 == 0) {
+  if ((len == 16 || len == 32) && first % 4 == 0 && stride % 4 == 0) {
     const __m256i drop_below = _mm256_set1_epi32(int(d.drop_below));
     const __m256 scale = _mm256_set1_ps(d.scale);
-    for (; i + 2 <= rows; i += 2) {
-      const uint64_t a = (first + uint64_t(i * stride)) >> 2, b = (first + uint64_t((i + 1) * stride)) >> 2;
+    const int sets = int(len / 16), step = 4 / sets;  // sets of 4 blocks (16 elements) a run; runs a step
+    for (; i + step <= rows; i += step) {
+      uint64_t g0[4];
+      for (int h = 0; h < 4; ++h) g0[h] = ((first + uint64_t((i + h / sets) * stride)) >> 2) + uint64_t(4 * (h % sets));
       __m256i w[8];
-      philox_sets<4>(key, {a, a + 4, b, b + 4}, w);
-      for (int q = 0; q < 4; ++q) mask8(w[q], drop_below, scale, buf + i * ldv + 8 * q);
-      for (int q = 0; q < 4; ++q) mask8(w[4 + q], drop_below, scale, buf + (i + 1) * ldv + 8 * q);
+      philox_sets<4>(key, g0, w);
+      for (int h = 0; h < 4; ++h) {
+        float* v = buf + (i + h / sets) * ldv + 16 * (h % sets);
+        mask8(w[2 * h], drop_below, scale, v);
+        mask8(w[2 * h + 1], drop_below, scale, v + 8);
+      }
     }
   }
 #endif

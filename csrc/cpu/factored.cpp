@@ -255,11 +255,9 @@ inline void sample_block(const FactorTask& t, const TaskQ& q, const DareSpec& d,
   alignas(64) float v[R * C];
   const int64_t tb = std::min<int64_t>(C, c - b0);
   sample_entries<R>(t.P + a0 * t.rank, t.rank, q.at(b0), t.scale, v);
-  for (int i = 0; i < R; ++i) {
-    float* row = v + i * C;
-    if (d.enabled) dare_path::run(t.dare_key, d, uint64_t(d.elem_offset + (a0 + i) * c + b0), tb, row);
-    for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(row[j]) >> kRound0Shift];
-  }
+  if (d.enabled) dare_path::run_rows(t.dare_key, d, uint64_t(d.elem_offset + a0 * c + b0), c, R, tb, v, C);
+  for (int i = 0; i < R; ++i)
+    for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(v[i * C + j]) >> kRound0Shift];
 }
 
 // Task t's sample blocks in column blocks jb0 .. jb1-1.
