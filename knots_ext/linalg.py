@@ -112,6 +112,7 @@ def _factored_svd(Bs, As, scales, tol, device, coef_dtype, u_in_work: bool):
     if triangular:
         R, R_inv = _cholesky_r(B_cat)
         if R_inv is not None:  # (R_inv gave the condition estimate; a solve is half its product)
+            del R_inv  # (k x k: 128 MB at n = 256)
             to_u = lambda W, out: torch.matmul(  # noqa: E731
                 B_cat, torch.linalg.solve_triangular(R, W, upper=True), out=out
             )
