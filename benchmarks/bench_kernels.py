@@ -9,9 +9,10 @@ The fused kernels run once on each CPU path of the build ([baseline] and [avx2]:
 x86-64-v2 code and the AVX2 code chosen at run time), so the paths compare in one run.
 KNOTS_BENCH_P overrides the per-task size.
 
-Group "factored": the factor-fused kernels (knots_ext.factor_ops) on n = 8 tasks of rank 16 whose
-rows are 4096 x 4096 (s_i P_i @ Q_i, never stored), on the best CPU path only (the baseline path
-computes each fused multiply-add with a libm call), against torch.matmul on the same factors
+Group "factored": the factor-fused kernels (knots_ext.factor_ops: the thresholds' exact and
+sampled passes, TIES, DARE-TIES, TA) on n = 8 tasks of rank 16 whose rows are 4096 x 4096
+(s_i P_i @ Q_i, never stored), on the best CPU path only (the baseline path computes each fused
+multiply-add with a libm call), against torch.matmul on the same factors
 ((4096 x 16) @ (16 x 4096)) and on a large square product, and against the row kernel reading the
 materialised rows. Run with -s: at the end the module prints the achieved GFLOP/s (2 r flops per
 entry and task) and the ratios. KNOTS_BENCH_FACTORED=m,c,n,r overrides the shape."""
@@ -174,6 +175,30 @@ def test_factored_histogram(benchmark, factors, best_path):
     _register(benchmark, "test_factored_histogram", 2 * F_R * F_M * F_C * F_N)
     tasks = list(range(F_N))
     benchmark(lambda: factor_ops.histogram(ops.MagnitudeThreshold(F_N, TOP_K), factors, 0.0, 0, "m", tasks))
+
+
+@pytest.mark.benchmark(group="factored")
+def test_factored_sample_pass(benchmark, factors, best_path):
+    """Pass 0 of the sampled thresholds (what merges use): the 1/16 lattice of every task's
+    entries, registered with 1/16 of a full pass's flops, so its GFLOP/s against the window
+    pass's compares the time per entry."""
+    _register(benchmark, "test_factored_sample_pass", 2 * F_R * F_M * F_C * F_N // 16)
+    tasks = list(range(F_N))
+    benchmark(
+        lambda: factor_ops.histogram(ops.MagnitudeThreshold(F_N, TOP_K, sampled=True), factors, 0.0, 0, "m", tasks)
+    )
+
+
+@pytest.mark.benchmark(group="factored")
+def test_factored_window_pass(benchmark, factors, best_path):
+    """Pass 1 of the sampled thresholds: every entry, counted below or inside the sample's window
+    (each round adds to the same open pass: the counts grow, the work per round does not)."""
+    _register(benchmark, "test_factored_window_pass", 2 * F_R * F_M * F_C * F_N)
+    tasks = list(range(F_N))
+    sel = ops.MagnitudeThreshold(F_N, TOP_K, sampled=True)
+    factor_ops.histogram(sel, factors, 0.0, 0, "m", tasks)
+    sel.finish_round()
+    benchmark(factor_ops.histogram, sel, factors, 0.0, 0, "m", tasks)
 
 
 @pytest.mark.benchmark(group="factored")
