@@ -301,7 +301,11 @@ void sample_rows(const TaskFactors& f, const QPanels& panels, const DareSpec& d,
   }
   for (int64_t r : rows) {
     uint64_t* hist = sel.hist(task_of_row[r]);
-#pragma omp parallel if (per_row > kThreadedSample)
+    if (per_row <= kThreadedSample) {  // (a small row: no threads, no histograms of their own)
+      sample_columns(f.tasks[r], panels.of(r), d, f.m, f.c, 0, col_blocks, hist);
+      continue;
+    }
+#pragma omp parallel
     {
       std::vector<uint64_t> local(size_t(kRound0Bins), 0);
 #pragma omp for schedule(static)
