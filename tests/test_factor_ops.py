@@ -243,6 +243,18 @@ def test_continuous_factors(n, m, c, top_k):
     check_against_rows(factors, x, top_k, lam=1.25)
 
 
+def test_many_tasks_with_p_rows_gathered():
+    """Enough tasks that the tile-major kernels gather every task's P rows under a row of tiles
+    side by side (csrc/cpu/factored.cpp: TileRowsOfP, more than 256 KB: 80 tasks x 15 rows x rank
+    64), in rows of tiles of 15, 15 and 1 rows: TIES, with and without DARE, and TA equal the
+    references."""
+    factors = rand_factors(31, 64, [64] * 80, seed=21)
+    x = rows32(factors)
+    check_against_rows(factors, x, 0.2, lam=1.1)
+    p, seed, tasks = 0.3, 7, list(range(80))
+    check_against_rows(factors, dared(x, p, seed, tasks), 0.2, lam=0.9, dare_p=p, seed=seed, tasks=tasks)
+
+
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("m,c", [(37, 131), (31, 96)])  # and tiles of whole 32-column rows, an odd number
 def test_dare_masks_follow_the_contract(exact, m, c):
