@@ -15,15 +15,15 @@
 namespace kx::cpu::KX_CPU_PATH::dare_path {
 
 #if defined(KX_CPU_AVX2)
-// Philox blocks g0 .. g0 + 4 kSets - 1 under key, in element order: words[q] holds blocks
-// g0 + 2q and g0 + 2q + 1 (words 0-3 of each). The rounds run in 64-bit lanes, lane j of set h
-// being block g0 + 4h + j with each word in the low half of its lane: _mm256_mul_epu32 then
-// yields the whole 64-bit product and reads only low halves, so the high halves may hold
-// anything, and a round is 2 products, 2 shifts and 4 XORs a set (the 32-bit layout also needed
-// shifts and blends to split odd lanes: 1.0 -> 0.72 ns a word on one core).
-// Sets of 4 consecutive blocks, set h from block g0[h] (philox_sets), for runs that are not
-// consecutive; kSets = 4 keeps 16 blocks in flight, enough to hide the products' latency
-// (0.80 -> 0.64 ns a word on one core against kSets = 2).
+// Philox blocks under key in kSets sets of 4 consecutive blocks, set h being blocks g0[h] ..
+// g0[h] + 3, in element order: words[2h] holds the set's blocks 0 and 1, words[2h + 1] blocks 2
+// and 3 (words 0-3 of each). The rounds run in 64-bit lanes, lane j of set h being block
+// g0[h] + j with each word in the low half of its lane: _mm256_mul_epu32 then yields the whole
+// 64-bit product and reads only low halves, so the high halves may hold anything, and a round is
+// 2 products, 2 shifts and 4 XORs a set (the 32-bit layout also needed shifts and blends to split
+// odd lanes: 1.0 -> 0.72 ns a word on one core). kSets = 4 keeps 16 blocks in flight, enough to
+// hide the products' latency (0.80 -> 0.64 ns a word on one core against kSets = 2), with the
+// rounds unrolled (else GCC kept the round-to-round register moves and spilled).
 template <int kSets>
 inline void philox_sets(PhiloxKey key, const uint64_t (&g0)[kSets], __m256i (&words)[2 * kSets]) {
   __m256i c0[kSets], c1[kSets], c2[kSets], c3[kSets];
@@ -59,6 +59,7 @@ inline void philox_sets(PhiloxKey key, const uint64_t (&g0)[kSets], __m256i (&wo
   }
 }
 
+// Blocks g0 .. g0 + 4 kSets - 1: words[q] holds blocks g0 + 2q and g0 + 2q + 1.
 template <int kSets>
 inline void philox_blocks(PhiloxKey key, uint64_t g0, __m256i (&words)[2 * kSets]) {
   uint64_t starts[kSets];

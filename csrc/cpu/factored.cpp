@@ -147,7 +147,7 @@ struct QPanels {
 // after the first read them as one stream. Read in place, each tile reads a piece of ~1 KB from
 // each task's own P; with many tasks those neither stay in cache nor stream (ties n = 1000: the
 // apply ran at 65 GFLOP/s, 84 with one P shared by every task). Only when the pieces exceed
-// kGatheredPBytes: fewer stay in cache from tile to tile, and the copy would be all cost.
+// kGatheredPBytes: fewer stay in cache from tile to tile, where the copy would be all cost.
 constexpr int64_t kGatheredPBytes = 256 << 10;
 class TileRowsOfP {
  public:
