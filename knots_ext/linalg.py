@@ -125,11 +125,11 @@ def _factored_svd(Bs, As, scales, tol, device, coef_dtype, u_in_work: bool):
     m = R.shape[0]
     M = torch.zeros(m, m, **f64)
     for c0, c1, tasks in chunks:  # M = sum over chunks of (R_c blockdiag(G_c)) R_c^T
-        rows = c1 if triangular else m
-        RG = torch.cat([R[:rows, a : a + ranks[t]] @ grams[t] for t, a in tasks], dim=1)
+        depth = c1 if triangular else m  # (R's rows that columns c0:c1 reach)
+        RG = torch.cat([R[:depth, a : a + ranks[t]] @ grams[t] for t, a in tasks], dim=1)
         # eigh reads the lower triangle only: row block j0:j1 up to column j1
-        for j0 in range(0, rows, CORE_CHUNK):
-            j1 = min(rows, j0 + CORE_CHUNK)
+        for j0 in range(0, depth, CORE_CHUNK):
+            j1 = min(depth, j0 + CORE_CHUNK)
             M[j0:j1, :j1].addmm_(RG[j0:j1], R[:j1, c0:c1].T)
         del RG
     if to_u is None:  # R is B_cat itself (d_out x k, the largest array here): rebuilt after eigh

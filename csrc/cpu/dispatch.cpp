@@ -103,14 +103,15 @@ std::string arch() { return KX_CPU_ARCH_NAME; }
 namespace {
 template <class T, bool kWrite>
 int widen(const T* src, int64_t n, float* dst) {
-  // Magnitude bits: >= 0x7f800000 is Inf or NaN, 0 is +-0. Branch-free, so it vectorises.
+  // By the magnitude key (ties_math.h): Inf or NaN from kNonFiniteKey up, 0 for +-0. Branch-free,
+  // so it vectorises.
   uint32_t nonfinite = 0, zero = 0;
 #pragma omp parallel for if (n >= (int64_t(1) << 22)) reduction(| : nonfinite, zero) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const float v = to_float(src[i]);
     if constexpr (kWrite) dst[i] = v;
-    const uint32_t mag = float_bits(v) & 0x7fffffffu;
-    nonfinite |= uint32_t(mag >= 0x7f800000u);
+    const uint32_t mag = magnitude_key(v);
+    nonfinite |= uint32_t(mag >= kNonFiniteKey);
     zero |= uint32_t(mag == 0u);
   }
   return (nonfinite ? kSawNonFinite : 0) | (zero ? kSawZero : 0);

@@ -56,7 +56,7 @@ def drop_zero_updates(m: ModuleTasks) -> ModuleTasks:
     for t, (B, A), s in zip(m.tasks, m.factors, m.scales):
         if s == 0:
             continue
-        if has_zero(B) or has_zero(A):  # (no zero entry at all: every component is live)
+        if has_zero(B) or has_zero(A):  # (without a zero entry every component is live)
             live = (torch.count_nonzero(B, dim=0) > 0) & (torch.count_nonzero(A, dim=1) > 0)
             if not bool(live.any()):
                 continue
