@@ -129,12 +129,16 @@ def _merge_module(job: Job, ref: ModuleRef):
 
 
 def _prepare(job: Job, ref: ModuleRef, threads: int | None = None):
-    """(the module's state, whether it has tasks): two objects, so that the driver fetches the flag
-    only. threads: torch's threads for the basis (driver.bases_threads), None: the job's."""
+    """(the module's state, whether it has tasks, the state's bytes: driver.cpu_state_bytes):
+    three objects, so that the driver fetches the small ones only. threads: torch's threads for
+    the basis (driver.bases_threads), None: the job's."""
     o = _open(job)
     m = o.load(ref)
+    if not m.tasks:
+        return None, False, None
     with driver.torch_threads(threads):
-        return (o.space.prepare(m), True) if m.tasks else (None, False)
+        state = o.space.prepare(m)
+    return state, True, driver.cpu_state_bytes(state)
 
 
 def _count(job: Job, refs: list, has_tasks: list, sel, dare_p: float, seed: int, *states):
@@ -215,10 +219,16 @@ class RayPasses(driver.Passes):
         from . import ops
 
         pending = []
-        threads = driver.bases_threads(modules)  # (as one process would: the same bits)
+        # Each basis with the threads one process would give it (the same bits): the first module
+        # with tasks sizes the others' (driver.LocalPasses._bases).
+        threads, sized = driver.bases_threads(modules), False
+        widest = max((sum(ref.shape) for ref in modules), default=1)
         for ref in modules:
-            self.states[ref.name], has = self._call("_prepare", ref, threads, returns=2)
+            self.states[ref.name], has, nbytes = self._call("_prepare", ref, threads, returns=3)
             pending.append((ref, has))
+            if not sized and self.ray.get(has):
+                threads = driver.bases_threads(modules, driver.bases_workers(ref, self.ray.get(nbytes), widest))
+                sized = True
         for ref, has in self._in_order(pending, progress, f"{desc}: bases"):
             self.has_tasks[ref.name] = has
         # (the kernels run on the workers' CPUs: the sampled thresholds whenever there are rows)

@@ -35,23 +35,47 @@ STATE_MEMORY = 256 << 20
 # the adapters again (no temporary copy: the adapter files are the copy). A module's factors are
 # n r (d_out + d_in) floats: at n = 8 a Llama-3-8B layer's q, k, v, o are 13 MiB.
 FACTOR_MEMORY = 128 << 20
-# Global TIES's bases (one SVD per module) are computed with one torch thread each, as many
-# modules at a time as torch has threads, when no module has more tasks than this: small bases'
-# linear algebra (k x k cores, d x k products) gains little from threads, and their Python
-# between products holds the GIL (n = 8 rank-16 on 2 cores: 1.43 -> 1.18 s for 32 layers).
-# Their bits then do not depend on the thread count. More tasks: one module at a time, threaded.
+# Global TIES's bases (one SVD per module) are computed side by side, as many modules at a time as
+# torch has threads and BASES_MEMORY holds. With at most this many tasks in every module, each
+# basis with one torch thread: small bases' linear algebra (k x k cores, d x k products) gains
+# little from threads, and their Python between products holds the GIL (n = 8 rank-16 on 2 cores:
+# 1.43 -> 1.18 s for 32 layers); their bits then do not depend on the thread count. More tasks:
+# torch's threads shared among the bases side by side (n = 64 on 2 cores, one thread each: the
+# eigendecompositions' memory-bound halves overlap, 93 -> 82 s for 32 layers, ~350 MB more held).
 BASES_ONE_THREAD_MAX_TASKS = 16
 # What the bases side by side may hold at once, in bytes: a basis's working set is estimated as
 # 4x its state (its float64 temporaries), scaled from the first module to the widest; with many
-# threads or large bases, fewer workers (the bits are the same with any number of them).
+# threads or large bases, fewer workers.
 BASES_MEMORY = 512 << 20
 
 
-def bases_threads(modules: list) -> int | None:
-    """The torch threads global TIES computes its modules' bases with: 1 when every module has at
-    most BASES_ONE_THREAD_MAX_TASKS tasks, else None (torch's setting). Ray's workers follow it,
-    so that their bits are this process's."""
-    return 1 if all(len(ref.tasks) <= BASES_ONE_THREAD_MAX_TASKS for ref in modules) else None
+def bases_threads(modules: list, workers: int = 1) -> int | None:
+    """The torch threads global TIES computes a module's basis with, `workers` bases side by side:
+    1 when every module has at most BASES_ONE_THREAD_MAX_TASKS tasks, else torch's threads shared
+    among the workers (None: torch's setting). Ray's workers follow it, so that their bits are
+    this process's."""
+    if all(len(ref.tasks) <= BASES_ONE_THREAD_MAX_TASKS for ref in modules):
+        return 1
+    return None if workers <= 1 else max(1, torch.get_num_threads() // workers)
+
+
+def bases_workers(ref, state_bytes: int | None, widest: int) -> int:
+    """How many bases global TIES computes side by side after the first module with tasks, `ref`
+    (its state `state_bytes` in all, None when it is not on the CPU: one at a time): at most
+    torch's threads, and as many as BASES_MEMORY holds with one more in flight. widest: the
+    modules' largest d_out + d_in."""
+    if state_bytes is None:
+        return 1
+    one = 4 * widest / max(1, sum(ref.shape)) * state_bytes
+    return min(torch.get_num_threads(), max(1, int(BASES_MEMORY // max(one, 1.0)) - 1))
+
+
+def cpu_state_bytes(state) -> int | None:
+    """The bytes of a space state's tensors, None when any is off the CPU."""
+    tensors = _flatten(state)[0]
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @contextlib.contextmanager
@@ -391,34 +415,31 @@ class LocalPasses(Passes):
             # 128 MB at n = 256), so that they are not held under the largest SVD. The passes
             # after it read only the states, as they would have anyway.
             widest = max((sum(ref.shape) for ref in modules), default=1)  # (d_out + d_in)
-            self._bases(progress(modules, f"{desc}: bases"), bases_threads(modules), widest)
+            self._bases(modules, progress(modules, f"{desc}: bases"), widest)
         first = next((f for f in (self.factors_of(ref)[1] for ref in modules) if f), None)
         # The thresholds in about one full pass where the kernels allow it (factors on the CPU).
         return ops.MagnitudeThreshold(n_tasks, top_k, sampled=first is not None and _on_cpu(first))
 
-    def _bases(self, modules, threads: int | None, widest: int) -> None:
-        """Every module's state (as factors_of makes it, without forming its row factors), in order.
-        With one torch thread per basis (bases_threads) and more threads to spare, workers load and
-        prepare the modules side by side, each at most one module ahead, as many as BASES_MEMORY
-        holds; only for factors on the CPU (the first module with tasks tells, prepared here).
+    def _bases(self, modules: list, in_order, widest: int) -> None:
+        """Every module's state (as factors_of makes it, without forming its row factors), in the
+        order of in_order (modules, with progress): up to the first module with tasks here, which
+        sizes the others' workers (bases_workers) and threads (bases_threads); with more than one
+        worker, they load and prepare the modules side by side, each at most one module ahead.
         widest: the largest d_out + d_in."""
-        workers = torch.get_num_threads() if threads == 1 else 1
-        with torch_threads(threads):
-            todo = iter(modules)
+        todo = iter(in_order)
+        with torch_threads(bases_threads(modules)):
             for ref in todo:
                 known, state = self._load_prepared(ref)
                 self._keep_state(ref, known, state)
                 if known.tasks:
-                    tensors = _flatten(state)[0]
-                    on_cpu = all(t.device.type == "cpu" for t in tensors)
-                    scale = widest / max(1, sum(ref.shape))
-                    one = 4 * scale * sum(t.numel() * t.element_size() for t in tensors)
-                    workers = min(workers, max(1, int(BASES_MEMORY // one) - 1))  # (+1 in flight)
-                    del state, tensors  # (the store has it: here it would outlive its spill, 84-192 MB at n = 256)
+                    first, nbytes = ref, cpu_state_bytes(state)
+                    del state  # (the store has it: here it would outlive its spill, 84-192 MB at n = 256)
                     break
             else:
                 return
-            if workers == 1 or not on_cpu:
+        workers = bases_workers(first, nbytes, widest)  # (with torch's own threads)
+        with torch_threads(bases_threads(modules, workers)):
+            if workers == 1:
                 for ref in todo:
                     self._keep_state(ref, *self._load_prepared(ref))
                 return

@@ -100,6 +100,21 @@ def test_tasks_run_with_the_drivers_threads(tmp_path, crash_marker, restore_thre
         assert_same_bits(local, knots_ext.merge(paths, "knots-ties", top_k=0.3, executor="ray"))
 
 
+def test_bases_of_many_tasks_with_the_threads_of_one_process(tmp_path, crash_marker, restore_threads):
+    """With more than 16 tasks a process computes its bases side by side, torch's threads shared
+    among them after the first module (driver.bases_threads): the Ray tasks follow the same
+    rule, so the bits are those of the merge in one process with as many threads."""
+    from knots_ext import driver
+
+    shapes = {"self_attn.o_proj": (2048, 256), "self_attn.v_proj": (256, 256)}
+    n = driver.BASES_ONE_THREAD_MAX_TASKS + 2
+    paths = [write_adapter(tmp_path / f"a{i}", 16, 16, layers=2, modules=shapes, seed=i) for i in range(n)]
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        local = knots_ext.merge(paths, "knots-ties", top_k=0.3)
+        assert_same_bits(local, knots_ext.merge(paths, "knots-ties", top_k=0.3, executor="ray"))
+
+
 def test_merge_to_writes_the_same_file(inputs, tmp_path):
     paths, _ = inputs
     knots_ext.merge_to(tmp_path / "local", paths, "ties", top_k=0.2)

@@ -355,10 +355,49 @@ def test_bases_side_by_side_one_thread_each(tmp_path, restore_threads):
         close(one.delta(name), U[name] @ merged[name], 1e-4, name)
 
 
+def test_bases_of_many_tasks_share_the_threads(tmp_path, monkeypatch, restore_threads):
+    """With more than BASES_ONE_THREAD_MAX_TASKS tasks, global TIES on KnOTS prepares the first
+    module with torch's threads and the others side by side, torch's threads shared among the
+    workers (2 threads: two workers of one thread each), or one at a time with all of them when
+    BASES_MEMORY holds one basis only; torch's setting is back afterwards, and the result is TIES
+    on the dense KnOTS representations (float64 reference) either way."""
+    import threading
+
+    from knots_ext.methods.knots import KnotsSpace
+
+    shapes = {"self_attn.o_proj": (160, 48), "self_attn.v_proj": (40, 48)}  # (k = 72: d_out above and below)
+    n = driver.BASES_ONE_THREAD_MAX_TASKS + 2
+    paths = [write_adapter(tmp_path / f"a{i}", 4, 8, layers=2, modules=shapes, seed=i) for i in range(n)]
+    seen = []
+    real = KnotsSpace.prepare
+
+    def spy(self, m):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return real(self, m)
+
+    monkeypatch.setattr(KnotsSpace, "prepare", spy)
+    torch.set_num_threads(2)
+    updates = [read_updates(p) for p in paths]
+    names = sorted(updates[0])
+    U, reps = ref_knots(updates, names)
+    want = ref_global_ties(reps, names, {n: tuple(reps[0][n].shape) for n in names}, 0.3, 1.0)
+    for room, threads in ((driver.BASES_MEMORY, [2, 1, 1, 1]), (1, [2, 2, 2, 2])):
+        monkeypatch.setattr(driver, "BASES_MEMORY", room)
+        seen.clear()
+        merged = knots_ext.merge(paths, "knots-ties", top_k=0.3)
+        assert torch.get_num_threads() == 2
+        assert [t for _, t in seen] == threads and seen[0][0]
+        assert all(main for main, _ in seen) == (room == 1)
+        for name in names:
+            close(merged.delta(name), U[name] @ want[name], 1e-4, name)
+
+
 def test_bases_threads_rule():
     small = [driver.ModuleRef("a", list(range(16)), (4, 4)), driver.ModuleRef("b", [0, 1], (4, 4))]
     assert driver.bases_threads(small) == 1
-    assert driver.bases_threads([*small, driver.ModuleRef("c", list(range(17)), (4, 4))]) is None
+    many = [*small, driver.ModuleRef("c", list(range(17)), (4, 4))]
+    assert driver.bases_threads(many) is None and driver.bases_threads(small, workers=3) == 1
+    assert driver.bases_threads(many, workers=2) == max(1, torch.get_num_threads() // 2)
 
 
 def test_error_in_a_bases_worker_is_the_merges(tmp_path, monkeypatch, restore_threads):
