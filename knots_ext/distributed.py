@@ -143,10 +143,14 @@ def _prepare(job: Job, ref: ModuleRef, threads: int | None = None):
 
 def _count(job: Job, refs: list, has_tasks: list, sel, dare_p: float, seed: int, *states):
     o = _open(job)
+    counted = set(sel.counted())
     for ref, has, state in zip(refs, has_tasks, states):
-        if has:
-            m = o.load(ref)
-            factor_ops.histogram(sel, o.space.row_factors(m, state), dare_p, seed, ref.name, m.tasks)
+        if has and not counted.isdisjoint(ref.tasks):
+            m = driver.load_counted(o.space, o.load, ref, counted)
+            m = o.load(ref) if m is None else m
+            tasks, factors = driver.counted_rows(counted, m.tasks, o.space.row_factors(m, state))
+            if tasks:
+                factor_ops.histogram(sel, factors, dare_p, seed, ref.name, tasks)
     return sel
 
 
@@ -260,7 +264,7 @@ class RayPasses(driver.Passes):
     def state(self, ref, pop: bool = False):
         return self.ray.get(self.states.pop(ref.name) if pop else self.states[ref.name])
 
-    def factors_of(self, ref):
+    def factors_of(self, ref, counted: set | None = None):
         m = self.load(ref)
         return m, self.space.row_factors(m, self.state(ref))
 

@@ -70,6 +70,24 @@ def bases_workers(ref, state_bytes: int | None, widest: int) -> int:
     return min(torch.get_num_threads(), max(1, int(BASES_MEMORY // max(one, 1.0)) - 1))
 
 
+def counted_rows(counted: set, tasks: list, factors: list) -> tuple[list, list]:
+    """The tasks of a module, and their row factors, whose entries a threshold round counts
+    (counted: MagnitudeThreshold.counted()). After a sampled window missed, the rounds that follow
+    count only the tasks that missed: at n = 1000 a few, whose rows are all that is computed."""
+    if all(t in counted for t in tasks):
+        return tasks, factors
+    keep = [j for j, t in enumerate(tasks) if t in counted]
+    return [tasks[j] for j in keep], [factors[j] for j in keep]
+
+
+def load_counted(space, load, ref: ModuleRef, counted: set | None) -> ModuleTasks | None:
+    """ref's module with only the tasks a threshold round counts loaded, when that leaves some
+    out and the space's rows need nothing of the other tasks (rows_per_task); else None."""
+    if counted is None or counted.issuperset(ref.tasks) or not getattr(space, "rows_per_task", False):
+        return None
+    return load(replace(ref, tasks=[t for t in ref.tasks if t in counted]))
+
+
 def cpu_state_bytes(state) -> int | None:
     """The bytes of a space state's tensors, None when any is off the CPU."""
     tensors = _flatten(state)[0]
@@ -358,8 +376,9 @@ class Passes:
         wait for the majority sign (the module's state is then kept for factors_of and state)."""
         raise NotImplementedError
 
-    def factors_of(self, ref):
-        """(ModuleTasks, row factors) of a module whose state is kept."""
+    def factors_of(self, ref, counted: set | None = None):
+        """(ModuleTasks, row factors) of a module whose state is kept; counted: the caller needs
+        only these tasks' rows (the others may be left out)."""
         raise NotImplementedError
 
     def state(self, ref, pop: bool = False):
@@ -393,7 +412,10 @@ class LocalPasses(Passes):
             if merged is not None:
                 pool.give(merged)
 
-    def factors_of(self, ref):
+    def factors_of(self, ref, counted: set | None = None):
+        part = None if ref.name in self.loaded.kept else load_counted(self.space, self.load, ref, counted)
+        if part is not None:  # (nothing of a partial load is kept)
+            return part, (self.space.row_factors(part, self.space.prepare(part)) if part.tasks else None)
         m = self.known.get(ref.name) or (self.load if self.rows_in_state else self.loaded)(ref)
         if self.rows_in_state:
             self.known[ref.name] = replace(m, factors=[])
@@ -463,10 +485,15 @@ class LocalPasses(Passes):
             self.states.put(ref.name, state)
 
     def count(self, modules, sel, dare_p, seed, progress, desc):
+        counted = set(sel.counted())
         for ref in progress(modules, desc):
-            m, factors = self.factors_of(ref)
+            if counted.isdisjoint(ref.tasks):
+                continue
+            m, factors = self.factors_of(ref, counted)
             if factors:
-                factor_ops.histogram(sel, factors, dare_p, seed, ref.name, m.tasks)
+                tasks, factors = counted_rows(counted, m.tasks, factors)
+                if tasks:
+                    factor_ops.histogram(sel, factors, dare_p, seed, ref.name, tasks)
             # (released before the next module is loaded and prepared: at n = 256 a 4096-wide
             # module's factors and state are ~300 MB)
             del m, factors

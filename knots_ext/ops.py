@@ -235,6 +235,11 @@ class MagnitudeThreshold:
     def done(self) -> bool:
         return self._sel.done
 
+    def counted(self) -> list[int]:
+        """The tasks whose entries the open round counts: entries of the others may be sent
+        and change nothing (their thresholds are settled), so they need not be computed."""
+        return self._sel.counted()
+
     @property
     def selector(self) -> _C.MagnitudeSelect:
         """The kernels' selection state (knots_ext.factor_ops adds factored rows to it)."""

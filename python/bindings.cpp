@@ -251,6 +251,16 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("missed", &MagnitudeSelect::missed,
                              "Tasks whose sampled window missed the threshold (they took two more passes)")
       .def_property_readonly("done", &MagnitudeSelect::done)
+      .def(
+          "counted",
+          [](const MagnitudeSelect& sel) {
+            std::vector<int64_t> tasks;
+            if (!sel.done())
+              for (int64_t t = 0; t < sel.n_tasks(); ++t)
+                if (sel.pass_of(t).what != Count::kNone) tasks.push_back(t);
+            return tasks;
+          },
+          "The tasks whose entries the open round counts (the others' thresholds are settled)")
       .def("histogram", [](MagnitudeSelect& sel, const Input& in, const std::vector<int64_t>& task_of_row) {
         for (int64_t t : task_of_row)
           if (t < 0 || t >= sel.n_tasks()) throw std::invalid_argument("task index out of range");

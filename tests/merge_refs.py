@@ -42,6 +42,27 @@ def write_adapter(path, ranks, alpha, *, layers=2, modules=SHAPES, rslora=False,
     return path
 
 
+def lattice_factors(m, c):
+    """(P, Q) of rank 16 whose product is 1 on the sampled thresholds' lattice and 0 elsewhere:
+    blocks of 4 rows x 16 columns, in row block ib the column blocks jb = (5 ib) mod 16 + 16 j
+    (csrc/common/magnitude_select.h: sample_first_block). A sample of it sees only ones."""
+    rows, cols = torch.arange(m), torch.arange(c)
+    P, Q = torch.zeros(m, 16), torch.zeros(16, c)
+    P[rows, (5 * (rows // 4)) % 16] = 1.0
+    Q[(cols // 16) % 16, cols] = 1.0
+    return P, Q
+
+
+def write_lattice_adapter(path, module, shape):
+    """A rank-16 adapter (alpha 16: scale 1) of one layer and one module whose update is
+    lattice_factors' product: with top_k 0.5 its sampled window misses its threshold (0)."""
+    write_adapter(path, 16, 16, layers=1, modules={module: shape})
+    B, A = lattice_factors(*shape)
+    save_file({f"{PREFIX}.0.{module}.lora_B.weight": B, f"{PREFIX}.0.{module}.lora_A.weight": A},
+              str(path / "adapter_model.safetensors"))
+    return path
+
+
 def read_scaled_factors(path):
     """(s * B, A) per module in float64, from a hand-written adapter (the test's own reader)."""
     from safetensors.torch import load_file

@@ -20,7 +20,7 @@ from knots_ext.methods import METHODS
 from knots_ext.io.memory import MemoryAdapter
 from knots_ext.methods.spaces import FactoredUpdate
 from conftest import ref_threshold
-from merge_refs import PREFIX, SHAPES, write_adapter, write_random_grams
+from merge_refs import PREFIX, SHAPES, write_adapter, write_lattice_adapter, write_random_grams
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,18 @@ def test_bases_of_many_tasks_with_the_threads_of_one_process(tmp_path, crash_mar
         torch.set_num_threads(threads)
         local = knots_ext.merge(paths, "knots-ties", top_k=0.3)
         assert_same_bits(local, knots_ext.merge(paths, "knots-ties", top_k=0.3, executor="ray"))
+
+
+def test_rounds_after_a_missed_window(tmp_path, crash_marker):
+    """A task whose sampled window misses (merge_refs.write_lattice_adapter): the rounds after the
+    window pass count its rows only, on the workers as in one process; the same bits."""
+    o_proj = "self_attn.o_proj"
+    shapes = {o_proj: (64, 256), "self_attn.v_proj": (48, 256)}
+    paths = [write_lattice_adapter(tmp_path / "a0", o_proj, shapes[o_proj])]
+    paths += [write_adapter(tmp_path / f"a{i}", 16, 16, layers=1, modules=shapes, seed=i) for i in (1, 2)]
+    for method in ("ties", "knots-ties"):
+        local = knots_ext.merge(paths, method, top_k=0.5)
+        assert_same_bits(local, knots_ext.merge(paths, method, top_k=0.5, executor="ray"))
 
 
 def test_merge_to_writes_the_same_file(inputs, tmp_path):

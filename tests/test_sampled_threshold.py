@@ -14,6 +14,7 @@ import knots_ext
 from knots_ext import factor_ops, ops
 
 from conftest import F64, assert_thresholds_equal, dare_ref32, gen, ref_threshold
+from merge_refs import lattice_factors
 from test_factor_ops import rows32  # the independent float32 model of the kernels' entries
 
 MODULES = ["model.layers.0.q", "model.layers.0.v", "model.layers.1.q"]
@@ -97,12 +98,8 @@ def test_lattice_is_the_documented_one():
     m, c = 64, 256
     mask = lattice_mask(m, c)
     assert int(mask.sum()) * 16 == m * c
-    # rank 16: P[a, k] = [k == (5 (a // 4)) mod 16], Q[k, b] = [k == (b // 16) mod 16]
-    P = torch.zeros(m, 16)
-    P[torch.arange(m), (5 * (torch.arange(m) // 4)) % 16] = 1.0
-    Q = torch.zeros(16, c)
-    Q[(torch.arange(c) // 16) % 16, torch.arange(c)] = 1.0
-    assert torch.equal((P @ Q).bool(), mask)
+    P, Q = lattice_factors(m, c)  # (the tests' shared adapter of the lattice: checked here)
+    assert torch.equal((P @ Q).bool(), mask) and torch.equal((P @ Q).unique(), torch.tensor([0.0, 1.0]))
     modules = [[(P, Q, 1.0)]]
     for top_k in (0.5, 1 / 16, 0.01):
         got, passes, missed = _select_one(modules, top_k)

@@ -22,6 +22,7 @@ from merge_refs import (
     ref_global_ties,
     ref_knots,
     write_adapter,
+    write_lattice_adapter,
 )
 from conftest import ref_ties
 
@@ -390,6 +391,58 @@ def test_bases_of_many_tasks_share_the_threads(tmp_path, monkeypatch, restore_th
         assert all(main for main, _ in seen) == (room == 1)
         for name in names:
             close(merged.delta(name), U[name] @ want[name], 1e-4, name)
+
+
+def test_rounds_after_a_missed_window_compute_only_its_task(tmp_path, monkeypatch):
+    """Global dense TIES where task 0's sampled window misses (its update is 1 on the sample
+    lattice and 0 elsewhere: the sample sees only ones, top_k 0.5 puts the threshold at 0) while
+    the random tasks 1 and 2 settle in the window pass: the radix rounds after it load and
+    compute task 0's rows only (nothing cached: FACTOR_MEMORY 0), a module without task 0 not at
+    all, and the merge is TIES with the float64 thresholds."""
+    from pathlib import Path
+
+    from knots_ext.io.adapter import Adapter
+
+    o_proj, v_proj, (m, c) = "self_attn.o_proj", "self_attn.v_proj", (64, 256)
+    shapes = {o_proj: (m, c), v_proj: (48, c)}
+    lattice = write_lattice_adapter(tmp_path / "a0", o_proj, (m, c))
+    paths = [lattice, *(write_adapter(tmp_path / f"a{i}", 16, 16, layers=1, modules=shapes, seed=i) for i in (1, 2))]
+
+    events: list = []
+    real_histogram, real_factors = driver.factor_ops.histogram, Adapter.factors
+    real_finish = knots_ext.ops.MagnitudeThreshold.finish_round
+
+    def histogram(sel, factors, dare_p, seed, module, tasks, slots=None):
+        events.append(("rows", module.split(".")[-1], list(tasks)))
+        return real_histogram(sel, factors, dare_p, seed, module, tasks, slots)
+
+    def factors(self, module, dtype=torch.float32):
+        events.append(("load", module.split(".")[-1], Path(self.path).name))
+        return real_factors(self, module, dtype)
+
+    def finish_round(self):
+        events.append(("end",))
+        return real_finish(self)
+
+    monkeypatch.setattr(driver.factor_ops, "histogram", histogram)
+    monkeypatch.setattr(Adapter, "factors", factors)
+    monkeypatch.setattr(knots_ext.ops.MagnitudeThreshold, "finish_round", finish_round)
+    monkeypatch.setattr(driver, "FACTOR_MEMORY", 0)
+    merged = knots_ext.merge(paths, "ties", top_k=0.5)
+
+    rounds: list = [[]]
+    for e in events:
+        rounds.append([]) if e == ("end",) else rounds[-1].append(e)
+    assert len(rounds) >= 4  # sample, window (task 0 missed), radix rounds; then the merge
+    for r in rounds[:2]:
+        assert ("rows", "o_proj", [0, 1, 2]) in r and ("rows", "v_proj", [1, 2]) in r
+    for r in rounds[2:-1]:
+        assert r == [("load", "o_proj", "a0"), ("rows", "o_proj", [0])]
+    updates = [read_updates(p) for p in paths]
+    names = sorted(updates[1])
+    want = ref_global_ties(updates, names, {n_: tuple(updates[1][n_].shape) for n_ in names}, 0.5, 1.0)
+    for name in names:
+        close(merged.delta(name), want[name], 1e-4, name)
 
 
 def test_bases_threads_rule():

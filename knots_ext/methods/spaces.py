@@ -79,6 +79,7 @@ class DenseSpace:
 
     name = "dense"
     rows_verbatim = True  # update(): the merged row is dW itself
+    rows_per_task = True  # row i needs task i's factors only (no state): a subset of tasks may be loaded
 
     def __init__(self, params=None):
         pass
