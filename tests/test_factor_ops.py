@@ -356,7 +356,10 @@ def test_nonfinite_rows_are_detected():
     P[4, 1] = math.inf
     bad = [finite[0], (P, Q, s)]
     huge = [finite[0], (finite[1][0] * 1e30, finite[1][1] * 1e30, 1.0)]  # finite factors, rows overflow
-    for factors in (bad, huge):
+    # the dot products overflow, a tiny scale would bring them back; and a huge scale overflows
+    scaled_down = [finite[0], (finite[1][0] * 1e25, finite[1][1] * 1e25, 1e-40)]
+    scaled_up = [finite[0], (finite[1][0], finite[1][1], 3e38)]
+    for factors in (bad, huge, scaled_down, scaled_up):
         assert factor_ops.is_finite(factors[0]) and not factor_ops.is_finite(factors[1])
         with pytest.raises(ValueError, match="NaN or Inf"):
             factor_ops.ties_apply(factors, [0.0, 0.0], 1.0, 0.0, 0, MODULE, [0, 1])
