@@ -203,29 +203,24 @@ void add_group(TileAccum& acc, const GroupScratch& s, int g, int64_t len, const 
   }
 }
 
+// The largest magnitude_key of x[0 .. len): NaN's above Inf's above every finite value's.
+uint32_t max_key(const float* x, int64_t len) {
+  uint32_t top = 0;
+  for (int64_t e = 0; e < len; ++e) top = std::max(top, magnitude_key(x[e]));
+  return top;
+}
+
 // Whether task t's entries (m x c) need looking at for NaN or Inf: not when its factors are
-// finite and both the partial sums of an entry's fma chain, <= max_a sum_k |P_ak| max |Q|, and
-// the entry, <= |s| times that, are far below float32's range, as LoRA factors' always are. The
+// finite and both the partial sums of an entry's fma chain, <= rank max|P| max|Q|, and the
+// entry, <= |s| times that, are far below float32's range, as LoRA factors' always are. The
 // per-entry check, one more sweep of each tile, cost ~10% of the window pass and ~8% of the TIES
 // apply; this reads each factor once.
 bool entries_need_check(const FactorTask& t, int64_t m, int64_t c) {
-  constexpr float kFar = 0x1p100f;  // float32's largest is ~2^128
-  float p_max = 0.0f, q_max = 0.0f;  // (a sum's rounding is nothing against that margin)
-  bool huge = false;
-  for (int64_t a = 0; a < m; ++a) {
-    float row = 0.0f;
-    for (int64_t k = 0; k < t.rank; ++k) row += std::fabs(t.P[a * t.rank + k]);
-    huge |= !(row < kFar);  // (NaN and Inf included)
-    p_max = row > p_max ? row : p_max;
-  }
-  for (int64_t e = 0; e < t.rank * c; ++e) {
-    const float x = std::fabs(t.Q[e]);
-    huge |= !(x < kFar);
-    q_max = x > q_max ? x : q_max;
-  }
-  // the fma chain (before the scale) and the entry (after it) both
-  const double dot_max = double(p_max) * double(q_max);
-  return huge || !(dot_max < double(kFar) && std::fabs(double(t.scale)) * dot_max < double(kFar));
+  const uint32_t p = max_key(t.P, m * t.rank), q = max_key(t.Q, t.rank * c);
+  if (p >= kNonFiniteKey || q >= kNonFiniteKey) return true;
+  constexpr double kFar = 0x1p100;  // float32's largest is ~2^128
+  const double dot_max = double(t.rank) * double(bits_float(p)) * double(bits_float(q));
+  return !(dot_max < kFar && std::fabs(double(t.scale)) * dot_max < kFar);
 }
 
 // entries_need_check of the tasks at `rows` (all when empty), side by side; 1 at the others.
