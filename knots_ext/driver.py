@@ -41,7 +41,7 @@ FACTOR_MEMORY = 128 << 20
 # little from threads, and their Python between products holds the GIL (n = 8 rank-16 on 2 cores:
 # 1.43 -> 1.18 s for 32 layers); their bits then do not depend on the thread count. More tasks:
 # torch's threads shared among the bases side by side (n = 64 on 2 cores, one thread each: the
-# eigendecompositions' memory-bound halves overlap, 93 -> 82 s for 32 layers, ~350 MB more held).
+# eigendecompositions' memory-bound halves overlap, 93 -> ~80 s for 32 layers, ~350 MB more held).
 BASES_ONE_THREAD_MAX_TASKS = 16
 # What the bases side by side may hold at once, in bytes: a basis's working set is estimated as
 # 4x its state (its float64 temporaries), scaled from the first module to the widest; with many
