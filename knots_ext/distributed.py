@@ -148,9 +148,7 @@ def _count(job: Job, refs: list, has_tasks: list, sel, dare_p: float, seed: int,
         if has and not counted.isdisjoint(ref.tasks):
             m = driver.load_counted(o.space, o.load, ref, counted)
             m = o.load(ref) if m is None else m
-            tasks, factors = driver.counted_rows(counted, m.tasks, o.space.row_factors(m, state))
-            if tasks:
-                factor_ops.histogram(sel, factors, dare_p, seed, ref.name, tasks)
+            driver.count_rows(sel, counted, ref.name, m.tasks, o.space.row_factors(m, state), dare_p, seed)
     return sel
 
 

@@ -70,14 +70,16 @@ def bases_workers(ref, state_bytes: int | None, widest: int) -> int:
     return min(torch.get_num_threads(), max(1, int(BASES_MEMORY // max(one, 1.0)) - 1))
 
 
-def counted_rows(counted: set, tasks: list, factors: list) -> tuple[list, list]:
-    """The tasks of a module, and their row factors, whose entries a threshold round counts
-    (counted: MagnitudeThreshold.counted()). After a sampled window missed, the rounds that follow
-    count only the tasks that missed: at n = 1000 a few, whose rows are all that is computed."""
-    if all(t in counted for t in tasks):
-        return tasks, factors
-    keep = [j for j, t in enumerate(tasks) if t in counted]
-    return [tasks[j] for j in keep], [factors[j] for j in keep]
+def count_rows(sel, counted: set, module: str, tasks: list, factors: list, dare_p: float, seed: int) -> None:
+    """Adds to sel's open round the rows of a module's tasks that it counts (counted:
+    MagnitudeThreshold.counted()), the others left out: after a sampled window missed, the rounds
+    that follow count only the tasks that missed (at n = 1000 a few), whose rows are all that is
+    computed."""
+    if not all(t in counted for t in tasks):
+        keep = [j for j, t in enumerate(tasks) if t in counted]
+        tasks, factors = [tasks[j] for j in keep], [factors[j] for j in keep]
+    if tasks:
+        factor_ops.histogram(sel, factors, dare_p, seed, module, tasks)
 
 
 def load_counted(space, load, ref: ModuleRef, counted: set | None) -> ModuleTasks | None:
@@ -93,6 +95,10 @@ def cpu_state_bytes(state) -> int | None:
     tensors = _flatten(state)[0]
     if any(t.device.type != "cpu" for t in tensors):
         return None
+    return _nbytes(tensors)
+
+
+def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -137,7 +143,7 @@ class StateStore:
 
     def put(self, name: str, state) -> None:
         tensors, layout = _flatten(state)
-        size = sum(t.numel() * t.element_size() for t in tensors)
+        size = _nbytes(tensors)
         # A state over a quarter of the budget goes to disk whatever room is left: kept, one or
         # two of them (n = 256: 84-192 MB each) would sit under every later module's SVD.
         if self.used + size <= self.budget and size <= self.budget // 4:
@@ -201,7 +207,7 @@ class LoadCache:
         if ref.name in self.kept:
             return self.kept[ref.name]
         m = self.load(ref)
-        size = sum(t.numel() * t.element_size() for pair in m.factors for t in pair)
+        size = _nbytes(t for pair in m.factors for t in pair)
         if self.used + size <= self.budget:
             self.kept[ref.name] = m
             self.used += size
@@ -211,7 +217,7 @@ class LoadCache:
         """Forgets a module whose last pass is over."""
         m = self.kept.pop(name, None)
         if m is not None:
-            self.used -= sum(t.numel() * t.element_size() for pair in m.factors for t in pair)
+            self.used -= _nbytes(t for pair in m.factors for t in pair)
 
 
 class Patcher:
@@ -491,9 +497,7 @@ class LocalPasses(Passes):
                 continue
             m, factors = self.factors_of(ref, counted)
             if factors:
-                tasks, factors = counted_rows(counted, m.tasks, factors)
-                if tasks:
-                    factor_ops.histogram(sel, factors, dare_p, seed, ref.name, tasks)
+                count_rows(sel, counted, ref.name, m.tasks, factors, dare_p, seed)
             # (released before the next module is loaded and prepared: at n = 256 a 4096-wide
             # module's factors and state are ~300 MB)
             del m, factors

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <stdexcept>
 #include <vector>
 
@@ -223,16 +224,23 @@ bool entries_need_check(const FactorTask& t, int64_t m, int64_t c) {
   return !(dot_max < kFar && std::fabs(double(t.scale)) * dot_max < kFar);
 }
 
-// entries_need_check of the tasks at `rows` (all when empty), side by side; 1 at the others.
-std::vector<char> tasks_to_check(const TaskFactors& f, const std::vector<int64_t>& rows = {}) {
+// entries_need_check of the tasks at `rows`, side by side; 1 at the others.
+std::vector<char> tasks_to_check(const TaskFactors& f, const std::vector<int64_t>& rows) {
   std::vector<char> check(size_t(f.n()), 1);
-  const int64_t count = rows.empty() ? f.n() : int64_t(rows.size());
+  const int64_t count = int64_t(rows.size());
 #pragma omp parallel for schedule(dynamic) if (count > 1)
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t r = rows.empty() ? i : rows[size_t(i)];
+    const int64_t r = rows[size_t(i)];
     check[size_t(r)] = entries_need_check(f.tasks[r], f.m, f.c);
   }
   return check;
+}
+
+// entries_need_check of every task.
+std::vector<char> tasks_to_check(const TaskFactors& f) {
+  std::vector<int64_t> all(size_t(f.n()));
+  std::iota(all.begin(), all.end(), int64_t(0));
+  return tasks_to_check(f, all);
 }
 
 // v[i * ldv + j] = task t's entry (a0 + i, b0 + j) for i < ta, j < tb (columns tb .. ldv-1 of
@@ -459,22 +467,21 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
   if (f.numel() >= (int64_t(1) << 32)) throw std::invalid_argument("arrays over 2^32 elements are not supported");
   const Tiling tiling(f);
   const QPanels panels(f);
-  std::vector<int64_t> sampled, counted;
+  std::vector<int64_t> sampled, counted;  // rows whose task this pass samples / counts in full
   for (int64_t r = 0; r < f.n(); ++r) {
     const Count what = sel.pass_of(task_of_row[r]).what;
-    if (what == Count::kSample) sampled.push_back(r);
-    else if (what != Count::kNone) counted.push_back(r);
-  }
-  const std::vector<char> check = counted.empty() ? std::vector<char>() : tasks_to_check(f, counted);
-  for (int64_t r = 0; r < f.n(); ++r) {
-    const int64_t task = task_of_row[r];
-    const TaskPass pass = sel.pass_of(task);
-    if (pass.what == Count::kNone) continue;
-    if (pass.what == Count::kSample) {
-      sel.add_total(task, uint64_t(f.numel()));
-    } else if (!count_task(f.tasks[r], panels.of(r), d, f, tiling, pass, check[size_t(r)], sel, task)) {
-      sel.flag_nonfinite();
+    if (what == Count::kSample) {
+      sampled.push_back(r);
+      sel.add_total(task_of_row[r], uint64_t(f.numel()));
+    } else if (what != Count::kNone) {
+      counted.push_back(r);
     }
+  }
+  const std::vector<char> check = tasks_to_check(f, counted);
+  for (int64_t r : counted) {
+    const int64_t task = task_of_row[r];
+    if (!count_task(f.tasks[r], panels.of(r), d, f, tiling, sel.pass_of(task), check[size_t(r)], sel, task))
+      sel.flag_nonfinite();
   }
   sample_rows(f, panels, d, sampled, task_of_row, sel);
 }
