@@ -51,8 +51,8 @@ def test_non_x86_build_has_no_x86_flags(configure_command, tmp_path):
     """Configured as for an aarch64 machine: the compiler's default target, one CPU path."""
     env = {"KNOTS_EXT_CUDA": "0", "CMAKE_ARGS": "-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64"}
     log, ninja = configure(configure_command(tmp_path / "out", env), tmp_path)
-    assert "knots_ext: CPU kernels for default; AVX2 path chosen at run time: OFF" in log
-    assert "-march" not in ninja and "avx2" not in ninja
+    assert "knots_ext: CPU kernels for default; AVX2 and AVX-512 paths chosen at run time: OFF" in log
+    assert "-march" not in ninja and "avx2" not in ninja and "avx512" not in ninja
 
 
 @pytest.mark.skipif(not HAVE_CMAKE, reason="needs cmake and ninja")
@@ -60,4 +60,4 @@ def test_portable_x86_build_flags(configure_command, tmp_path):
     env = {"KNOTS_EXT_CUDA": "0", "CMAKE_ARGS": "-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=x86_64"}
     log, ninja = configure(configure_command(tmp_path / "out", env), tmp_path)
     assert "-march=x86-64-v2" in ninja and "-ffp-contract=off" in ninja and "-march=native" not in ninja
-    assert "knots_ext: CPU kernels for x86-64-v2;" in log  # plus the AVX2 path with GCC
+    assert "knots_ext: CPU kernels for x86-64-v2;" in log  # plus the AVX2 and AVX-512 paths with GCC

@@ -59,6 +59,51 @@ inline void philox_sets(PhiloxKey key, const uint64_t (&g0)[kSets], __m256i (&wo
   }
 }
 
+#if defined(KX_CPU_AVX512)
+// philox_sets in 512-bit registers: set h is the 8 blocks g0[h] .. g0[h] + 7, words[2h] their
+// words in element order for blocks 0-3, words[2h + 1] for blocks 4-7. Twice the products an
+// instruction, and the round's two XORs are one ternary-logic instruction (0x96: a ^ b ^ c).
+template <int kSets>
+inline void philox_sets512(PhiloxKey key, const uint64_t (&g0)[kSets], __m512i (&words)[2 * kSets]) {
+  __m512i c0[kSets], c1[kSets], c2[kSets], c3[kSets];
+  for (int h = 0; h < kSets; ++h) {
+    const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    c0[h] = _mm512_add_epi64(_mm512_set1_epi64(int64_t(g0[h])), lane);
+    c1[h] = _mm512_srli_epi64(c0[h], 32);
+    c2[h] = c3[h] = _mm512_setzero_si512();
+  }
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53), m1 = _mm512_set1_epi64(0xCD9E8D57);
+  uint32_t k0 = key.k0, k1 = key.k1;
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
+    for (int h = 0; h < kSets; ++h) {
+      const __m512i p0 = _mm512_mul_epu32(c0[h], m0), p1 = _mm512_mul_epu32(c2[h], m1);
+      c0[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[h], key0, 0x96);
+      c2[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[h], key1, 0x96);
+      c1[h] = p1;
+      c3[h] = p0;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  const __m512i first4 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), last4 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  for (int h = 0; h < kSets; ++h) {
+    // lane j: words 0 and 1 of block j in w01, 2 and 3 in w23; then the lanes interleaved
+    const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, c0[h], _mm512_slli_epi64(c1[h], 32));
+    const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, c2[h], _mm512_slli_epi64(c3[h], 32));
+    words[2 * h] = _mm512_permutex2var_epi64(w01, first4, w23);
+    words[2 * h + 1] = _mm512_permutex2var_epi64(w01, last4, w23);
+  }
+}
+
+// mask8 for the 16 elements at v.
+inline void mask16(__m512i w, __m512i drop_below, __m512 scale, float* v) {
+  const __mmask16 keep = _mm512_cmpge_epu32_mask(w, drop_below);
+  _mm512_storeu_ps(v, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(v), scale));
+}
+#endif
+
 // Blocks g0 .. g0 + 4 kSets - 1: words[q] holds blocks g0 + 2q and g0 + 2q + 1.
 template <int kSets>
 inline void philox_blocks(PhiloxKey key, uint64_t g0, __m256i (&words)[2 * kSets]) {
@@ -87,6 +132,16 @@ inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, f
   if (lead == 0) {
     const __m256i drop_below = _mm256_set1_epi32(int(d.drop_below));
     const __m256 scale = _mm256_set1_ps(d.scale);
+#if defined(KX_CPU_AVX512)
+    const __m512i drop_below16 = _mm512_set1_epi32(int(d.drop_below));
+    const __m512 scale16 = _mm512_set1_ps(d.scale);
+    for (; 4 * (i + 16) <= len; i += 16) {
+      const uint64_t starts[2] = {g0 + uint64_t(i), g0 + uint64_t(i) + 8};
+      __m512i w[4];
+      philox_sets512<2>(key, starts, w);
+      for (int q = 0; q < 4; ++q) mask16(w[q], drop_below16, scale16, buf + 4 * i + 16 * q);
+    }
+#endif
     for (; 4 * (i + 16) <= len; i += 16) {
       __m256i w[8];
       philox_blocks<4>(key, g0 + uint64_t(i), w);
@@ -123,6 +178,23 @@ inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, f
 inline void run_rows(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t stride, int64_t rows, int64_t len,
                      float* buf, int64_t ldv) {
   int64_t i = 0;
+#if defined(KX_CPU_AVX512)
+  if (len == 32 && first % 4 == 0 && stride % 4 == 0) {  // a run is one set of 8 blocks
+    const __m512i drop_below = _mm512_set1_epi32(int(d.drop_below));
+    const __m512 scale = _mm512_set1_ps(d.scale);
+    constexpr int kSets = 4;
+    for (; i + kSets <= rows; i += kSets) {
+      uint64_t g0[kSets];
+      for (int h = 0; h < kSets; ++h) g0[h] = (first + uint64_t((i + h) * stride)) >> 2;
+      __m512i w[2 * kSets];
+      philox_sets512<kSets>(key, g0, w);
+      for (int h = 0; h < kSets; ++h) {
+        mask16(w[2 * h], drop_below, scale, buf + (i + h) * ldv);
+        mask16(w[2 * h + 1], drop_below, scale, buf + (i + h) * ldv + 16);
+      }
+    }
+  }
+#endif
 #if defined(KX_CPU_AVX2)
   if ((len == 16 || len == 32) && first % 4 == 0 && stride % 4 == 0) {
     const __m256i drop_below = _mm256_set1_epi32(int(d.drop_below));

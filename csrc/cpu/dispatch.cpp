@@ -1,5 +1,5 @@
 // Chooses which CPU path runs the kernels (csrc/cpu/path.h): the best one this CPU supports,
-// unless KNOTS_EXT_CPU_PATH or set_path() asks for another. Both paths round identically
+// unless KNOTS_EXT_CPU_PATH or set_path() asks for another. All paths round identically
 // (common/rounding.h), so the choice changes speed, never a result. Compiled once, for the
 // baseline.
 #include <omp.h>
@@ -17,6 +17,9 @@ namespace kx::cpu::baseline {
 namespace kx::cpu::avx2 {
 #include "../kernel_api.h"
 }  // namespace kx::cpu::avx2
+namespace kx::cpu::avx512 {
+#include "../kernel_api.h"
+}  // namespace kx::cpu::avx512
 #endif
 
 namespace kx::cpu {
@@ -50,6 +53,11 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
          __builtin_cpu_supports("bmi2");
 }
+// The subsets path.h turns on (those of every AVX-512 CPU since Skylake-SP).
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+}
 #endif
 
 // Best last.
@@ -57,6 +65,7 @@ const Path kPaths[] = {
     KX_PATH(baseline, always),
 #if defined(KX_CPU_HAS_AVX2_PATH)
     KX_PATH(avx2, cpu_has_avx2),
+    KX_PATH(avx512, cpu_has_avx512),
 #endif
 };
 constexpr int kPathCount = int(sizeof(kPaths) / sizeof(kPaths[0]));

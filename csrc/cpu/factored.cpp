@@ -26,8 +26,13 @@ namespace {
 
 // A register block: 3 rows x 32 columns (four AVX2 vectors), 12 accumulators, enough chains
 // to hide the FMA latency with both FMA pipes busy (4 x 16 blocks, 8 chains, ran at ~55% of the
-// FMA peak in a micro-benchmark; 3 x 32 at ~80%).
+// FMA peak in a micro-benchmark; 3 x 32 at ~80%). With AVX-512 a row of 32 is two vectors: 4
+// rows, 8 accumulators (6 rows, 12, left GCC's loops scalar: 20x slower).
+#if defined(KX_CPU_AVX512)
+constexpr int kBlockRows = 4;
+#else
 constexpr int kBlockRows = 3;
+#endif
 constexpr int kBlockCols = 32;
 // A tile is one block wide and kTile / kBlockCols rows (rounded down to whole blocks) high:
 // per task, the P rows and Q panel it reads (~3 KB) are about the fewest for its entries.
@@ -58,6 +63,16 @@ inline void block_entries(const float* p, int64_t rank, const float* q, int64_t 
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 32
     for (int j = 0; j < C; ++j) v[i * ldv + j] = factor_scale(scale, acc[i * C + j]);
+}
+
+// The block of the last `left` (< R) rows of a tile.
+template <int R>
+inline void tail_entries(int64_t left, const float* p, int64_t rank, const float* q, int64_t q_stride, float scale,
+                         float* v, int64_t ldv) {
+  if constexpr (R > 0) {
+    if (left == R) block_entries<R>(p, rank, q, q_stride, scale, v, ldv);
+    else tail_entries<R - 1>(left, p, rank, q, q_stride, scale, v, ldv);
+  }
 }
 
 inline int64_t whole_blocks(int64_t cols) { return (cols + kBlockCols - 1) / kBlockCols * kBlockCols; }
@@ -257,11 +272,7 @@ bool task_tile(const FactorTask& t, const float* p, const TaskQ& q, const DareSp
     int64_t i = 0;
     for (; i + kBlockRows <= ta; i += kBlockRows)
       block_entries<kBlockRows>(p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv);
-    switch (ta - i) {
-      case 2: block_entries<2>(p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv); break;
-      case 1: block_entries<1>(p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv); break;
-      default: break;
-    }
+    tail_entries<kBlockRows - 1>(ta - i, p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv);
   }
   // Padding entries come from Q's zero columns: one is NaN or Inf only if a P entry of its row
   // is, and then so are all of the row's entries. So one flat loop over the tile, padding
@@ -414,7 +425,7 @@ bool count_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, const Ta
   {
     // Per-thread counts (or keys), added once at the end: no atomics in the hot loop.
     std::vector<uint32_t> local(size_t(bins), 0), keys;
-    uint32_t bin_of[kTile];
+    uint32_t bin_of[kTile + 16];  // (bracket_path::scan's room)
     Scratch s;
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
