@@ -52,8 +52,9 @@ inline void store_tile(const float* buf, int64_t len, DType dtype, void* out, in
 // A TIES tile's per-position accumulators, one array per field so the loops vectorise. Each
 // array is padded by 64 bytes: unpadded, sum[t] and neg_sum[t] would be 4 KB apart, and a load
 // that follows a store at the same address modulo 4 KB waits for it (4K aliasing).
-struct alignas(64) TileAccum {
-  static constexpr int64_t kLen = kTile + 16;
+template <int64_t kCapacity>
+struct alignas(64) TileAccumOf {
+  static constexpr int64_t kLen = kCapacity + 16;
   float sum[kLen], pos_sum[kLen], neg_sum[kLen];
   int32_t pos_count[kLen], neg_count[kLen], undecided[kLen];
 
@@ -101,6 +102,7 @@ struct alignas(64) TileAccum {
     return a;
   }
 };
+using TileAccum = TileAccumOf<kTile>;
 
 }  // namespace kx::cpu
 
