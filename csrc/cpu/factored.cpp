@@ -98,6 +98,8 @@ struct Tile {
   int64_t a0, ta, b0, tb, ldv;
   int64_t len() const { return ta * ldv; }
 };
+// The tile loops hand out a row of a band's tiles at a time (dynamic: the two vCPUs of a shared
+// machine do not run at one speed, and a static half each left one waiting ~8% of the time).
 constexpr int64_t kBandStrips = 4;
 struct Tiling {
   int64_t m, c, rows, cols, row_tiles, col_tiles;
@@ -411,7 +413,7 @@ void sample_rows(const TaskFactors& f, const QPanels& panels, const DareSpec& d,
 #pragma omp parallel
     {
       std::vector<uint64_t> local(size_t(kRound0Bins), 0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
       for (int64_t jb = 0; jb < col_blocks; ++jb) sample_columns(f.tasks[r], panels.of(r), d, f.m, f.c, jb, jb + 1, local.data());
 #pragma omp critical
       for (int64_t b = 0; b < kRound0Bins; ++b) hist[b] += local[b];
@@ -437,7 +439,7 @@ bool count_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, const Ta
     std::vector<uint32_t> local(size_t(bins), 0), keys;
     uint32_t bin_of[kFactoredTile + 16];  // (bracket_path::scan's room)
     Scratch s;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kBandStrips)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const Tile tl = tiling.at(tile);
       finite = task_tile(t, t.P + tl.a0 * t.rank, q, d, f.c, tl, check, s.v) && finite;
@@ -526,7 +528,7 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
     std::vector<GroupScratch> group_storage(1);
     GroupScratch& s = group_storage[0];
     TileRowsOfP p_rows(f, tiling.rows);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kBandStrips)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const Tile tl = tiling.at(tile);
       const int64_t a0 = tl.a0, ta = tl.ta, b0 = tl.b0, tb = tl.tb, ldv = tl.ldv;
@@ -602,7 +604,7 @@ bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::v
     std::vector<float> acc_storage(kFactoredTile);
     float* acc = acc_storage.data();
     TileRowsOfP p_rows(f, tiling.rows);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kBandStrips)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const Tile tl = tiling.at(tile);
       const int64_t len = tl.len();
