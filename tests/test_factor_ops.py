@@ -305,11 +305,27 @@ def test_cpu_paths_bit_identical():
         pytest.skip(f"this build has one CPU path only ({paths})")
     before = knots_ext.build_info()["cpu_path"]
     factors = rand_factors(41, 75, [1, 16, 5], seed=12)  # small: the baseline path calls fmaf
+    # the sample pass's histograms (its state's bytes), with DARE on 4-row sample blocks, and the
+    # thresholds after the window pass (whose listed keys the threads append in any order)
+    # (c a multiple of 4: runs of a row start on Philox block boundaries, DARE's vector paths)
+    tall = rand_factors(300, 132, [16, 5, 8], seed=13)
+
+    def sampled_states():
+        sel = ops.MagnitudeThreshold(len(tall), 0.2, sampled=True)
+        factor_ops.histogram(sel, tall, 0.4, 3, MODULE, [0, 1, 2])
+        state = sel._sel.__getstate__()
+        sel.finish_round()
+        while not sel.done:
+            factor_ops.histogram(sel, tall, 0.4, 3, MODULE, [0, 1, 2])
+            sel.finish_round()
+        return (state, *sel.thresholds())
+
     results = []
     try:
         for name in paths:
             _C.set_cpu_path(name)
-            results.append(everything(factors) + everything(cancelling_factors(13, 29, seed=4), 0.0, 0))
+            results.append(everything(factors) + everything(cancelling_factors(13, 29, seed=4), 0.0, 0)
+                           + everything(tall) + sampled_states())
     finally:
         _C.set_cpu_path(before)
     for name, other in zip(paths[1:], results[1:]):

@@ -60,15 +60,15 @@ inline void philox_sets(PhiloxKey key, const uint64_t (&g0)[kSets], __m256i (&wo
 }
 
 #if defined(KX_CPU_AVX512)
-// philox_sets in 512-bit registers: set h is the 8 blocks g0[h] .. g0[h] + 7, words[2h] their
-// words in element order for blocks 0-3, words[2h + 1] for blocks 4-7. Twice the products an
-// instruction, and the round's two XORs are one ternary-logic instruction (0x96: a ^ b ^ c).
+// philox_sets in 512-bit registers, 4 consecutive blocks a half: words[q] holds blocks g0[q] ..
+// g0[q] + 3 in element order (16 words). Twice the products an instruction, and the round's two
+// XORs are one ternary-logic instruction (0x96: a ^ b ^ c).
 template <int kSets>
-inline void philox_sets512(PhiloxKey key, const uint64_t (&g0)[kSets], __m512i (&words)[2 * kSets]) {
+inline void philox_sets512(PhiloxKey key, const uint64_t (&g0)[2 * kSets], __m512i (&words)[2 * kSets]) {
   __m512i c0[kSets], c1[kSets], c2[kSets], c3[kSets];
   for (int h = 0; h < kSets; ++h) {
-    const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
-    c0[h] = _mm512_add_epi64(_mm512_set1_epi64(int64_t(g0[h])), lane);
+    const int64_t lo = int64_t(g0[2 * h]), hi = int64_t(g0[2 * h + 1]);
+    c0[h] = _mm512_add_epi64(_mm512_setr_epi64(lo, lo, lo, lo, hi, hi, hi, hi), _mm512_setr_epi64(0, 1, 2, 3, 0, 1, 2, 3));
     c1[h] = _mm512_srli_epi64(c0[h], 32);
     c2[h] = c3[h] = _mm512_setzero_si512();
   }
@@ -136,7 +136,7 @@ inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, f
     const __m512i drop_below16 = _mm512_set1_epi32(int(d.drop_below));
     const __m512 scale16 = _mm512_set1_ps(d.scale);
     for (; 4 * (i + 16) <= len; i += 16) {
-      const uint64_t starts[2] = {g0 + uint64_t(i), g0 + uint64_t(i) + 8};
+      const uint64_t starts[4] = {g0 + uint64_t(i), g0 + uint64_t(i) + 4, g0 + uint64_t(i) + 8, g0 + uint64_t(i) + 12};
       __m512i w[4];
       philox_sets512<2>(key, starts, w);
       for (int q = 0; q < 4; ++q) mask16(w[q], drop_below16, scale16, buf + 4 * i + 16 * q);
@@ -171,6 +171,27 @@ inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, f
   dare_masked(words + done, lead, d, len - done, buf + done);
 }
 
+#if defined(KX_CPU_AVX512)
+// run_rows' runs of 16 kHalves elements on block boundaries, 4 at a time; returns the runs done.
+template <int kHalves>
+inline int64_t rows512(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t stride, int64_t rows, float* buf,
+                       int64_t ldv) {
+  constexpr int kSets = 2 * kHalves;  // 4 runs of kHalves halves
+  const __m512i drop_below = _mm512_set1_epi32(int(d.drop_below));
+  const __m512 scale = _mm512_set1_ps(d.scale);
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    uint64_t g0[2 * kSets];
+    for (int q = 0; q < 2 * kSets; ++q)
+      g0[q] = ((first + uint64_t((i + q / kHalves) * stride)) >> 2) + uint64_t(4 * (q % kHalves));
+    __m512i w[2 * kSets];
+    philox_sets512<kSets>(key, g0, w);
+    for (int q = 0; q < 2 * kSets; ++q) mask16(w[q], drop_below, scale, buf + (i + q / kHalves) * ldv + 16 * (q % kHalves));
+  }
+  return i;
+}
+#endif
+
 // DARE on `rows` runs of len elements: run i is elements first + i * stride .. of its module, in
 // buf + i * ldv (a tile's rows, a sample block's). Runs of 32 or 16 elements on block boundaries
 // (the factored kernels' tiles and sample blocks) go 2 or 4 at a time on the avx2 path: 16
@@ -179,20 +200,9 @@ inline void run_rows(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t s
                      float* buf, int64_t ldv) {
   int64_t i = 0;
 #if defined(KX_CPU_AVX512)
-  if (len == 32 && first % 4 == 0 && stride % 4 == 0) {  // a run is one set of 8 blocks
-    const __m512i drop_below = _mm512_set1_epi32(int(d.drop_below));
-    const __m512 scale = _mm512_set1_ps(d.scale);
-    constexpr int kSets = 4;
-    for (; i + kSets <= rows; i += kSets) {
-      uint64_t g0[kSets];
-      for (int h = 0; h < kSets; ++h) g0[h] = (first + uint64_t((i + h) * stride)) >> 2;
-      __m512i w[2 * kSets];
-      philox_sets512<kSets>(key, g0, w);
-      for (int h = 0; h < kSets; ++h) {
-        mask16(w[2 * h], drop_below, scale, buf + (i + h) * ldv);
-        mask16(w[2 * h + 1], drop_below, scale, buf + (i + h) * ldv + 16);
-      }
-    }
+  if (first % 4 == 0 && stride % 4 == 0) {  // 4 runs at a time: 16 or 32 Philox blocks in flight
+    if (len == 32) i = rows512<2>(key, d, first, stride, rows, buf, ldv);
+    if (len == 16) i = rows512<1>(key, d, first, stride, rows, buf, ldv);
   }
 #endif
 #if defined(KX_CPU_AVX2)
