@@ -5,8 +5,9 @@
 Group "ties": fused TIES (knots_ext.ops.ties_merge) on 8 tasks x 16M float32, top_k 0.2,
 against the same math in plain torch ops, and against one read pass over the input
 (torch.sum: the memory-bound floor). Group "dare-ta": DARE + task arithmetic, fused vs torch.
-The fused kernels run once on each CPU path of the build ([baseline] and [avx2]: the portable
-x86-64-v2 code and the AVX2 code chosen at run time), so the paths compare in one run.
+The fused kernels run once on each CPU path of the build and CPU ([baseline], [avx2], [avx512]:
+the portable x86-64-v2 code and the AVX2 and AVX-512 code chosen at run time), so the paths
+compare in one run.
 KNOTS_BENCH_P overrides the per-task size.
 
 Group "factored": the factor-fused kernels (knots_ext.factor_ops: the thresholds' exact and

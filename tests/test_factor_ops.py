@@ -310,13 +310,13 @@ def test_cpu_paths_bit_identical():
     # (c a multiple of 4: runs of a row start on Philox block boundaries, DARE's vector paths)
     tall = rand_factors(300, 132, [16, 5, 8], seed=13)
 
-    def sampled_states():
+    def sampled_states(dare_p):  # (without DARE, avx512 tests the window on the registers)
         sel = ops.MagnitudeThreshold(len(tall), 0.2, sampled=True)
-        factor_ops.histogram(sel, tall, 0.4, 3, MODULE, [0, 1, 2])
+        factor_ops.histogram(sel, tall, dare_p, 3, MODULE, [0, 1, 2])
         state = sel._sel.__getstate__()
         sel.finish_round()
         while not sel.done:
-            factor_ops.histogram(sel, tall, 0.4, 3, MODULE, [0, 1, 2])
+            factor_ops.histogram(sel, tall, dare_p, 3, MODULE, [0, 1, 2])
             sel.finish_round()
         return (state, *sel.thresholds())
 
@@ -325,7 +325,7 @@ def test_cpu_paths_bit_identical():
         for name in paths:
             _C.set_cpu_path(name)
             results.append(everything(factors) + everything(cancelling_factors(13, 29, seed=4), 0.0, 0)
-                           + everything(tall) + sampled_states())
+                           + everything(tall) + sampled_states(0.4) + sampled_states(0.0))
     finally:
         _C.set_cpu_path(before)
     for name, other in zip(paths[1:], results[1:]):

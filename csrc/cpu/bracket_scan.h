@@ -16,21 +16,17 @@
 
 namespace kx::cpu::KX_CPU_PATH::bracket_path {
 
-// Keys of v[0 .. len): returns how many are below key0; appends key - key0 of those inside the
-// bracket to bin_of[count ..] and advances count. On the avx512 path bin_of must have room for 15
-// more (a vector of 16 offsets is stored whole, the ones inside first).
-inline uint64_t scan(const float* v, int64_t len, uint32_t key0, uint32_t span, uint32_t* bin_of, int64_t& count) {
-  uint64_t under = 0;
-  int64_t j = 0;
 #if defined(KX_CPU_AVX512)
-  // The tests give masks: the below-count is a masked add, the offsets inside are compacted in a
-  // register (a compressing store to memory is microcoded on these cores).
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), low = _mm512_set1_epi32(int(key0));
-  const __m512i last = _mm512_set1_epi32(int(span - 1)), one = _mm512_set1_epi32(1);
-  __m512i below = _mm512_setzero_si512();
-  for (; j + 16 <= len; j += 16) {
-    const __m512i key = _mm512_and_si512(_mm512_loadu_si512(v + j), magnitude);
-    below = _mm512_mask_add_epi32(below, _mm512_cmplt_epi32_mask(key, low), below, one);  // 31-bit keys
+// The bracket test of 16 values x (keys: their bits without the sign, 31-bit, so signed order):
+// the below-count is a masked add into below's lanes, the offsets inside are compacted in a
+// register and stored whole (a compressing store to memory is microcoded on these cores), so
+// bin_of needs room for 15 more.
+struct Bracket16 {
+  __m512i low, last, below = _mm512_setzero_si512();
+  Bracket16(uint32_t key0, uint32_t span) : low(_mm512_set1_epi32(int(key0))), last(_mm512_set1_epi32(int(span - 1))) {}
+  void test(__m512 x, uint32_t* bin_of, int64_t& count) {
+    const __m512i key = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+    below = _mm512_mask_add_epi32(below, _mm512_cmplt_epi32_mask(key, low), below, _mm512_set1_epi32(1));
     const __m512i offset = _mm512_sub_epi32(key, low);
     const __mmask16 inside = _mm512_cmple_epu32_mask(offset, last);
     if (inside) {
@@ -38,9 +34,26 @@ inline uint64_t scan(const float* v, int64_t len, uint32_t key0, uint32_t span, 
       count += __builtin_popcount(uint32_t(inside));
     }
   }
-  alignas(64) uint32_t counts[16];  // (GCC's _mm512_reduce_add_epi32 warns of an undefined vector)
-  _mm512_store_si512(counts, below);
-  for (int i = 0; i < 16; ++i) under += counts[i];
+  uint64_t below_count() const {
+    alignas(64) uint32_t counts[16];  // (GCC's _mm512_reduce_add_epi32 warns of an undefined vector)
+    _mm512_store_si512(counts, below);
+    uint64_t total = 0;
+    for (int i = 0; i < 16; ++i) total += counts[i];
+    return total;
+  }
+};
+#endif
+
+// Keys of v[0 .. len): returns how many are below key0; appends key - key0 of those inside the
+// bracket to bin_of[count ..] and advances count. On the avx512 path bin_of must have room for 15
+// more (Bracket16).
+inline uint64_t scan(const float* v, int64_t len, uint32_t key0, uint32_t span, uint32_t* bin_of, int64_t& count) {
+  uint64_t under = 0;
+  int64_t j = 0;
+#if defined(KX_CPU_AVX512)
+  Bracket16 bracket(key0, span);
+  for (; j + 16 <= len; j += 16) bracket.test(_mm512_loadu_ps(v + j), bin_of, count);
+  under += bracket.below_count();
 #elif defined(KX_CPU_AVX2)
   const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), low = _mm256_set1_epi32(int(key0));
   const __m256i last = _mm256_set1_epi32(int(span - 1));  // span >= 1

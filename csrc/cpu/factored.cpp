@@ -26,10 +26,10 @@ namespace {
 
 // A register block: 3 rows x 32 columns (four AVX2 vectors), 12 accumulators, enough chains
 // to hide the FMA latency with both FMA pipes busy (4 x 16 blocks, 8 chains, ran at ~55% of the
-// FMA peak in a micro-benchmark; 3 x 32 at ~80%). With AVX-512 a row of 32 is two vectors: 4
-// rows, 8 accumulators (6 rows, 12, left GCC's loops scalar: 20x slower).
+// FMA peak in a micro-benchmark; 3 x 32 at ~80%). With AVX-512 a row of 32 is two vectors: 8
+// rows, 16 accumulators (zmm_block; GCC's own vectorisation stopped at 4 rows).
 #if defined(KX_CPU_AVX512)
-constexpr int kBlockRows = 4;
+constexpr int kBlockRows = 8;
 #else
 constexpr int kBlockRows = 3;
 #endif
@@ -53,9 +53,43 @@ using FactoredAccum = TileAccumOf<kFactoredTile>;
 // entry the chain of factor_dot (fma in k order from +0), then factor_scale: the same bits as
 // factor_entry, however GCC vectorises the loops. (Keep this loop nest simple: anything more in
 // it, e.g. a finiteness check of the results, and GCC stops vectorising it.)
+#if defined(KX_CPU_AVX512)
+// block_entries' R x 32 entries in registers (v[i][h]: row i, columns 16h ..), written with
+// intrinsics: the same fma chain from +0 in k order, then times the scale.
+template <int R>
+inline void zmm_block(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale,
+                      __m512 (&v)[R][2]) {
+  for (int i = 0; i < R; ++i) v[i][0] = v[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < rank; ++k) {
+    const __m512 q0 = _mm512_loadu_ps(q + k * q_stride), q1 = _mm512_loadu_ps(q + k * q_stride + 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512 pk = _mm512_set1_ps(p[i * rank + k]);  // (an FMA's broadcast operand)
+      v[i][0] = _mm512_fmadd_ps(pk, q0, v[i][0]);
+      v[i][1] = _mm512_fmadd_ps(pk, q1, v[i][1]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < R; ++i) {
+    v[i][0] = _mm512_mul_ps(s, v[i][0]);
+    v[i][1] = _mm512_mul_ps(s, v[i][1]);
+  }
+}
+#endif
+
 template <int R, int C = kBlockCols>
 inline void block_entries(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale, float* v,
                           int64_t ldv) {
+#if defined(KX_CPU_AVX512)
+  if constexpr (C == kBlockCols) {
+    __m512 block[R][2];
+    zmm_block<R>(p, rank, q, q_stride, scale, block);
+    for (int i = 0; i < R; ++i) {
+      _mm512_storeu_ps(v + i * ldv, block[i][0]);
+      _mm512_storeu_ps(v + i * ldv + 16, block[i][1]);
+    }
+    return;
+  }
+#endif
   float acc[R * C];
 #pragma GCC unroll 128
   for (int t = 0; t < R * C; ++t) acc[t] = 0.0f;
@@ -421,6 +455,44 @@ void sample_rows(const TaskFactors& f, const QPanels& panels, const DareSpec& d,
   }
 }
 
+#if defined(KX_CPU_AVX512)
+// The bracket test of R rows of a tile's entries (bracket_path::scan's) on the registers that
+// computed them: no store of the entries, no second read.
+template <int R>
+inline void bracket_rows(const float* p, int64_t rank, const float* q, float scale,
+                         bracket_path::Bracket16& bracket, uint32_t* bin_of, int64_t& count) {
+  __m512 block[R][2];
+  zmm_block<R>(p, rank, q, kBlockCols, scale, block);
+  for (int i = 0; i < R; ++i) {
+    bracket.test(block[i][0], bin_of, count);
+    bracket.test(block[i][1], bin_of, count);
+  }
+}
+
+template <int R>
+inline void bracket_tail(int64_t left, const float* p, int64_t rank, const float* q, float scale,
+                         bracket_path::Bracket16& bracket, uint32_t* bin_of, int64_t& count) {
+  if constexpr (R > 0) {
+    if (left == R) bracket_rows<R>(p, rank, q, scale, bracket, bin_of, count);
+    else bracket_tail<R - 1>(left, p, rank, q, scale, bracket, bin_of, count);
+  }
+}
+
+// count_task's bracket pass over a tile one block wide (no padding), without DARE and with
+// entries known finite: returns how many keys are below key0, appends the offsets inside.
+int64_t bracket_tile(const FactorTask& t, const TaskQ& q, const Tile& tile, uint32_t key0, uint32_t span,
+                     uint32_t* bin_of, int64_t& count) {
+  bracket_path::Bracket16 bracket(key0, span);
+  const float* qb = q.at(tile.b0);
+  const float* p = t.P + tile.a0 * t.rank;
+  int64_t i = 0;
+  for (; i + kBlockRows <= tile.ta; i += kBlockRows)
+    bracket_rows<kBlockRows>(p + i * t.rank, t.rank, qb, t.scale, bracket, bin_of, count);
+  bracket_tail<kBlockRows - 1>(tile.ta - i, p + i * t.rank, t.rank, qb, t.scale, bracket, bin_of, count);
+  return int64_t(bracket.below_count());
+}
+#endif
+
 // Task `task`'s keys over the whole row (factors t, Q panels q), counted into sel as `pass`
 // says (kWindow, kList, kTop or kLow); returns false if an entry is NaN or Inf.
 bool count_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, const TaskFactors& f,
@@ -442,10 +514,17 @@ bool count_task(const FactorTask& t, const TaskQ& q, const DareSpec& d, const Ta
 #pragma omp for schedule(dynamic, kBandStrips)
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const Tile tl = tiling.at(tile);
-      finite = task_tile(t, t.P + tl.a0 * t.rank, q, d, f.c, tl, check, s.v) && finite;
-      // The bins first (vectorised), then the counts: a scalar loop of increments only.
       int64_t count = 0;
-      for (int64_t i = 0; i < tl.ta; ++i) {
+      bool entries_stored = true;
+#if defined(KX_CPU_AVX512)
+      if (bracket && !d.enabled && !check && tl.tb == kBlockCols) {  // (entries finite: entries_need_check)
+        under += bracket_tile(t, q, tl, key0, span, bin_of, count);
+        entries_stored = false;
+      }
+#endif
+      if (entries_stored) finite = task_tile(t, t.P + tl.a0 * t.rank, q, d, f.c, tl, check, s.v) && finite;
+      // The bins first (vectorised), then the counts: a scalar loop of increments only.
+      for (int64_t i = 0; entries_stored && i < tl.ta; ++i) {
         const float* v = s.v + i * tl.ldv;
         if (pass.what == Count::kTop) {
           for (int64_t j = 0; j < tl.tb; ++j) {
