@@ -15,6 +15,48 @@
 namespace kx::cpu::KX_CPU_PATH::dare_path {
 
 #if defined(KX_CPU_AVX2)
+// Philox4x32-10's rounds (common/philox.h) in 64-bit lanes, one block a lane, each word in the low
+// half of its lane (see philox_sets), for the vector ops of Lanes: mul (the 64-bit products of
+// the lanes' low halves), shr32, xor3 and set1.
+template <class Lanes, int kSets>
+inline void philox_rounds(PhiloxKey key, typename Lanes::V (&c0)[kSets], typename Lanes::V (&c1)[kSets],
+                          typename Lanes::V (&c2)[kSets], typename Lanes::V (&c3)[kSets]) {
+  using V = typename Lanes::V;
+  const V m0 = Lanes::set1(0xD2511F53), m1 = Lanes::set1(0xCD9E8D57);
+  uint32_t k0 = key.k0, k1 = key.k1;
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const V key0 = Lanes::set1(k0), key1 = Lanes::set1(k1);
+    for (int h = 0; h < kSets; ++h) {
+      const V p0 = Lanes::mul(c0[h], m0), p1 = Lanes::mul(c2[h], m1);
+      c0[h] = Lanes::xor3(Lanes::shr32(p1), c1[h], key0);
+      c2[h] = Lanes::xor3(Lanes::shr32(p0), c3[h], key1);
+      c1[h] = p1;
+      c3[h] = p0;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+struct Lanes256 {
+  using V = __m256i;
+  static V set1(uint64_t x) { return _mm256_set1_epi64x(int64_t(x)); }
+  static V mul(V a, V b) { return _mm256_mul_epu32(a, b); }
+  static V shr32(V a) { return _mm256_srli_epi64(a, 32); }
+  static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+};
+
+#if defined(KX_CPU_AVX512)
+struct Lanes512 {  // (xor3: one ternary-logic instruction, 0x96 = a ^ b ^ c)
+  using V = __m512i;
+  static V set1(uint64_t x) { return _mm512_set1_epi64(int64_t(x)); }
+  static V mul(V a, V b) { return _mm512_mul_epu32(a, b); }
+  static V shr32(V a) { return _mm512_srli_epi64(a, 32); }
+  static V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
+};
+#endif
+
 // Philox blocks under key in kSets sets of 4 consecutive blocks, set h being blocks g0[h] ..
 // g0[h] + 3, in element order: words[2h] holds the set's blocks 0 and 1, words[2h + 1] blocks 2
 // and 3 (words 0-3 of each). The rounds run in 64-bit lanes, lane j of set h being block
@@ -33,21 +75,7 @@ inline void philox_sets(PhiloxKey key, const uint64_t (&g0)[kSets], __m256i (&wo
     c1[h] = _mm256_srli_epi64(c0[h], 32);
     c2[h] = c3[h] = _mm256_setzero_si256();
   }
-  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53), m1 = _mm256_set1_epi64x(0xCD9E8D57);
-  uint32_t k0 = key.k0, k1 = key.k1;
-#pragma GCC unroll 10
-  for (int round = 0; round < 10; ++round) {
-    const __m256i key0 = _mm256_set1_epi64x(k0), key1 = _mm256_set1_epi64x(k1);
-    for (int h = 0; h < kSets; ++h) {
-      const __m256i p0 = _mm256_mul_epu32(c0[h], m0), p1 = _mm256_mul_epu32(c2[h], m1);
-      c0[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1[h]), key0);
-      c2[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3[h]), key1);
-      c1[h] = p1;
-      c3[h] = p0;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
+  philox_rounds<Lanes256, kSets>(key, c0, c1, c2, c3);
   for (int h = 0; h < kSets; ++h) {
     // words 0 and 1 of a block into one 64-bit lane, 2 and 3 into another; then the lanes in
     // block order (unpacks work within 128-bit halves: blocks 0 | 2 and 1 | 3 of the set)
@@ -62,7 +90,7 @@ inline void philox_sets(PhiloxKey key, const uint64_t (&g0)[kSets], __m256i (&wo
 #if defined(KX_CPU_AVX512)
 // philox_sets in 512-bit registers, 4 consecutive blocks a half: words[q] holds blocks g0[q] ..
 // g0[q] + 3 in element order (16 words). Twice the products an instruction, and the round's two
-// XORs are one ternary-logic instruction (0x96: a ^ b ^ c).
+// XORs one instruction.
 template <int kSets>
 inline void philox_sets512(PhiloxKey key, const uint64_t (&g0)[2 * kSets], __m512i (&words)[2 * kSets]) {
   __m512i c0[kSets], c1[kSets], c2[kSets], c3[kSets];
@@ -72,21 +100,7 @@ inline void philox_sets512(PhiloxKey key, const uint64_t (&g0)[2 * kSets], __m51
     c1[h] = _mm512_srli_epi64(c0[h], 32);
     c2[h] = c3[h] = _mm512_setzero_si512();
   }
-  const __m512i m0 = _mm512_set1_epi64(0xD2511F53), m1 = _mm512_set1_epi64(0xCD9E8D57);
-  uint32_t k0 = key.k0, k1 = key.k1;
-#pragma GCC unroll 10
-  for (int round = 0; round < 10; ++round) {
-    const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
-    for (int h = 0; h < kSets; ++h) {
-      const __m512i p0 = _mm512_mul_epu32(c0[h], m0), p1 = _mm512_mul_epu32(c2[h], m1);
-      c0[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[h], key0, 0x96);
-      c2[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[h], key1, 0x96);
-      c1[h] = p1;
-      c3[h] = p0;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
+  philox_rounds<Lanes512, kSets>(key, c0, c1, c2, c3);
   const __m512i first4 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), last4 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
   for (int h = 0; h < kSets; ++h) {
     // lane j: words 0 and 1 of block j in w01, 2 and 3 in w23; then the lanes interleaved
