@@ -1,10 +1,10 @@
 // The merge kernels on task rows given as factors (TaskFactors, common/factor_math.h): each
 // tile of the m x c output is recomputed for one task at a time from that task's factors into a
-// small per-thread buffer (r FMAs per entry, register-blocked so that GCC vectorises them), then
-// goes through the same per-element DARE / TIES / TA math as the row kernels. No task's row is
-// ever stored: per thread, a few tasks' tiles of kFactoredTile entries and the tile's
-// accumulators (20-80 KB, in L1 or L2), whatever the number of tasks and the module's size; per
-// call, a copy of the Q factors cut into panels (QPanels).
+// small per-thread buffer (r FMAs per entry, register-blocked so that GCC vectorises them; with
+// intrinsics on the avx512 path), then goes through the same per-element DARE / TIES / TA math as
+// the row kernels. No task's row is ever stored: per thread, a few tasks' tiles of kFactoredTile
+// entries and the tile's accumulators (20-80 KB, in L1 or L2), whatever the number of tasks and
+// the module's size; per call, a copy of the Q factors cut into panels (QPanels).
 //
 // Results do not depend on the thread count: every position's math is its own, histograms are
 // integer counts, the sign sum is an integer and the zero-sum positions are sorted.
@@ -48,11 +48,6 @@ constexpr int64_t kFactoredTile = kTile;
 #endif
 using FactoredAccum = TileAccumOf<kFactoredTile>;
 
-// v[i * ldv + j] (i < R, j < kBlockCols) = entries (i, j) of the block: p points at the block's
-// first row of P (rank entries a row), q at its first column of Q's row 0 (q_stride apart). Per
-// entry the chain of factor_dot (fma in k order from +0), then factor_scale: the same bits as
-// factor_entry, however GCC vectorises the loops. (Keep this loop nest simple: anything more in
-// it, e.g. a finiteness check of the results, and GCC stops vectorising it.)
 #if defined(KX_CPU_AVX512)
 // block_entries' R x 32 entries in registers (v[i][h]: row i, columns 16h ..), written with
 // intrinsics: the same fma chain from +0 in k order, then times the scale.
@@ -76,6 +71,11 @@ inline void zmm_block(const float* p, int64_t rank, const float* q, int64_t q_st
 }
 #endif
 
+// v[i * ldv + j] (i < R, j < kBlockCols) = entries (i, j) of the block: p points at the block's
+// first row of P (rank entries a row), q at its first column of Q's row 0 (q_stride apart). Per
+// entry the chain of factor_dot (fma in k order from +0), then factor_scale: the same bits as
+// factor_entry, however GCC vectorises the loops. (Keep this loop nest simple: anything more in
+// it, e.g. a finiteness check of the results, and GCC stops vectorising it.)
 template <int R, int C = kBlockCols>
 inline void block_entries(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale, float* v,
                           int64_t ldv) {
