@@ -134,6 +134,28 @@ inline void mask8(__m256i w, __m256i drop_below, __m256 scale, float* v) {
 }
 #endif
 
+#if defined(KX_CPU_AVX512)
+// DARE on runs of 16 kHalves elements starting on block boundaries (run i: elements first + i *
+// stride .., at buf + i * ldv), 4 at a time: 16 or 32 Philox blocks in flight; returns the runs done.
+template <int kHalves>
+inline int64_t rows512(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t stride, int64_t rows, float* buf,
+                       int64_t ldv) {
+  constexpr int kSets = 2 * kHalves;  // 4 runs of kHalves halves
+  const __m512i drop_below = _mm512_set1_epi32(int(d.drop_below));
+  const __m512 scale = _mm512_set1_ps(d.scale);
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    uint64_t g0[2 * kSets];
+    for (int q = 0; q < 2 * kSets; ++q)
+      g0[q] = ((first + uint64_t((i + q / kHalves) * stride)) >> 2) + uint64_t(4 * (q % kHalves));
+    __m512i w[2 * kSets];
+    philox_sets512<kSets>(key, g0, w);
+    for (int q = 0; q < 2 * kSets; ++q) mask16(w[q], drop_below, scale, buf + (i + q / kHalves) * ldv + 16 * (q % kHalves));
+  }
+  return i;
+}
+#endif
+
 // DARE on buf[0..len), elements first .. first+len-1 of their module (len <= kTile): with the
 // blocks from philox_blocks where the path has it, a run that starts on a block masked in
 // registers, 32 or 16 elements at a time; the rest through the words array.
@@ -147,14 +169,7 @@ inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, f
     const __m256i drop_below = _mm256_set1_epi32(int(d.drop_below));
     const __m256 scale = _mm256_set1_ps(d.scale);
 #if defined(KX_CPU_AVX512)
-    const __m512i drop_below16 = _mm512_set1_epi32(int(d.drop_below));
-    const __m512 scale16 = _mm512_set1_ps(d.scale);
-    for (; 4 * (i + 16) <= len; i += 16) {
-      const uint64_t starts[4] = {g0 + uint64_t(i), g0 + uint64_t(i) + 4, g0 + uint64_t(i) + 8, g0 + uint64_t(i) + 12};
-      __m512i w[4];
-      philox_sets512<2>(key, starts, w);
-      for (int q = 0; q < 4; ++q) mask16(w[q], drop_below16, scale16, buf + 4 * i + 16 * q);
-    }
+    i = 4 * rows512<1>(key, d, first, 16, len / 16, buf, 16);  // (the run as rows of 16, 64 elements at a time)
 #endif
     for (; 4 * (i + 16) <= len; i += 16) {
       __m256i w[8];
@@ -185,27 +200,6 @@ inline void run(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t len, f
   dare_masked(words + done, lead, d, len - done, buf + done);
 }
 
-#if defined(KX_CPU_AVX512)
-// run_rows' runs of 16 kHalves elements on block boundaries, 4 at a time; returns the runs done.
-template <int kHalves>
-inline int64_t rows512(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t stride, int64_t rows, float* buf,
-                       int64_t ldv) {
-  constexpr int kSets = 2 * kHalves;  // 4 runs of kHalves halves
-  const __m512i drop_below = _mm512_set1_epi32(int(d.drop_below));
-  const __m512 scale = _mm512_set1_ps(d.scale);
-  int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) {
-    uint64_t g0[2 * kSets];
-    for (int q = 0; q < 2 * kSets; ++q)
-      g0[q] = ((first + uint64_t((i + q / kHalves) * stride)) >> 2) + uint64_t(4 * (q % kHalves));
-    __m512i w[2 * kSets];
-    philox_sets512<kSets>(key, g0, w);
-    for (int q = 0; q < 2 * kSets; ++q) mask16(w[q], drop_below, scale, buf + (i + q / kHalves) * ldv + 16 * (q % kHalves));
-  }
-  return i;
-}
-#endif
-
 // DARE on `rows` runs of len elements: run i is elements first + i * stride .. of its module, in
 // buf + i * ldv (a tile's rows, a sample block's). Runs of 32 or 16 elements on block boundaries
 // (the factored kernels' tiles and sample blocks) go 2 or 4 at a time on the avx2 path: 16
@@ -214,7 +208,7 @@ inline void run_rows(PhiloxKey key, const DareSpec& d, uint64_t first, int64_t s
                      float* buf, int64_t ldv) {
   int64_t i = 0;
 #if defined(KX_CPU_AVX512)
-  if (first % 4 == 0 && stride % 4 == 0) {  // 4 runs at a time: 16 or 32 Philox blocks in flight
+  if (first % 4 == 0 && stride % 4 == 0) {
     if (len == 32) i = rows512<2>(key, d, first, stride, rows, buf, ldv);
     if (len == 16) i = rows512<1>(key, d, first, stride, rows, buf, ldv);
   }

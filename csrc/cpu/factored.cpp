@@ -14,6 +14,7 @@
 #include <cmath>
 #include <numeric>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "tile.h"
@@ -109,14 +110,21 @@ inline void block_entries(const float* p, int64_t rank, const float* q, int64_t 
     for (int j = 0; j < C; ++j) v[i * ldv + j] = factor_scale(scale, acc[i * C + j]);
 }
 
-// The block of the last `left` (< R) rows of a tile.
-template <int R>
-inline void tail_entries(int64_t left, const float* p, int64_t rank, const float* q, int64_t q_stride, float scale,
-                         float* v, int64_t ldv) {
+// block(R, i) over `rows` rows in register blocks: R = kBlockRows rows from i = 0, then one
+// block of the rows left (R < kBlockRows). R comes as a std::integral_constant.
+template <int R, class Block>
+inline void last_block(int64_t left, int64_t i, Block& block) {
   if constexpr (R > 0) {
-    if (left == R) block_entries<R>(p, rank, q, q_stride, scale, v, ldv);
-    else tail_entries<R - 1>(left, p, rank, q, q_stride, scale, v, ldv);
+    if (left == R) block(std::integral_constant<int, R>{}, i);
+    else last_block<R - 1>(left, i, block);
   }
+}
+
+template <class Block>
+inline void row_blocks(int64_t rows, Block&& block) {
+  int64_t i = 0;
+  for (; i + kBlockRows <= rows; i += kBlockRows) block(std::integral_constant<int, kBlockRows>{}, i);
+  last_block<kBlockRows - 1>(rows - i, i, block);
 }
 
 inline int64_t whole_blocks(int64_t cols) { return (cols + kBlockCols - 1) / kBlockCols * kBlockCols; }
@@ -315,10 +323,9 @@ bool task_tile(const FactorTask& t, const float* p, const TaskQ& q, const DareSp
   for (int64_t jb = 0; jb < tb; jb += kBlockCols) {
     const float* qb = q.at(b0 + jb);
     float* v = out + jb;
-    int64_t i = 0;
-    for (; i + kBlockRows <= ta; i += kBlockRows)
-      block_entries<kBlockRows>(p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv);
-    tail_entries<kBlockRows - 1>(ta - i, p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv);
+    row_blocks(ta, [&](auto rows, int64_t i) {
+      block_entries<rows()>(p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv);
+    });
   }
   // Padding entries come from Q's zero columns: one is NaN or Inf only if a P entry of its row
   // is, and then so are all of the row's entries. So one flat loop over the tile, padding
@@ -456,39 +463,22 @@ void sample_rows(const TaskFactors& f, const QPanels& panels, const DareSpec& d,
 }
 
 #if defined(KX_CPU_AVX512)
-// The bracket test of R rows of a tile's entries (bracket_path::scan's) on the registers that
-// computed them: no store of the entries, no second read.
-template <int R>
-inline void bracket_rows(const float* p, int64_t rank, const float* q, float scale,
-                         bracket_path::Bracket16& bracket, uint32_t* bin_of, int64_t& count) {
-  __m512 block[R][2];
-  zmm_block<R>(p, rank, q, kBlockCols, scale, block);
-  for (int i = 0; i < R; ++i) {
-    bracket.test(block[i][0], bin_of, count);
-    bracket.test(block[i][1], bin_of, count);
-  }
-}
-
-template <int R>
-inline void bracket_tail(int64_t left, const float* p, int64_t rank, const float* q, float scale,
-                         bracket_path::Bracket16& bracket, uint32_t* bin_of, int64_t& count) {
-  if constexpr (R > 0) {
-    if (left == R) bracket_rows<R>(p, rank, q, scale, bracket, bin_of, count);
-    else bracket_tail<R - 1>(left, p, rank, q, scale, bracket, bin_of, count);
-  }
-}
-
 // count_task's bracket pass over a tile one block wide (no padding), without DARE and with
-// entries known finite: returns how many keys are below key0, appends the offsets inside.
+// entries known finite, on the registers that computed the entries (no store, no second read):
+// returns how many keys are below key0, appends the offsets inside.
 int64_t bracket_tile(const FactorTask& t, const TaskQ& q, const Tile& tile, uint32_t key0, uint32_t span,
                      uint32_t* bin_of, int64_t& count) {
   bracket_path::Bracket16 bracket(key0, span);
   const float* qb = q.at(tile.b0);
   const float* p = t.P + tile.a0 * t.rank;
-  int64_t i = 0;
-  for (; i + kBlockRows <= tile.ta; i += kBlockRows)
-    bracket_rows<kBlockRows>(p + i * t.rank, t.rank, qb, t.scale, bracket, bin_of, count);
-  bracket_tail<kBlockRows - 1>(tile.ta - i, p + i * t.rank, t.rank, qb, t.scale, bracket, bin_of, count);
+  row_blocks(tile.ta, [&](auto rows, int64_t i) {  // tested on the registers that computed them
+    __m512 block[rows()][2];
+    zmm_block<rows()>(p + i * t.rank, t.rank, qb, kBlockCols, t.scale, block);
+    for (int r = 0; r < rows(); ++r) {
+      bracket.test(block[r][0], bin_of, count);
+      bracket.test(block[r][1], bin_of, count);
+    }
+  });
   return int64_t(bracket.below_count());
 }
 #endif
