@@ -13,6 +13,7 @@ as soon as it is final (streamed to disk by the CLI)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from . import factor_ops, ops
+from .device import format_bytes
 from .methods.spaces import ModuleTasks, zero_update
 
 # Space states (a module's KnOTS SVD) kept in memory between the passes of global TIES, in bytes;
@@ -90,6 +92,11 @@ def load_counted(space, load, ref: ModuleRef, counted: set | None) -> ModuleTask
     return load(replace(ref, tasks=[t for t in ref.tasks if t in counted]))
 
 
+def free_bytes(folder: str) -> int:
+    """Bytes free on folder's disk."""
+    return shutil.disk_usage(folder).free
+
+
 def cpu_state_bytes(state) -> int | None:
     """The bytes of a space state's tensors, None when any is off the CPU."""
     tensors = _flatten(state)[0]
@@ -128,9 +135,11 @@ class ModuleRef:
 
 class StateStore:
     """Each module's space state between passes: in memory up to `budget` bytes, the rest in a
-    temporary folder, one raw file per module (its tensors' bytes at 64-byte aligned offsets; the
-    dtypes, shapes and offsets stay in memory: no pickles, no headers to parse), read back when
-    the module is visited again."""
+    temporary folder (under TMPDIR), one raw file per module (its tensors' bytes at 64-byte
+    aligned offsets; the dtypes, shapes and offsets stay in memory: no pickles, no headers to
+    parse), read back when the module is visited again. A write that fails (a full disk) is an
+    OSError naming the folder and TMPDIR; check_room fails before any is written where the
+    states clearly will not fit."""
 
     def __init__(self, budget: int | None = None):
         self.budget, self.used = STATE_MEMORY if budget is None else budget, 0
@@ -154,17 +163,43 @@ class StateStore:
             self.folder = tempfile.mkdtemp(prefix="knots-states-")
         path = os.path.join(self.folder, f"{len(self.on_disk)}.bin")
         entries, offset = [], 0
-        with open(path, "wb") as f:
-            for t in tensors:
-                data = t.detach().contiguous().cpu()
-                f.write(b"\0" * (-offset % 64))
-                offset += -offset % 64
-                nbytes = data.numel() * data.element_size()
-                entries.append((offset, nbytes, data.dtype, tuple(data.shape), t.device))
-                if nbytes:
-                    f.write(memoryview(data.view(torch.uint8).numpy()))
-                offset += nbytes
+        try:
+            with open(path, "wb") as f:
+                for t in tensors:
+                    data = t.detach().contiguous().cpu()
+                    f.write(b"\0" * (-offset % 64))
+                    offset += -offset % 64
+                    nbytes = data.numel() * data.element_size()
+                    entries.append((offset, nbytes, data.dtype, tuple(data.shape), t.device))
+                    if nbytes:
+                        f.write(memoryview(data.view(torch.uint8).numpy()))
+                    offset += nbytes
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            spilled = sum(os.path.getsize(p) for p, _, _ in self.on_disk.values())
+            raise OSError(
+                e.errno,
+                f"cannot write the merge's temporary states ({format_bytes(spilled)} written so far): "
+                f"{e.strerror or e}; TMPDIR chooses where they go",
+                self.folder,
+            ) from None
         self.on_disk[name] = (path, entries, layout)
+
+    def check_room(self, estimate: int) -> None:
+        """Raises an OSError before anything is spilled if `estimate` bytes of states, less what
+        the memory budget keeps, would clearly not fit on the temporary folder's disk (more than
+        1.25x its free space: the estimate is rough)."""
+        folder = tempfile.gettempdir()
+        free = free_bytes(folder)
+        needed = estimate - self.budget
+        if needed > 1.25 * free:
+            raise OSError(
+                errno.ENOSPC,
+                f"the merge's temporary states need about {format_bytes(needed)} and the disk has "
+                f"{format_bytes(free)} free; TMPDIR chooses where they go",
+                folder,
+            )
 
     def get(self, name: str):
         if name in self.memory:
@@ -462,6 +497,9 @@ class LocalPasses(Passes):
                 if known.tasks:
                     first, nbytes = ref, cpu_state_bytes(state)
                     del state  # (the store has it: here it would outlive its spill, 84-192 MB at n = 256)
+                    if nbytes is not None:  # every module's state, scaled from this one by d_out + d_in
+                        per_width = nbytes / max(1, sum(first.shape))
+                        self.states.check_room(int(per_width * sum(sum(r.shape) for r in modules if r.tasks)))
                     break
             else:
                 return

@@ -4,8 +4,12 @@ passes change nothing; the per-module TIES scope in every space against float64 
 the adapter writer's files (read back by safetensors and by the test's own reader)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -157,6 +161,67 @@ def test_failed_merge_leaves_nothing(three, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="boom"):
         knots_ext.merge_to(tmp_path / "o", three, method="ta")
     assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.fixture
+def spill_folder(tmp_path, monkeypatch):
+    """Every state spilled, into a temporary folder of the test's own (TMPDIR's role)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(driver, "STATE_MEMORY", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_states_that_will_not_fit_fail_before_any_is_written(three, tmp_path, monkeypatch, spill_folder):
+    """States clearly larger than the temporary disk's free space: an OSError naming the folder
+    and TMPDIR after the first basis, before a state is written; no output is left."""
+    monkeypatch.setattr(driver, "free_bytes", lambda folder: 100)
+    with pytest.raises(OSError, match="temporary states need about .* 100 bytes free; TMPDIR") as e:
+        knots_ext.merge_to(tmp_path / "o", three, method="knots-ties", top_k=0.3)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(spill_folder)
+    assert os.listdir(spill_folder) == [] and not (tmp_path / "o").exists()
+
+
+def test_full_disk_while_spilling_is_one_clear_error(three, tmp_path, monkeypatch, spill_folder):
+    """A state write that fails (ENOSPC): an OSError naming the states' folder, the cause and
+    TMPDIR; the folder and the output are removed."""
+    real_open = open
+
+    class Full:
+        def __init__(self, path, mode):
+            self.f = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(driver, "open", Full, raising=False)
+    with pytest.raises(OSError, match="cannot write the merge's temporary states .*No space left on device; TMPDIR") as e:
+        knots_ext.merge_to(tmp_path / "o", three, method="knots-ties", top_k=0.3)
+    assert e.value.errno == errno.ENOSPC
+    assert os.path.dirname(e.value.filename) == str(spill_folder)
+    assert os.listdir(spill_folder) == [] and not (tmp_path / "o").exists()
+
+
+def test_cli_states_that_will_not_fit_one_error_line(three, tmp_path):
+    """knots-merge: the same as one line on stderr naming the folder, exit code 2, no output."""
+    code = (
+        "import sys; from knots_ext import driver, cli; driver.free_bytes = lambda folder: 0; driver.STATE_MEMORY = 0; "
+        "sys.exit(cli.main(sys.argv[1:]))"
+    )
+    args = ["--method", "knots-ties", "--top-k", "0.3", "-o", tmp_path / "o", *three]
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"knots-merge: error: {tmp_path}: "), r.stderr
+    assert "TMPDIR" in lines[0] and not (tmp_path / "o").exists()
 
 
 def test_dense_result_saved_exactly_without_svd(three, tmp_path):
