@@ -38,17 +38,28 @@ def has_zero(t) -> bool:
     return not bool(t.all())
 
 
+def finite_and_zero(t) -> tuple[bool, bool]:
+    """(no NaN or Inf in the torch tensor t, some entry equal to 0), in one pass for a host
+    tensor of a kernel dtype."""
+    code = _host_code(t)
+    if code is None or t.numel() == 0:
+        return all_finite(t), has_zero(t)
+    seen = _C().widen_f32(t.data_ptr(), t.numel(), code)
+    return not seen & _C().SAW_NONFINITE, bool(seen & _C().SAW_ZERO)
+
+
 def float32_checked(t):
-    """(t as float32, whether all its entries are finite) for a torch tensor: a host tensor of a
-    kernel dtype in one pass that converts and checks (a float32 one is not copied)."""
+    """(t as float32, whether all its entries are finite, whether one equals 0) for a torch
+    tensor: a host tensor of a kernel dtype in one pass that converts and checks (a float32 one
+    is not copied)."""
     torch = _torch()
     code = _host_code(t)
     if code is None:
         t32 = t.to(torch.float32)
-        return t32, all_finite(t32)
+        return t32, all_finite(t32), has_zero(t32)
     t32 = t if code == F32 else torch.empty(t.shape, dtype=torch.float32)
     seen = _C().widen_f32(t.data_ptr(), t.numel(), code, 0 if t32 is t else t32.data_ptr())
-    return t32, not seen & _C().SAW_NONFINITE
+    return t32, not seen & _C().SAW_NONFINITE, bool(seen & _C().SAW_ZERO)
 
 
 _HOST_CODES = {"torch.float32": F32, "torch.float16": F16, "torch.bfloat16": BF16}

@@ -559,9 +559,11 @@ def module_loader(adapters: list, weights: TaskWeights, placement: Placement):
     """load(ref): the module's tasks with a non-zero update (factors loaded now, on the merge device)."""
 
     def load(ref: ModuleRef) -> ModuleTasks:
-        factors = [adapters[i].factors(ref.name) for i in ref.tasks]
+        loaded = [adapters[i].merge_factors(ref.name) for i in ref.tasks]
+        factors = [(B, A) for B, A, _ in loaded]
         scales = [adapters[i].scale(ref.name) * w for i, w in zip(ref.tasks, weights.scales(ref.tasks, ref.name))]
-        return placement.load(drop_zero_updates(ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape)))
+        m = ModuleTasks(ref.name, ref.tasks, factors, scales, ref.shape)
+        return placement.load(drop_zero_updates(m, [zero for _, _, zero in loaded]))
 
     return load
 

@@ -474,23 +474,23 @@ def test_rounds_after_a_missed_window_compute_only_its_task(tmp_path, monkeypatc
     paths = [lattice, *(write_adapter(tmp_path / f"a{i}", 16, 16, layers=1, modules=shapes, seed=i) for i in (1, 2))]
 
     events: list = []
-    real_histogram, real_factors = driver.factor_ops.histogram, Adapter.factors
+    real_histogram, real_factors = driver.factor_ops.histogram, Adapter.merge_factors
     real_finish = knots_ext.ops.MagnitudeThreshold.finish_round
 
     def histogram(sel, factors, dare_p, seed, module, tasks, slots=None):
         events.append(("rows", module.split(".")[-1], list(tasks)))
         return real_histogram(sel, factors, dare_p, seed, module, tasks, slots)
 
-    def factors(self, module, dtype=torch.float32):
+    def factors(self, module):
         events.append(("load", module.split(".")[-1], Path(self.path).name))
-        return real_factors(self, module, dtype)
+        return real_factors(self, module)
 
     def finish_round(self):
         events.append(("end",))
         return real_finish(self)
 
     monkeypatch.setattr(driver.factor_ops, "histogram", histogram)
-    monkeypatch.setattr(Adapter, "factors", factors)
+    monkeypatch.setattr(Adapter, "merge_factors", factors)
     monkeypatch.setattr(knots_ext.ops.MagnitudeThreshold, "finish_round", finish_round)
     monkeypatch.setattr(driver, "FACTOR_MEMORY", 0)
     merged = knots_ext.merge(paths, "ties", top_k=0.5)

@@ -374,8 +374,19 @@ class Adapter:
     def factors(self, module, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(B: d_out x r, A: r x d_in), unscaled, as stored, converted to `dtype`. Raises
         AdapterError if either holds NaN or Inf (or overflows when converted to `dtype`)."""
+        B, A, _ = self._factors(module, dtype)
+        return B, A
+
+    def merge_factors(self, module) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """factors(module) in float32, and whether B or A holds an entry equal to 0 (seen by the
+        same pass that converts and checks them: the merge's zero-update test needs no other)."""
+        B, A, zero = self._factors(module, torch.float32)
+        return B, A, bool(zero)
+
+    def _factors(self, module, dtype):
         self._check_module(module)
         out = []
+        zero: bool | None = False  # (None: not seen, for dtypes other than float32)
         keys = self._keys[module]
         for key, which in ((keys.up, "lora_B"), (keys.down, "lora_A")):
             t = self._read(key, f"module {module}")
@@ -383,8 +394,10 @@ class Adapter:
                 t = t.reshape(t.shape[0], -1)
             stored = t
             if dtype == torch.float32:  # (the merge's case: converted and checked in one pass)
-                t, finite = _arrays.float32_checked(t)
+                t, finite, has_zero = _arrays.float32_checked(t)
+                zero = zero or has_zero
             else:
+                zero = None
                 if dtype is not None and t.dtype != dtype:
                     t = t.to(dtype)
                 # One check, on the converted tensor: torch's isfinite on bf16/fp16 is ~100x slower.
@@ -394,7 +407,7 @@ class Adapter:
                     raise AdapterError(self.weights_path, f"module {module}: {which} overflows {dtype}")
                 raise AdapterError(self.weights_path, f"module {module}: {which} holds NaN or Inf values")
             out.append(t)
-        return out[0], out[1]
+        return out[0], out[1], zero
 
     def extra(self, key, dtype=None) -> torch.Tensor:
         """A non-LoRA tensor (e.g. a modules_to_save weight), as stored or converted to `dtype`."""

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .._arrays import all_finite
+from .._arrays import all_finite, finite_and_zero
 from ._common import AdapterError
 
 
@@ -119,15 +119,25 @@ class MemoryAdapter:
     def factors(self, module, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(B: d_out x r, A: r x d_in), unscaled, copies converted to `dtype` on the tensors'
         device. Raises AdapterError if either holds NaN or Inf (or overflows `dtype`)."""
+        B, A, _ = self._copies(module, dtype)
+        return B, A
+
+    def merge_factors(self, module) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """factors(module) in float32, and whether B or A holds an entry equal to 0 (io.Adapter's)."""
+        return self._copies(module, torch.float32)
+
+    def _copies(self, module, dtype):
         self._check_module(module)
-        out = []
+        out, zero = [], False
         for which, t in zip(("lora_B", "lora_A"), self._factors[module]):
             copy = t.to(dtype=dtype or t.dtype, copy=True)
-            if not all_finite(copy):
+            finite, has_zero = finite_and_zero(copy)
+            if not finite:
                 problem = "holds NaN or Inf values" if not all_finite(t) else f"overflows {dtype}"
                 raise AdapterError(self.path, f"module {module}: {which} {problem}")
             out.append(copy)
-        return out[0], out[1]
+            zero = zero or has_zero
+        return out[0], out[1], zero
 
     def extra(self, key, dtype=None) -> torch.Tensor:
         raise KeyError(f"{self.path}: no extra tensor {key!r} (in-memory adapters carry LoRA factors only)")

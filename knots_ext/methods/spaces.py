@@ -47,16 +47,19 @@ class ModuleTasks:
     shape: tuple
 
 
-def drop_zero_updates(m: ModuleTasks) -> ModuleTasks:
+def drop_zero_updates(m: ModuleTasks, zero_entries: list | None = None) -> ModuleTasks:
     """m without the tasks whose update s_i B_i A_i is exactly zero (DESIGN.md §1: a zero update
     is an absent one; no votes, no count, no basis directions, no budget in any method). A rank
     component whose column of B_i or row of A_i is all zero contributes nothing either and is
-    dropped, so an untrained LoRA (B_i = 0, A_i random) leaves no trace in any basis."""
+    dropped, so an untrained LoRA (B_i = 0, A_i random) leaves no trace in any basis.
+    zero_entries: per task, whether B_i or A_i has an entry equal to 0, where the loader saw it
+    (else each is scanned here)."""
     tasks, factors, scales = [], [], []
-    for t, (B, A), s in zip(m.tasks, m.factors, m.scales):
+    for j, (t, (B, A), s) in enumerate(zip(m.tasks, m.factors, m.scales)):
         if s == 0:
             continue
-        if has_zero(B) or has_zero(A):  # (without a zero entry every component is live)
+        zero = zero_entries[j] if zero_entries is not None else has_zero(B) or has_zero(A)
+        if zero:  # (without a zero entry every component is live)
             live = (torch.count_nonzero(B, dim=0) > 0) & (torch.count_nonzero(A, dim=1) > 0)
             if not bool(live.any()):
                 continue
