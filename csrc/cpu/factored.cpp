@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -166,14 +168,16 @@ struct Tiling {
   }
 };
 
-// One task's Q as the kernels read it: cut into panels of kBlockCols columns, each rank x
-// kBlockCols floats, contiguous. at(b): column b of Q's row 0 (rows kBlockCols apart), for b
-// a multiple of kSampleColBlock.
+// One task's Q as the kernels read it: at(b) is column b of Q's row 0 (b a multiple of
+// kSampleColBlock), the next rows row_stride floats apart. Cut into panels (QPanels::of): rank
+// x kBlockCols floats a column block, contiguous; in place (in_place): Q itself.
 struct TaskQ {
   const float* base;
-  int64_t block_stride;
+  int64_t block_stride, row_stride;  // (block_stride: floats from one column block to the next)
   const float* at(int64_t b) const { return base + b / kBlockCols * block_stride + b % kBlockCols; }
 };
+
+inline TaskQ in_place(const FactorTask& t, int64_t c) { return TaskQ{t.Q, kBlockCols, c}; }
 
 // Every task's Q, copied once per call into panels of kBlockCols columns, the panels of one
 // column block for all tasks side by side (zero columns past c): a tile reads each task's
@@ -183,7 +187,7 @@ struct TaskQ {
 // Q factors (the factors are small), not of a row.
 struct QPanels {
   int64_t block_stride = 0;  // floats from one column block's panels to the next's
-  std::vector<float> data;   // from `base`, 64-byte aligned
+  std::unique_ptr<float[]> data;  // from `base`, 64-byte aligned; not zeroed first (all written)
   size_t base = 0;
   std::vector<int64_t> offset;  // task r's panel within a block
 
@@ -193,15 +197,15 @@ struct QPanels {
       block_stride += t.rank * kBlockCols;
     }
     const int64_t blocks = (f.c + kBlockCols - 1) / kBlockCols;
-    data.resize(size_t(blocks * block_stride) + 16);
-    base = size_t((64 - reinterpret_cast<uintptr_t>(data.data()) % 64) % 64) / sizeof(float);
+    data.reset(new float[size_t(blocks * block_stride) + 16]);
+    base = size_t((64 - reinterpret_cast<uintptr_t>(data.get()) % 64) % 64) / sizeof(float);
     const int64_t n = f.n(), c = f.c;
 #pragma omp parallel for schedule(static) if (blocks * block_stride > (int64_t(1) << 18))
     for (int64_t jb = 0; jb < blocks; ++jb) {
       const int64_t b0 = jb * kBlockCols, tb = std::min<int64_t>(kBlockCols, c - b0);
       for (int64_t r = 0; r < n; ++r) {
         const FactorTask& t = f.tasks[r];
-        float* panel = data.data() + base + jb * block_stride + offset[r];
+        float* panel = data.get() + base + jb * block_stride + offset[r];
         for (int64_t k = 0; k < t.rank; ++k) {
           std::copy(t.Q + k * c + b0, t.Q + k * c + b0 + tb, panel + k * kBlockCols);
           std::fill(panel + k * kBlockCols + tb, panel + (k + 1) * kBlockCols, 0.0f);
@@ -209,7 +213,7 @@ struct QPanels {
       }
     }
   }
-  TaskQ of(int64_t r) const { return TaskQ{data.data() + base + offset[r], block_stride}; }
+  TaskQ of(int64_t r) const { return TaskQ{data.get() + base + offset[r], block_stride, kBlockCols}; }
 };
 
 // Per thread, for the tile-major kernels (TIES apply, TA): every task's P rows under the current
@@ -324,7 +328,7 @@ bool task_tile(const FactorTask& t, const float* p, const TaskQ& q, const DareSp
     const float* qb = q.at(b0 + jb);
     float* v = out + jb;
     row_blocks(ta, [&](auto rows, int64_t i) {
-      block_entries<rows()>(p + i * rank, rank, qb, kBlockCols, t.scale, v + i * ldv, ldv);
+      block_entries<rows()>(p + i * rank, rank, qb, q.row_stride, t.scale, v + i * ldv, ldv);
     });
   }
   // Padding entries come from Q's zero columns: one is NaN or Inf only if a P entry of its row
@@ -387,8 +391,9 @@ inline int64_t first_sampled_row_block(int64_t jb) {
 
 // block_entries of a sample block, kept out of line: inlined into sample_block, GCC left it scalar.
 template <int R>
-[[gnu::noinline]] void sample_entries(const float* p, int64_t rank, const float* q, float scale, float* v) {
-  block_entries<R, kSampleColBlock>(p, rank, q, kBlockCols, scale, v, kSampleColBlock);
+[[gnu::noinline]] void sample_entries(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale,
+                                     float* v) {
+  block_entries<R, kSampleColBlock>(p, rank, q, q_stride, scale, v, kSampleColBlock);
 }
 
 // Task t's keys at the sample block of R rows from a0 and the columns from b0 into hist by their
@@ -400,7 +405,7 @@ inline void sample_block(const FactorTask& t, const TaskQ& q, const DareSpec& d,
   constexpr int C = kSampleColBlock;
   alignas(64) float v[R * C];
   const int64_t tb = std::min<int64_t>(C, c - b0);
-  sample_entries<R>(t.P + a0 * t.rank, t.rank, q.at(b0), t.scale, v);
+  sample_entries<R>(t.P + a0 * t.rank, t.rank, q.at(b0), q.row_stride, t.scale, v);
   if (d.enabled) dare_path::run_rows(t.dare_key, d, uint64_t(d.elem_offset + a0 * c + b0), c, R, tb, v, C);
   for (int i = 0; i < R; ++i)
     for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(v[i * C + j]) >> kRound0Shift];
@@ -428,8 +433,9 @@ void sample_columns(const FactorTask& t, const TaskQ& q, const DareSpec& d, int6
 // least as many rows as threads, all of distinct tasks, each thread takes whole rows and counts
 // straight into their histograms; else the threads share each row's column blocks, counting
 // into their own histograms, added at the end.
-void sample_rows(const TaskFactors& f, const QPanels& panels, const DareSpec& d, const std::vector<int64_t>& rows,
+void sample_rows(const TaskFactors& f, const QPanels* panels, const DareSpec& d, const std::vector<int64_t>& rows,
                  const std::vector<int64_t>& task_of_row, MagnitudeSelect& sel) {
+  auto q_of = [&](int64_t r) { return panels ? panels->of(r) : in_place(f.tasks[r], f.c); };
   const int64_t col_blocks = (f.c + kSampleColBlock - 1) / kSampleColBlock, count = int64_t(rows.size());
   std::vector<int64_t> tasks;
   for (int64_t r : rows) tasks.push_back(task_of_row[r]);
@@ -441,21 +447,21 @@ void sample_rows(const TaskFactors& f, const QPanels& panels, const DareSpec& d,
 #pragma omp parallel for schedule(dynamic, 1) if (count * per_row > kThreadedSample)
     for (int64_t e = 0; e < count; ++e) {
       const int64_t r = rows[size_t(e)];
-      sample_columns(f.tasks[r], panels.of(r), d, f.m, f.c, 0, col_blocks, sel.hist(task_of_row[r]));
+      sample_columns(f.tasks[r], q_of(r), d, f.m, f.c, 0, col_blocks, sel.hist(task_of_row[r]));
     }
     return;
   }
   for (int64_t r : rows) {
     uint64_t* hist = sel.hist(task_of_row[r]);
     if (per_row <= kThreadedSample) {  // (a small row: no threads, no histograms of their own)
-      sample_columns(f.tasks[r], panels.of(r), d, f.m, f.c, 0, col_blocks, hist);
+      sample_columns(f.tasks[r], q_of(r), d, f.m, f.c, 0, col_blocks, hist);
       continue;
     }
 #pragma omp parallel
     {
       std::vector<uint64_t> local(size_t(kRound0Bins), 0);
 #pragma omp for schedule(dynamic, 4)
-      for (int64_t jb = 0; jb < col_blocks; ++jb) sample_columns(f.tasks[r], panels.of(r), d, f.m, f.c, jb, jb + 1, local.data());
+      for (int64_t jb = 0; jb < col_blocks; ++jb) sample_columns(f.tasks[r], q_of(r), d, f.m, f.c, jb, jb + 1, local.data());
 #pragma omp critical
       for (int64_t b = 0; b < kRound0Bins; ++b) hist[b] += local[b];
     }
@@ -473,7 +479,7 @@ int64_t bracket_tile(const FactorTask& t, const TaskQ& q, const Tile& tile, uint
   const float* p = t.P + tile.a0 * t.rank;
   row_blocks(tile.ta, [&](auto rows, int64_t i) {  // tested on the registers that computed them
     __m512 block[rows()][2];
-    zmm_block<rows()>(p + i * t.rank, t.rank, qb, kBlockCols, t.scale, block);
+    zmm_block<rows()>(p + i * t.rank, t.rank, qb, q.row_stride, t.scale, block);
     for (int r = 0; r < rows(); ++r) {
       bracket.test(block[r][0], bin_of, count);
       bracket.test(block[r][1], bin_of, count);
@@ -558,7 +564,6 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
   check(f);
   if (f.numel() >= (int64_t(1) << 32)) throw std::invalid_argument("arrays over 2^32 elements are not supported");
   const Tiling tiling(f);
-  const QPanels panels(f);
   std::vector<int64_t> sampled, counted;  // rows whose task this pass samples / counts in full
   for (int64_t r = 0; r < f.n(); ++r) {
     const Count what = sel.pass_of(task_of_row[r]).what;
@@ -569,13 +574,19 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
       counted.push_back(r);
     }
   }
+  // The Q panels only where a pass reads whole tiles (a full pass) or a sample block would run
+  // past a row's end: the sample reads each task's Q in place, one column block of 16 (rank
+  // lines) at a time for all its sampled rows, and copying every task's Q into panels was a
+  // large part of its time (n = 1000: 262 MB a 4096-wide module).
+  std::optional<QPanels> panels;
+  if (!counted.empty() || f.c % kSampleColBlock != 0) panels.emplace(f);
   const std::vector<char> check = tasks_to_check(f, counted);
   for (int64_t r : counted) {
     const int64_t task = task_of_row[r];
-    if (!count_task(f.tasks[r], panels.of(r), d, f, tiling, sel.pass_of(task), check[size_t(r)], sel, task))
+    if (!count_task(f.tasks[r], panels->of(r), d, f, tiling, sel.pass_of(task), check[size_t(r)], sel, task))
       sel.flag_nonfinite();
   }
-  sample_rows(f, panels, d, sampled, task_of_row, sel);
+  sample_rows(f, panels ? &*panels : nullptr, d, sampled, task_of_row, sel);
 }
 
 void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vector<float>& thresholds, float lam,
