@@ -184,26 +184,39 @@ inline TaskQ in_place(const FactorTask& t, int64_t c) { return TaskQ{t.Q, kBlock
 // panel as one contiguous run, and all tasks' panels under a tile as one stream. Read in place,
 // a task's panel would be `rank` pieces a Q row apart (16 KB for c = 4096): 16 pages a task
 // per tile, more than the TLB holds once there are a few hundred tasks. Its size is that of the
-// Q factors (the factors are small), not of a row.
+// Q factors (the factors are small), not of a row. fill(f, rows) copies some tasks' only, into
+// the buffer of an earlier fill where it is large enough.
 struct QPanels {
   int64_t block_stride = 0;  // floats from one column block's panels to the next's
   std::unique_ptr<float[]> data;  // from `base`, 64-byte aligned; not zeroed first (all written)
-  size_t base = 0;
-  std::vector<int64_t> offset;  // task r's panel within a block
+  size_t capacity = 0, base = 0;
+  std::vector<int64_t> offset;  // task r's panel within a block (-1: not copied)
 
+  QPanels() = default;
   explicit QPanels(const TaskFactors& f) {
-    for (const FactorTask& t : f.tasks) {
-      offset.push_back(block_stride);
-      block_stride += t.rank * kBlockCols;
+    std::vector<int64_t> all(size_t(f.n()));
+    std::iota(all.begin(), all.end(), int64_t(0));
+    fill(f, all);
+  }
+  void fill(const TaskFactors& f, const std::vector<int64_t>& rows) {
+    offset.assign(size_t(f.n()), -1);
+    block_stride = 0;
+    for (int64_t r : rows) {
+      offset[size_t(r)] = block_stride;
+      block_stride += f.tasks[r].rank * kBlockCols;
     }
     const int64_t blocks = (f.c + kBlockCols - 1) / kBlockCols;
-    data.reset(new float[size_t(blocks * block_stride) + 16]);
+    if (size_t(blocks * block_stride) + 16 > capacity) {
+      capacity = size_t(blocks * block_stride) + 16;
+      data.reset(new float[capacity]);
+    }
     base = size_t((64 - reinterpret_cast<uintptr_t>(data.get()) % 64) % 64) / sizeof(float);
-    const int64_t n = f.n(), c = f.c;
+    const int64_t count = int64_t(rows.size()), c = f.c;
 #pragma omp parallel for schedule(static) if (blocks * block_stride > (int64_t(1) << 18))
     for (int64_t jb = 0; jb < blocks; ++jb) {
       const int64_t b0 = jb * kBlockCols, tb = std::min<int64_t>(kBlockCols, c - b0);
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = rows[size_t(i)];
         const FactorTask& t = f.tasks[r];
         float* panel = data.get() + base + jb * block_stride + offset[r];
         for (int64_t k = 0; k < t.rank; ++k) {
@@ -574,18 +587,22 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
       counted.push_back(r);
     }
   }
-  // The Q panels only where a pass reads whole tiles (a full pass) or a sample block would run
-  // past a row's end: the sample reads each task's Q in place, one column block of 16 (rank
-  // lines) at a time for all its sampled rows, and copying every task's Q into panels was a
-  // large part of its time (n = 1000: 262 MB a 4096-wide module).
-  std::optional<QPanels> panels;
-  if (!counted.empty() || f.c % kSampleColBlock != 0) panels.emplace(f);
+  // A counted task's Q panels are copied just before its pass, into one buffer for all (its Q
+  // and no more: 256 KB at rank 16, c = 4096, in cache while the task's tiles read it); the
+  // sample reads each task's Q in place (one column block of 16, rank lines, at a time for all
+  // its sampled rows), unless its blocks would run past a row's end. Panels of every task at
+  // once were most of the sample's time at n = 300 and a copy of 262 MB per 4096-wide module at
+  // n = 1000.
+  QPanels one;
   const std::vector<char> check = tasks_to_check(f, counted);
   for (int64_t r : counted) {
     const int64_t task = task_of_row[r];
-    if (!count_task(f.tasks[r], panels->of(r), d, f, tiling, sel.pass_of(task), check[size_t(r)], sel, task))
+    one.fill(f, {r});
+    if (!count_task(f.tasks[r], one.of(r), d, f, tiling, sel.pass_of(task), check[size_t(r)], sel, task))
       sel.flag_nonfinite();
   }
+  std::optional<QPanels> panels;
+  if (!sampled.empty() && f.c % kSampleColBlock != 0) panels.emplace(f);
   sample_rows(f, panels ? &*panels : nullptr, d, sampled, task_of_row, sel);
 }
 
