@@ -48,33 +48,35 @@ def _specials(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["plain", "+0", "-0", "nan", "inf", "-inf", "long"])
 def test_float32_checked_and_has_zero_agree_with_torch(dtype, case):
-    from knots_ext._arrays import float32_checked, has_zero
+    from knots_ext._arrays import finite_and_zero, float32_checked, has_zero
 
     t = _specials(dtype) if case != "long" else torch.randn(1 << 22, generator=torch.Generator().manual_seed(2)).to(dtype)
     t[t == 0] = 1  # (no accidental zeros: the cases put their own)
     where = 517 if case != "long" else (1 << 22) - 3
     if case in ("+0", "-0", "nan", "inf", "-inf"):
         t[where] = {"+0": 0.0, "-0": -0.0, "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}[case]
-    t32, finite = float32_checked(t)
+    t32, finite, zero = float32_checked(t)
     assert t32.dtype == torch.float32 and t32.shape == t.shape
     reference = t.to(torch.float32)
     assert torch.equal(t32.view(torch.int32), reference.view(torch.int32))  # bit for bit, NaN included
     assert finite == bool(torch.isfinite(reference).all()) == (case not in ("nan", "inf", "-inf"))
     assert all_finite(t) == finite
-    assert has_zero(t) == bool((reference == 0).any()) == (case in ("+0", "-0"))
+    assert has_zero(t) == zero == bool((reference == 0).any()) == (case in ("+0", "-0"))
+    assert finite_and_zero(t) == (finite, zero)
     if dtype == torch.float32:
         assert t32 is t  # nothing to convert: not copied
 
 
 def test_strided_and_float64_inputs_take_torchs_route():
-    from knots_ext._arrays import float32_checked, has_zero
+    from knots_ext._arrays import finite_and_zero, float32_checked, has_zero
 
     t = torch.randn(40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     t[7, 2] = 0.0
     strided = t.float().T  # not contiguous
     assert has_zero(strided) and has_zero(t) and all_finite(strided)
-    t32, finite = float32_checked(t)
-    assert finite and torch.equal(t32, t.float())
+    t32, finite, zero = float32_checked(t)
+    assert finite and zero and torch.equal(t32, t.float())
+    assert finite_and_zero(strided) == (True, True) and finite_and_zero(torch.ones(3, 2).T) == (True, False)
     t[1, 1] = 1e300  # overflows float32
     assert not float32_checked(t)[1]
     assert not has_zero(torch.ones(5, 5).T) and not has_zero(torch.empty(0))
