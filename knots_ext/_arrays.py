@@ -44,7 +44,11 @@ def finite_and_zero(t) -> tuple[bool, bool]:
     code = _host_code(t)
     if code is None or t.numel() == 0:
         return all_finite(t), has_zero(t)
-    seen = _C().widen_f32(t.data_ptr(), t.numel(), code)
+    return _finite_zero(_C().widen_f32(t.data_ptr(), t.numel(), code))
+
+
+def _finite_zero(seen: int) -> tuple[bool, bool]:
+    """widen_f32's flags as (no NaN or Inf seen, a 0 seen)."""
     return not seen & _C().SAW_NONFINITE, bool(seen & _C().SAW_ZERO)
 
 
@@ -56,10 +60,10 @@ def float32_checked(t):
     code = _host_code(t)
     if code is None:
         t32 = t.to(torch.float32)
-        return t32, all_finite(t32), has_zero(t32)
+        return (t32, *finite_and_zero(t32))
     t32 = t if code == F32 else torch.empty(t.shape, dtype=torch.float32)
     seen = _C().widen_f32(t.data_ptr(), t.numel(), code, 0 if t32 is t else t32.data_ptr())
-    return t32, not seen & _C().SAW_NONFINITE, bool(seen & _C().SAW_ZERO)
+    return (t32, *_finite_zero(seen))
 
 
 _HOST_CODES = {"torch.float32": F32, "torch.float16": F16, "torch.bfloat16": BF16}

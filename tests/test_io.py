@@ -2,7 +2,6 @@
 (no download), LoRA adapters made and saved by peft, read back by us and compared in float64 with
 PEFT's own per-module deltas; adapters we write are loaded by PeftModel.from_pretrained and must
 give the logits of the base model with W + B @ A put in by hand."""
-
 from __future__ import annotations
 
 import copy
@@ -38,14 +37,8 @@ def _quiet():
 
 
 def tiny_llama(seed=0):
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -77,12 +70,8 @@ def make_adapter(out, base, lora_config, dtype, seed):
                 p.copy_((torch.randn(p.shape, generator=gen) * 0.2).to(dtype).float())
     ref = {}
     for name, layer in lora_layers(model).items():
-        ref[name] = dict(
-            delta=layer.get_delta_weight("default").to(F64),
-            r=layer.r["default"],
-            scale=layer.scaling["default"],
-            shape=(layer.out_features, layer.in_features),
-        )
+        ref[name] = dict(delta=layer.get_delta_weight("default").to(F64), r=layer.r["default"],
+                         scale=layer.scaling["default"], shape=(layer.out_features, layer.in_features))
     model.to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -101,28 +90,13 @@ def made(tmp_path_factory, llama):
     one, modules_to_save in one, saved in float32, float16 and bfloat16."""
     root = tmp_path_factory.mktemp("adapters")
     specs = {
-        "fp32": (
-            torch.float32,
-            peft.LoraConfig(
-                r=4,
-                lora_alpha=8,
-                target_modules=["q_proj", "v_proj"],
-                rank_pattern={"layers.0.self_attn.q_proj": 2},
-                alpha_pattern={"v_proj": 3},
-                modules_to_save=["lm_head"],
-            ),
-        ),
-        "fp16": (
-            torch.float16,
-            peft.LoraConfig(
-                r=8,
-                lora_alpha=16,
-                use_rslora=True,
-                target_modules=["q_proj", "k_proj", "v_proj"],
-                rank_pattern={"model.layers.1.self_attn.k_proj": 3, "q_proj": 5},
-                alpha_pattern={"k_proj": 7.5},
-            ),
-        ),
+        "fp32": (torch.float32, peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+            rank_pattern={"layers.0.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3},
+            modules_to_save=["lm_head"])),
+        "fp16": (torch.float16, peft.LoraConfig(
+            r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj"],
+            rank_pattern={"model.layers.1.self_attn.k_proj": 3, "q_proj": 5}, alpha_pattern={"k_proj": 7.5})),
         "bf16": (torch.bfloat16, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])),
     }
     out = {}
@@ -167,8 +141,8 @@ def test_patterns_and_modules(made):
     k1 = PFX + "model.layers.1.self_attn.k_proj"
     assert (fp32.rank(q0), fp32.rank(q1), fp32.rank(v0)) == (2, 4, 4)
     assert (fp32.scale(q0), fp32.scale(q1), fp32.scale(v0)) == (8 / 2, 8 / 4, 3 / 4)
-    assert fp16.rank(k1) == 3 and fp16.scale(k1) == pytest.approx(7.5 / 3**0.5)
-    assert fp16.rank(q0) == 5 and fp16.scale(q0) == pytest.approx(16 / 5**0.5)
+    assert fp16.rank(k1) == 3 and fp16.scale(k1) == pytest.approx(7.5 / 3 ** 0.5)
+    assert fp16.rank(q0) == 5 and fp16.scale(q0) == pytest.approx(16 / 5 ** 0.5)
     assert not any("k_proj" in m for m in fp32.modules) and k1 in fp16.modules
     assert fp32.extra_tensors == [PFX + "lm_head.weight"] and fp16.extra_tensors == []
     head = fp32.extra(PFX + "lm_head.weight")
@@ -183,9 +157,10 @@ def test_merge_and_unload_delta(made, llama):
     merged = peft.PeftModel.from_pretrained(copy.deepcopy(llama), str(path)).merge_and_unload()
     base_sd, merged_sd = llama.state_dict(), merged.state_dict()
     for m in a.modules:
-        w = m[len(PFX) :] + ".weight"
+        w = m[len(PFX):] + ".weight"
         B, A = a.factors(m, F64)
-        torch.testing.assert_close(a.scale(m) * B @ A, merged_sd[w].to(F64) - base_sd[w].to(F64), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.scale(m) * B @ A, merged_sd[w].to(F64) - base_sd[w].to(F64),
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_fan_in_fan_out_gpt2(tmp_path):
@@ -240,10 +215,8 @@ def test_lazy_and_picklable(made):
 
 def _random_factors(shapes_ranks, seed, prefix=PFX):
     gen = torch.Generator().manual_seed(seed)
-    return {
-        prefix + m: (torch.randn(d_out, r, generator=gen) * 0.1, torch.randn(r, d_in, generator=gen) * 0.1)
-        for m, (d_out, d_in, r) in shapes_ranks.items()
-    }
+    return {prefix + m: (torch.randn(d_out, r, generator=gen) * 0.1, torch.randn(r, d_in, generator=gen) * 0.1)
+            for m, (d_out, d_in, r) in shapes_ranks.items()}
 
 
 LLAMA_MODULES = {  # name: (d_out, d_in, rank) -- ranks differ per module
@@ -266,19 +239,15 @@ def test_save_roundtrip_peft_llama(llama, tmp_path):
     factors = _random_factors(LLAMA_MODULES, seed=3)
     head = torch.randn(128, 64, generator=torch.Generator().manual_seed(4))
     out = tmp_path / "merged"
-    save_adapter(
-        out, factors, base_model="tiny-llama-test", extra={PFX + "lm_head.weight": head}, task_type="CAUSAL_LM"
-    )
+    save_adapter(out, factors, base_model="tiny-llama-test", extra={PFX + "lm_head.weight": head},
+                 task_type="CAUSAL_LM")
     assert sorted(os.listdir(tmp_path)) == ["merged"]
     # the manifest sits beside PEFT's two files; PEFT loads the folder regardless (below)
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "knots_merge.json"]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 3 and cfg["rank_pattern"] == cfg["alpha_pattern"]
-    assert cfg["rank_pattern"] == {
-        "model.layers.0.self_attn.k_proj": 2,
-        "model.layers.1.self_attn.q_proj": 5,
-        "model.layers.1.self_attn.v_proj": 1,
-    }
+    assert cfg["rank_pattern"] == {"model.layers.0.self_attn.k_proj": 2, "model.layers.1.self_attn.q_proj": 5,
+                                   "model.layers.1.self_attn.v_proj": 1}
     assert cfg["modules_to_save"] == ["lm_head"]
 
     with warnings.catch_warnings(record=True) as caught:
@@ -293,7 +262,7 @@ def test_save_roundtrip_peft_llama(llama, tmp_path):
     sd = by_hand.state_dict()
     with torch.no_grad():
         for m, (B, A) in factors.items():
-            sd[m[len(PFX) :] + ".weight"] += B @ A
+            sd[m[len(PFX):] + ".weight"] += B @ A
         sd["lm_head.weight"].copy_(head)
     torch.testing.assert_close(_logits(peft_model, 128), _logits(by_hand, 128), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(_logits(llama, 128), _logits(by_hand, 128), atol=1e-3)
@@ -306,9 +275,8 @@ def test_save_roundtrip_peft_llama(llama, tmp_path):
         torch.testing.assert_close(a.factors(m), factors[m])
 
     # replacing an earlier output (overwrite), names without the prefix, bfloat16 output
-    save_adapter(
-        out, {k[len(PFX) :]: v for k, v in factors.items()}, base_model=None, dtype=torch.bfloat16, overwrite=True
-    )
+    save_adapter(out, {k[len(PFX):]: v for k, v in factors.items()}, base_model=None, dtype=torch.bfloat16,
+                 overwrite=True)
     b = load_adapter(out)
     assert b.modules == a.modules and b.extra_tensors == [] and b.stored_dtype(b.modules[0]) == torch.bfloat16
     assert sorted(os.listdir(tmp_path)) == ["merged"]
@@ -316,11 +284,8 @@ def test_save_roundtrip_peft_llama(llama, tmp_path):
 
 def test_save_roundtrip_peft_gpt2_fan_in_fan_out(tmp_path):
     base = tiny_gpt2()
-    mods = {
-        "transformer.h.0.attn.c_attn": (96, 32, 2),
-        "transformer.h.1.attn.c_attn": (96, 32, 4),
-        "transformer.h.1.mlp.c_proj": (32, 128, 2),
-    }
+    mods = {"transformer.h.0.attn.c_attn": (96, 32, 2), "transformer.h.1.attn.c_attn": (96, 32, 4),
+            "transformer.h.1.mlp.c_proj": (32, 128, 2)}
     factors = _random_factors(mods, seed=5)
     save_adapter(tmp_path / "g", factors, base_model=None, fan_in_fan_out=True)
     model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "g")).eval()
@@ -328,7 +293,7 @@ def test_save_roundtrip_peft_gpt2_fan_in_fan_out(tmp_path):
     sd = by_hand.state_dict()
     with torch.no_grad():
         for m, (B, A) in factors.items():
-            sd[m[len(PFX) :] + ".weight"] += (B @ A).T  # Conv1D keeps (d_in, d_out)
+            sd[m[len(PFX):] + ".weight"] += (B @ A).T  # Conv1D keeps (d_in, d_out)
     torch.testing.assert_close(_logits(model, 64), _logits(by_hand, 64), rtol=1e-4, atol=1e-4)
     assert load_adapter(tmp_path / "g").fan_in_fan_out is True
 
@@ -433,12 +398,8 @@ def test_save_failure_keeps_existing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(save_module, "fsync_path", broken)
     with pytest.raises(AdapterError, match=re.escape(str(out)) + ": cannot write the adapter: No space left"):
-        save_adapter(
-            out,
-            _random_factors({"model.layers.0.self_attn.q_proj": (64, 64, 3)}, seed=9),
-            base_model="m",
-            overwrite=True,
-        )
+        save_adapter(out, _random_factors({"model.layers.0.self_attn.q_proj": (64, 64, 3)}, seed=9),
+                     base_model="m", overwrite=True)
     assert (out / "adapter_model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out"] and _leftovers(tmp_path) == []
 
@@ -466,10 +427,8 @@ def _bare(path, tensors):
 
 
 def _pair(r=4, d_out=8, d_in=6, dtype=torch.float32, prefix=PFX + "model.q"):
-    return {
-        prefix + ".lora_A.weight": torch.randn(r, d_in).to(dtype),
-        prefix + ".lora_B.weight": torch.randn(d_out, r).to(dtype),
-    }
+    return {prefix + ".lora_A.weight": torch.randn(r, d_in).to(dtype),
+            prefix + ".lora_B.weight": torch.randn(d_out, r).to(dtype)}
 
 
 def _raises(match, fn, *args, where=None, **kw):
@@ -567,12 +526,8 @@ def test_refuse_rank_mismatch_with_config(made, tmp_path):
     cfg = json.loads((d / "adapter_config.json").read_text())
     cfg["rank_pattern"] = {}
     (d / "adapter_config.json").write_text(json.dumps(cfg))
-    _raises(
-        "layers.0.self_attn.q_proj: stored rank 2 but adapter_config.json gives r=4",
-        load_adapter,
-        d,
-        where=d / "adapter_model.safetensors",
-    )
+    _raises("layers.0.self_attn.q_proj: stored rank 2 but adapter_config.json gives r=4", load_adapter, d,
+            where=d / "adapter_model.safetensors")
 
 
 def test_refuse_corrupt_safetensors(made, tmp_path):
@@ -597,9 +552,8 @@ def test_refuse_nan_when_read(tmp_path):
     a.factors(PFX + "model.k")
     _raises(f"module {re.escape(PFX)}model.q: lora_B holds NaN or Inf", a.factors, PFX + "model.q", where=f)
     f16 = _bare(tmp_path / "big.safetensors", {k: v * 1e5 for k, v in _pair().items()})
-    _raises(
-        "overflows torch.float16", load_adapter(f16, alpha=1.0).factors, PFX + "model.q", dtype=torch.float16, where=f16
-    )
+    _raises("overflows torch.float16", load_adapter(f16, alpha=1.0).factors, PFX + "model.q",
+            dtype=torch.float16, where=f16)
 
 
 def test_check_compatible_refusals(made, tmp_path):
@@ -616,23 +570,15 @@ def test_check_compatible_refusals(made, tmp_path):
     check_compatible([A, load_adapter(made["fp16"][0])])  # no base recorded: nothing to compare
 
     # same module, other shape: refused even with force
-    f = _bare(
-        tmp_path / "other.safetensors", _pair(r=2, d_out=64, d_in=32, prefix=PFX + "model.layers.0.self_attn.q_proj")
-    )
+    f = _bare(tmp_path / "other.safetensors", _pair(r=2, d_out=64, d_in=32,
+                                                    prefix=PFX + "model.layers.0.self_attn.q_proj"))
     C = load_adapter(f, alpha=1.0)
-    msg = _raises(
-        r"module base_model\.model\.model\.layers\.0\.self_attn\.q_proj: update shape \(d_out, d_in\) = "
-        r"\(64, 32\) differs from \(64, 64\)",
-        check_compatible,
-        [A, C],
-        force=True,
-        where=f,
-    )
+    msg = _raises(r"module base_model\.model\.model\.layers\.0\.self_attn\.q_proj: update shape \(d_out, d_in\) = "
+                  r"\(64, 32\) differs from \(64, 64\)", check_compatible, [A, C], force=True, where=f)
     assert str(a) in msg
     # same modules under another key prefix would never meet
-    g = _bare(
-        tmp_path / "noprefix.safetensors", _pair(r=2, d_out=64, d_in=64, prefix="model.layers.0.self_attn.q_proj")
-    )
+    g = _bare(tmp_path / "noprefix.safetensors",
+              _pair(r=2, d_out=64, d_in=64, prefix="model.layers.0.self_attn.q_proj"))
     _raises("different key prefixes", check_compatible, [A, load_adapter(g, alpha=1.0)], where=g)
 
 
@@ -663,10 +609,8 @@ def test_merge_factors_report_zero_entries(tmp_path, dtype, memory):
         if memory:
             adapter = MemoryAdapter("<mem>", {name: (Bz.to(dtype), Az.to(dtype))}, 1.0)
         else:
-            save_file(
-                {f"{name}.lora_B.weight": Bz.to(dtype), f"{name}.lora_A.weight": Az.to(dtype)},
-                str(path / "adapter_model.safetensors"),
-            )
+            save_file({f"{name}.lora_B.weight": Bz.to(dtype), f"{name}.lora_A.weight": Az.to(dtype)},
+                      str(path / "adapter_model.safetensors"))
             adapter = load_adapter(path)
         got_B, got_A, zero = adapter.merge_factors(name)
         assert got_B.dtype == got_A.dtype == torch.float32

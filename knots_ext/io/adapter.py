@@ -380,13 +380,12 @@ class Adapter:
     def merge_factors(self, module) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """factors(module) in float32, and whether B or A holds an entry equal to 0 (seen by the
         same pass that converts and checks them: the merge's zero-update test needs no other)."""
-        B, A, zero = self._factors(module, torch.float32)
-        return B, A, bool(zero)
+        return self._factors(module, torch.float32)
 
     def _factors(self, module, dtype):
+        """(B, A, a zero entry seen: looked for when converting to float32 only)"""
         self._check_module(module)
-        out = []
-        zero: bool | None = False  # (None: not seen, for dtypes other than float32)
+        out, zero = [], False
         keys = self._keys[module]
         for key, which in ((keys.up, "lora_B"), (keys.down, "lora_A")):
             t = self._read(key, f"module {module}")
@@ -397,7 +396,6 @@ class Adapter:
                 t, finite, has_zero = _arrays.float32_checked(t)
                 zero = zero or has_zero
             else:
-                zero = None
                 if dtype is not None and t.dtype != dtype:
                     t = t.to(dtype)
                 # One check, on the converted tensor: torch's isfinite on bf16/fp16 is ~100x slower.
