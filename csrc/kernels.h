@@ -77,6 +77,13 @@ constexpr int kSawNonFinite = 1, kSawZero = 2;
 // torch takes three calls (convert, check finite, check for zeros), each waking its threads
 // (LoRA factors are small: the wake-ups cost more than the work).
 int widen_f32(const void* src, int64_t n, DType dtype, float* dst);
+// At least `count` floats, 64-byte aligned, uninitialised, kept by the calling thread from one
+// call to the next (its contents not): the factored kernels' per-call copy of every task's Q,
+// 262 MB for a 4096-wide module at n = 1000, was fresh pages every module (their faults a
+// quarter of a ties merge's). release_kept_floats() frees the calling thread's (the merge
+// driver does, when a merge ends).
+float* kept_floats(size_t count);
+void release_kept_floats();
 #include "kernel_api.h"
 }  // namespace cpu
 

@@ -344,7 +344,15 @@ def run(
     next module (OutputPool). patcher: the consumer can rewrite entries of an emitted module's
     rows (Patcher), so that a module waiting for TIES's majority sign is emitted at once and
     patched at the end, not held. passes(space, load): where the per-module work runs (a
-    Passes: LocalPasses, here, by default; knots_ext.distributed: on a Ray cluster)."""
+    Passes: LocalPasses, here, by default; knots_ext.distributed: on a Ray cluster). The memory
+    the CPU kernels keep from module to module is freed when it returns."""
+    try:
+        _run(method, params, modules, load, n_tasks, emit, progress, consumed, patcher, passes)
+    finally:
+        factor_ops.release_kept_memory()
+
+
+def _run(method, params, modules, load, n_tasks, emit, progress, consumed, patcher, passes) -> None:
     pool = OutputPool(consumed)
     if not getattr(method.space, "rows_verbatim", False):
         patcher = None

@@ -194,3 +194,10 @@ def is_finite(task_factors) -> bool:
     with KernelStream(f.ref) as on:
         sel.factored_histogram(f.kernel_input(0.0, 0, "", [0], on), [0])
     return not sel.nonfinite
+
+
+def release_kept_memory() -> None:
+    """Frees the memory the CPU kernels keep from call to call in the calling thread (their copy
+    of the Q factors, reused from module to module: fresh pages each time were a quarter of a
+    large merge's page faults). The merge driver calls it when a merge ends."""
+    _C.release_kept_floats()

@@ -170,6 +170,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("src"), py::arg("n"), py::arg("dtype"), py::arg("dst") = 0,
       "Host arrays: n contiguous elements (dtype code) at src into float32 at dst (0: not written); "
       "returns bit 1 if one was NaN or Inf, bit 2 if one was zero");
+  m.def("release_kept_floats", &cpu::release_kept_floats,
+        "Frees the calling thread's buffer that the CPU kernels keep from call to call (kernels.h kept_floats)");
   m.attr("SAW_NONFINITE") = cpu::kSawNonFinite;
   m.attr("SAW_ZERO") = cpu::kSawZero;
   m.def("module_id", [](const std::string& name) { return fnv1a64(name.data(), name.size()); },

@@ -212,8 +212,9 @@ def cancelling_factors(m, c, seed):
     return [(P0, Q0, 1.0), (P1, Q0, 1.0), (P2, Q2, 0.5)]
 
 
-def test_zero_sum_positions_and_majority_fix():
-    factors = cancelling_factors(37, 131, seed=3)
+@pytest.mark.parametrize("c", [131, 128])  # (128: every tile's rows whole, 64-byte aligned: the avx512 finish)
+def test_zero_sum_positions_and_majority_fix(c):
+    factors = cancelling_factors(37, c, seed=3)
     x = rows64(factors).to(torch.float32)
     thr, ref = check_against_rows(factors, x, top_k=0.6, lam=1.5)
     assert int(ref.zero_sum.sum()) > 100 and ref.majority == -1
@@ -357,6 +358,24 @@ def test_out_is_written_in_place():
     assert torch.equal(flat, factor_ops.weighted_sum(f, [1.0, 2.0], 0.0, 0, MODULE, [0, 1]).reshape(-1))
     one_line_error(lambda: factor_ops.weighted_sum(f, [1.0, 2.0], 0.0, 0, MODULE, [0, 1], out=torch.zeros(3)),
                    "^out must be a contiguous")
+
+
+def test_kept_memory_across_calls():
+    """The Q panels live in memory the calling thread keeps from call to call (kernels.h
+    kept_floats): calls with more tasks, then fewer, then wider, then after it is released,
+    each give the references' results (a panel left from an earlier call would show)."""
+    cases = [rand_factors(23, 96, [16] * 9, seed=1), rand_factors(23, 64, [4, 16], seed=2),
+             rand_factors(9, 320, [64] * 3, seed=3)]
+    firsts = []
+    for factors in cases:
+        thr = thresholds_of(factors, 0.3)
+        firsts.append((thr, factor_ops.ties_apply(factors, thr, 1.0, 0.0, 0, MODULE, list(range(len(factors))))[0]))
+        check_against_rows(factors, rows32(factors), 0.3, lam=1.0)
+    factor_ops.release_kept_memory()
+    for factors, (thr, first) in zip(cases, firsts):
+        again = factor_ops.ties_apply(factors, thr, 1.0, 0.0, 0, MODULE, list(range(len(factors))))[0]
+        assert torch.equal(again, first)
+        factor_ops.release_kept_memory()
 
 
 def test_empty_rows():

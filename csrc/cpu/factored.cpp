@@ -4,7 +4,8 @@
 // intrinsics on the avx512 path), then goes through the same per-element DARE / TIES / TA math as
 // the row kernels. No task's row is ever stored: per thread, a few tasks' tiles of kFactoredTile
 // entries and the tile's accumulators (20-80 KB, in L1 or L2), whatever the number of tasks and
-// the module's size; per call, a copy of the Q factors cut into panels (QPanels).
+// the module's size; per call, a copy of the Q factors cut into panels (QPanels, in memory the
+// calling thread keeps from call to call).
 //
 // Results do not depend on the thread count: every position's math is its own, histograms are
 // integer counts, the sign sum is an integer and the zero-sum positions are sorted.
@@ -80,7 +81,7 @@ inline void zmm_block(const float* p, int64_t rank, const float* q, int64_t q_st
 // factor_entry, however GCC vectorises the loops. (Keep this loop nest simple: anything more in
 // it, e.g. a finiteness check of the results, and GCC stops vectorising it.)
 template <int R, int C = kBlockCols>
-inline void block_entries(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale, float* v,
+[[gnu::noinline]] void block_entries(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale, float* v,
                           int64_t ldv) {
 #if defined(KX_CPU_AVX512)
   if constexpr (C == kBlockCols) {
@@ -184,16 +185,17 @@ inline TaskQ in_place(const FactorTask& t, int64_t c) { return TaskQ{t.Q, kBlock
 // panel as one contiguous run, and all tasks' panels under a tile as one stream. Read in place,
 // a task's panel would be `rank` pieces a Q row apart (16 KB for c = 4096): 16 pages a task
 // per tile, more than the TLB holds once there are a few hundred tasks. Its size is that of the
-// Q factors (the factors are small), not of a row. fill(f, rows) copies some tasks' only, into
-// the buffer of an earlier fill where it is large enough.
+// Q factors (the factors are small), not of a row. fill(f, rows) copies some tasks' only. The
+// memory is the calling thread's kept_floats (Kept: valid until that thread's next QPanels of
+// that kind) or the panels' own (Own: the buffer of an earlier fill where it is large enough).
 struct QPanels {
+  enum Memory { Kept, Own };
   int64_t block_stride = 0;  // floats from one column block's panels to the next's
-  std::unique_ptr<float[]> data;  // from `base`, 64-byte aligned; not zeroed first (all written)
-  size_t capacity = 0, base = 0;
+  float* data = nullptr;     // 64-byte aligned; not zeroed first (all written)
   std::vector<int64_t> offset;  // task r's panel within a block (-1: not copied)
 
-  QPanels() = default;
-  explicit QPanels(const TaskFactors& f) {
+  explicit QPanels(Memory memory) : memory_(memory) {}
+  QPanels(const TaskFactors& f, Memory memory) : memory_(memory) {
     std::vector<int64_t> all(size_t(f.n()));
     std::iota(all.begin(), all.end(), int64_t(0));
     fill(f, all);
@@ -206,11 +208,7 @@ struct QPanels {
       block_stride += f.tasks[r].rank * kBlockCols;
     }
     const int64_t blocks = (f.c + kBlockCols - 1) / kBlockCols;
-    if (size_t(blocks * block_stride) + 16 > capacity) {
-      capacity = size_t(blocks * block_stride) + 16;
-      data.reset(new float[capacity]);
-    }
-    base = size_t((64 - reinterpret_cast<uintptr_t>(data.get()) % 64) % 64) / sizeof(float);
+    data = reserve(size_t(blocks * block_stride));
     const int64_t count = int64_t(rows.size()), c = f.c;
 #pragma omp parallel for schedule(static) if (blocks * block_stride > (int64_t(1) << 18))
     for (int64_t jb = 0; jb < blocks; ++jb) {
@@ -218,7 +216,7 @@ struct QPanels {
       for (int64_t i = 0; i < count; ++i) {
         const int64_t r = rows[size_t(i)];
         const FactorTask& t = f.tasks[r];
-        float* panel = data.get() + base + jb * block_stride + offset[r];
+        float* panel = data + jb * block_stride + offset[r];
         for (int64_t k = 0; k < t.rank; ++k) {
           std::copy(t.Q + k * c + b0, t.Q + k * c + b0 + tb, panel + k * kBlockCols);
           std::fill(panel + k * kBlockCols + tb, panel + (k + 1) * kBlockCols, 0.0f);
@@ -226,7 +224,20 @@ struct QPanels {
       }
     }
   }
-  TaskQ of(int64_t r) const { return TaskQ{data.get() + base + offset[r], block_stride, kBlockCols}; }
+  TaskQ of(int64_t r) const { return TaskQ{data + offset[r], block_stride, kBlockCols}; }
+
+ private:
+  float* reserve(size_t count) {
+    if (memory_ == Kept) return kept_floats(count);
+    if (count + 16 > capacity_) {
+      capacity_ = count + 16;
+      own_.reset(new float[capacity_]);
+    }
+    return own_.get() + (16 - reinterpret_cast<uintptr_t>(own_.get()) % 64 / sizeof(float)) % 16;
+  }
+  Memory memory_;
+  std::unique_ptr<float[]> own_;
+  size_t capacity_ = 0;
 };
 
 // Per thread, for the tile-major kernels (TIES apply, TA): every task's P rows under the current
@@ -279,14 +290,63 @@ struct GroupScratch {
   alignas(64) float v[kGroup][kFactoredTile];
 };
 
+#if defined(KX_CPU_AVX512)
+// FactoredAccum::add_exact with the tests in mask registers, which the adds take as write masks:
+// 9 instructions a task and 16 positions, where GCC's vectorisation of ties_add_kept made 16 (a
+// zeroed copy of each kept value, all-ones vectors for the counts), as many as the entries' FMAs.
+// The same bits: a dropped entry added +0 to the sums, which leaves each as it was (none is ever
+// -0: they start at +0, and only x + y with x = y = -0 gives -0). len: a multiple of 16.
+template <int G, bool kFirst>
+void add_exact_zmm(FactoredAccum& acc, const float* const* v, int64_t len, const float* thresholds) {
+  __m512i keep_from[G];
+  for (int g = 0; g < G; ++g) keep_from[g] = _mm512_set1_epi32(int(magnitude_key(thresholds[g])));
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; t += 16) {
+    __m512 sum = kFirst ? zero : _mm512_loadu_ps(acc.sum + t);
+    __m512 pos_sum = kFirst ? zero : _mm512_loadu_ps(acc.pos_sum + t);
+    __m512 neg_sum = kFirst ? zero : _mm512_loadu_ps(acc.neg_sum + t);
+    __m512i pos_count = kFirst ? _mm512_setzero_si512() : _mm512_loadu_si512(acc.pos_count + t);
+    __m512i neg_count = kFirst ? _mm512_setzero_si512() : _mm512_loadu_si512(acc.neg_count + t);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const __m512 x = _mm512_loadu_ps(v[g] + t);
+      // keys are 31-bit: signed order (ties_add_kept)
+      const __mmask16 keep = _mm512_cmpge_epi32_mask(_mm512_and_si512(_mm512_castps_si512(x), magnitude), keep_from[g]);
+      const __mmask16 pos = _mm512_mask_cmp_ps_mask(keep, x, zero, _CMP_GT_OQ);
+      const __mmask16 neg = _mm512_mask_cmp_ps_mask(keep, x, zero, _CMP_LT_OQ);
+      sum = _mm512_mask_add_ps(sum, keep, sum, x);
+      pos_sum = _mm512_mask_add_ps(pos_sum, pos, pos_sum, x);
+      neg_sum = _mm512_mask_add_ps(neg_sum, neg, neg_sum, x);
+      pos_count = _mm512_mask_add_epi32(pos_count, pos, pos_count, one);
+      neg_count = _mm512_mask_add_epi32(neg_count, neg, neg_count, one);
+    }
+    _mm512_storeu_ps(acc.sum + t, sum);
+    _mm512_storeu_ps(acc.pos_sum + t, pos_sum);
+    _mm512_storeu_ps(acc.neg_sum + t, neg_sum);
+    _mm512_storeu_si512(acc.pos_count + t, pos_count);
+    _mm512_storeu_si512(acc.neg_count + t, neg_count);
+    if (kFirst) _mm512_storeu_si512(acc.undecided + t, _mm512_setzero_si512());
+  }
+}
+#endif
+
+template <int G, bool kFirst>
+void add_exact(FactoredAccum& acc, const float* const* v, int64_t len, const float* thresholds) {
+#if defined(KX_CPU_AVX512)
+  if (len % 16 == 0) return add_exact_zmm<G, kFirst>(acc, v, len, thresholds);
+#endif
+  acc.add_exact<G, kFirst>(v, len, thresholds);
+}
+
 template <bool kFirst>
 void add_group(FactoredAccum& acc, const GroupScratch& s, int g, int64_t len, const float* thresholds) {
   const float* v[kGroup] = {s.v[0], s.v[1], s.v[2], s.v[3]};
   switch (g) {
-    case 4: acc.add_exact<4, kFirst>(v, len, thresholds); break;
-    case 3: acc.add_exact<3, kFirst>(v, len, thresholds); break;
-    case 2: acc.add_exact<2, kFirst>(v, len, thresholds); break;
-    default: acc.add_exact<1, kFirst>(v, len, thresholds); break;
+    case 4: add_exact<4, kFirst>(acc, v, len, thresholds); break;
+    case 3: add_exact<3, kFirst>(acc, v, len, thresholds); break;
+    case 2: add_exact<2, kFirst>(acc, v, len, thresholds); break;
+    default: add_exact<1, kFirst>(acc, v, len, thresholds); break;
   }
 }
 
@@ -361,6 +421,58 @@ inline void prefetch_output(float* out, int64_t c, const Tile& tile) {
     const char* row = reinterpret_cast<const char*>(out + (tile.a0 + i) * c + tile.b0);
     for (int64_t byte = 0; byte < tile.tb * int64_t(sizeof(float)); byte += 64) __builtin_prefetch(row + byte, 1);
   }
+}
+
+// The tile's outputs from its accumulators (ties_sign, ties_mean; positions that need the
+// majority sign written 0), added to sign_sum; returns whether some position needs it. On the
+// avx512 path a row of a whole register block is done 16 positions at a time, with one division
+// (GCC's vectorisation of ties_mean divided twice, pos and neg: the divider is slow, ~10% of the
+// apply at n = 8), and stored past the cache where its lines are aligned: the output is written
+// once and read long after, so fetching its lines first (read for ownership) was only a wait.
+inline bool finish_tile(const FactoredAccum& acc, const Tile& tl, float lam, float* out, int64_t c, int64_t& sign_sum) {
+  int32_t any_zero_sum = 0, tile_signs = 0;
+  for (int64_t i = 0; i < tl.ta; ++i) {
+    float* row = out + (tl.a0 + i) * c + tl.b0;
+    int64_t j = 0;
+#if defined(KX_CPU_AVX512)
+    if (tl.tb == kBlockCols && reinterpret_cast<uintptr_t>(row) % 64 == 0) {
+      const __m512 zero = _mm512_setzero_ps(), scale = _mm512_set1_ps(lam);
+      const __m512i one = _mm512_set1_epi32(1);
+      for (; j < kBlockCols; j += 16) {
+        const int64_t e = i * tl.ldv + j;
+        const __m512 sum = _mm512_loadu_ps(acc.sum + e);
+        const __m512i pos_count = _mm512_loadu_si512(acc.pos_count + e), neg_count = _mm512_loadu_si512(acc.neg_count + e);
+        const __mmask16 pos = _mm512_cmp_ps_mask(sum, zero, _CMP_GT_OQ), neg = _mm512_cmp_ps_mask(sum, zero, _CMP_LT_OQ);
+        const __m512 kept = _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(neg, acc.neg_sum + e), pos, acc.pos_sum + e);
+        __m512i count = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(one, neg, neg_count), pos, pos_count);
+        count = _mm512_max_epi32(count, one);  // (count > 0 ? count : 1)
+        _mm512_stream_ps(row + j, _mm512_mul_ps(scale, _mm512_div_ps(kept, _mm512_cvtepi32_ps(count))));
+        tile_signs += __builtin_popcount(uint32_t(pos)) - __builtin_popcount(uint32_t(neg));
+        const __mmask16 survived = _mm512_cmpgt_epi32_mask(_mm512_add_epi32(pos_count, neg_count), _mm512_setzero_si512());
+        any_zero_sum |= int32_t(_mm512_mask_cmp_ps_mask(survived, sum, zero, _CMP_EQ_OQ) != 0);
+      }
+    }
+#endif
+    for (; j < tl.tb; ++j) {  // positions needing the majority sign get sign 0: 0
+      const TiesAccum a = acc.at(i * tl.ldv + j);
+      const int sign = ties_sign(a);
+      row[j] = ties_mean(a, sign, lam);
+      tile_signs += sign;
+      any_zero_sum |= int32_t(ties_needs_majority(a));
+    }
+  }
+  sign_sum += tile_signs;
+  return any_zero_sum != 0;
+}
+
+// Whether finish_tile streams the output past the cache (so need not prefetch it).
+inline bool output_streamed(const float* out, int64_t c) {
+#if defined(KX_CPU_AVX512)
+  return reinterpret_cast<uintptr_t>(out) % 64 == 0 && c % 16 == 0;
+#else
+  (void)out, (void)c;
+  return false;
+#endif
 }
 
 // Asks for task t's factors under a tile (its P rows and its Q panels) while the task
@@ -593,7 +705,7 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
   // its sampled rows), unless its blocks would run past a row's end. Panels of every task at
   // once were most of the sample's time at n = 300 and a copy of 262 MB per 4096-wide module at
   // n = 1000.
-  QPanels one;
+  QPanels one(QPanels::Kept);
   const std::vector<char> check = tasks_to_check(f, counted);
   for (int64_t r : counted) {
     const int64_t task = task_of_row[r];
@@ -602,7 +714,7 @@ void factored_histogram(const TaskFactors& f, const DareSpec& d, const std::vect
       sel.flag_nonfinite();
   }
   std::optional<QPanels> panels;
-  if (!sampled.empty() && f.c % kSampleColBlock != 0) panels.emplace(f);
+  if (!sampled.empty() && f.c % kSampleColBlock != 0) panels.emplace(f, QPanels::Own);  // (one's memory: Kept)
   sample_rows(f, panels ? &*panels : nullptr, d, sampled, task_of_row, sel);
 }
 
@@ -612,9 +724,10 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
   const int64_t n = f.n();
   const Tiling tiling(f);
   const int64_t tiles = tiling.count();
-  const QPanels panels(f);
+  const QPanels panels(f, QPanels::Kept);
   const std::vector<char> check = tasks_to_check(f);
   const size_t listed_before = pending.zero_sum_positions.size();
+  const bool streamed = output_streamed(out, f.c);
   bool finite = true;
   int64_t sign_sum = 0;
 #pragma omp parallel if (tiles > 4) reduction(+ : sign_sum) reduction(&& : finite)
@@ -629,7 +742,7 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const Tile tl = tiling.at(tile);
       const int64_t a0 = tl.a0, ta = tl.ta, b0 = tl.b0, tb = tl.tb, ldv = tl.ldv;
-      prefetch_output(out, f.c, tl);
+      if (!streamed) prefetch_output(out, f.c, tl);
       p_rows.enter(tl);
       for (int64_t r0 = 0; r0 < n; r0 += kGroup) {  // padding columns are accumulated too, and never read
         const int g = int(std::min<int64_t>(kGroup, n - r0));
@@ -641,23 +754,14 @@ void factored_ties_apply(const TaskFactors& f, const DareSpec& d, const std::vec
         if (r0 == 0) add_group<true>(acc, s, g, tl.len(), thresholds.data() + r0);
         else add_group<false>(acc, s, g, tl.len(), thresholds.data() + r0);
       }
-      int32_t any_zero_sum = 0, tile_signs = 0;
-      for (int64_t i = 0; i < ta; ++i) {
-        float* row = out + (a0 + i) * f.c + b0;
-        for (int64_t j = 0; j < tb; ++j) {  // positions needing the majority sign get sign 0: 0
-          const TiesAccum a = acc.at(i * ldv + j);
-          const int sign = ties_sign(a);
-          row[j] = ties_mean(a, sign, lam);
-          tile_signs += sign;
-          any_zero_sum |= int32_t(ties_needs_majority(a));
-        }
-      }
-      sign_sum += tile_signs;
-      if (any_zero_sum)
+      if (finish_tile(acc, tl, lam, out, f.c, sign_sum))
         for (int64_t i = 0; i < ta; ++i)
           for (int64_t j = 0; j < tb; ++j)
             if (ties_needs_majority(acc.at(i * ldv + j))) my_zero.push_back((a0 + i) * f.c + b0 + j);
     }
+#if defined(KX_CPU_AVX512)
+    _mm_sfence();  // (the streamed stores visible before the threads join)
+#endif
 #pragma omp critical
     pending.zero_sum_positions.insert(pending.zero_sum_positions.end(), my_zero.begin(), my_zero.end());
   }
@@ -691,7 +795,7 @@ bool factored_weighted_sum(const TaskFactors& f, const DareSpec& d, const std::v
   check(f);
   const Tiling tiling(f);
   const int64_t tiles = tiling.count();
-  const QPanels panels(f);
+  const QPanels panels(f, QPanels::Kept);
   const std::vector<char> check = tasks_to_check(f);
   const int64_t n = f.n();
   bool finite = true;
