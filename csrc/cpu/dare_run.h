@@ -17,7 +17,8 @@ namespace kx::cpu::KX_CPU_PATH::dare_path {
 #if defined(KX_CPU_AVX2)
 // Philox4x32-10's rounds (common/philox.h) in 64-bit lanes, one block a lane, each word in the low
 // half of its lane (see philox_sets), for the vector ops of Lanes: mul (the 64-bit products of
-// the lanes' low halves), shr32, xor3 and set1.
+// the lanes' low halves), hi (each lane's high half into its low half; what it leaves in the
+// high half does not matter: only low halves are read), xor3 and set1.
 template <class Lanes, int kSets>
 inline void philox_rounds(PhiloxKey key, typename Lanes::V (&c0)[kSets], typename Lanes::V (&c1)[kSets],
                           typename Lanes::V (&c2)[kSets], typename Lanes::V (&c3)[kSets]) {
@@ -29,8 +30,8 @@ inline void philox_rounds(PhiloxKey key, typename Lanes::V (&c0)[kSets], typenam
     const V key0 = Lanes::set1(k0), key1 = Lanes::set1(k1);
     for (int h = 0; h < kSets; ++h) {
       const V p0 = Lanes::mul(c0[h], m0), p1 = Lanes::mul(c2[h], m1);
-      c0[h] = Lanes::xor3(Lanes::shr32(p1), c1[h], key0);
-      c2[h] = Lanes::xor3(Lanes::shr32(p0), c3[h], key1);
+      c0[h] = Lanes::xor3(Lanes::hi(p1), c1[h], key0);
+      c2[h] = Lanes::xor3(Lanes::hi(p0), c3[h], key1);
       c1[h] = p1;
       c3[h] = p0;
     }
@@ -43,16 +44,19 @@ struct Lanes256 {
   using V = __m256i;
   static V set1(uint64_t x) { return _mm256_set1_epi64x(int64_t(x)); }
   static V mul(V a, V b) { return _mm256_mul_epu32(a, b); }
-  static V shr32(V a) { return _mm256_srli_epi64(a, 32); }
+  static V hi(V a) { return _mm256_srli_epi64(a, 32); }
   static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
 };
 
 #if defined(KX_CPU_AVX512)
-struct Lanes512 {  // (xor3: one ternary-logic instruction, 0x96 = a ^ b ^ c)
+// (xor3: one ternary-logic instruction, 0x96 = a ^ b ^ c; hi: a dword shuffle that swaps the
+// halves, on the shuffle port, where a 512-bit shift would share port 0 with the products)
+struct Lanes512 {
   using V = __m512i;
   static V set1(uint64_t x) { return _mm512_set1_epi64(int64_t(x)); }
   static V mul(V a, V b) { return _mm512_mul_epu32(a, b); }
-  static V shr32(V a) { return _mm512_srli_epi64(a, 32); }
+  static V swap(V a) { return _mm512_shuffle_epi32(a, _MM_PERM_CDAB); }  // each lane's two halves
+  static V hi(V a) { return swap(a); }
   static V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
 };
 #endif
@@ -104,8 +108,8 @@ inline void philox_sets512(PhiloxKey key, const uint64_t (&g0)[2 * kSets], __m51
   const __m512i first4 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), last4 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
   for (int h = 0; h < kSets; ++h) {
     // lane j: words 0 and 1 of block j in w01, 2 and 3 in w23; then the lanes interleaved
-    const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, c0[h], _mm512_slli_epi64(c1[h], 32));
-    const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, c2[h], _mm512_slli_epi64(c3[h], 32));
+    const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, c0[h], Lanes512::swap(c1[h]));
+    const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, c2[h], Lanes512::swap(c3[h]));
     words[2 * h] = _mm512_permutex2var_epi64(w01, first4, w23);
     words[2 * h + 1] = _mm512_permutex2var_epi64(w01, last4, w23);
   }

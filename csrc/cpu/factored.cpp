@@ -79,7 +79,9 @@ inline void zmm_block(const float* p, int64_t rank, const float* q, int64_t q_st
 // first row of P (rank entries a row), q at its first column of Q's row 0 (q_stride apart). Per
 // entry the chain of factor_dot (fma in k order from +0), then factor_scale: the same bits as
 // factor_entry, however GCC vectorises the loops. (Keep this loop nest simple: anything more in
-// it, e.g. a finiteness check of the results, and GCC stops vectorising it.)
+// it, e.g. a finiteness check of the results, and GCC stops vectorising it.) Out of line: inlined
+// into the TIES apply, GCC spilled one of the two Q vectors to the stack for lack of registers
+// (n = 8 apply ~10% slower), and into the sample it left the loops scalar.
 template <int R, int C = kBlockCols>
 [[gnu::noinline]] void block_entries(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale, float* v,
                           int64_t ldv) {
@@ -514,11 +516,17 @@ inline int64_t first_sampled_row_block(int64_t jb) {
   return first[size_t(jb % kSampleEvery)];
 }
 
-// block_entries of a sample block, kept out of line: inlined into sample_block, GCC left it scalar.
+// The top-16-bit keys of a sample block's R x kSampleColBlock entries v (tb columns of them:
+// padding left out) into hist.
 template <int R>
-[[gnu::noinline]] void sample_entries(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale,
-                                     float* v) {
-  block_entries<R, kSampleColBlock>(p, rank, q, q_stride, scale, v, kSampleColBlock);
+inline void count_sample(const float* v, int64_t tb, uint64_t* hist) {
+  constexpr int C = kSampleColBlock;
+  if (tb == C) {  // (a whole block: no bound to test per entry)
+    for (int e = 0; e < R * C; ++e) ++hist[magnitude_key(v[e]) >> kRound0Shift];
+    return;
+  }
+  for (int i = 0; i < R; ++i)
+    for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(v[i * C + j]) >> kRound0Shift];
 }
 
 // Task t's keys at the sample block of R rows from a0 and the columns from b0 into hist by their
@@ -530,20 +538,56 @@ inline void sample_block(const FactorTask& t, const TaskQ& q, const DareSpec& d,
   constexpr int C = kSampleColBlock;
   alignas(64) float v[R * C];
   const int64_t tb = std::min<int64_t>(C, c - b0);
-  sample_entries<R>(t.P + a0 * t.rank, t.rank, q.at(b0), q.row_stride, t.scale, v);
+  block_entries<R, C>(t.P + a0 * t.rank, t.rank, q.at(b0), q.row_stride, t.scale, v, C);
   if (d.enabled) dare_path::run_rows(t.dare_key, d, uint64_t(d.elem_offset + a0 * c + b0), c, R, tb, v, C);
-  for (int i = 0; i < R; ++i)
-    for (int64_t j = 0; j < tb; ++j) ++hist[magnitude_key(v[i * C + j]) >> kRound0Shift];
+  count_sample<R>(v, tb, hist);
 }
+
+#if defined(KX_CPU_AVX512)
+// Two sample blocks of the same columns (kSampleRowBlock rows from a0, as many from a1) at once:
+// their 8 rows share each Q vector, 8 FMA chains where one block's 4 waited on the FMA latency
+// (the sample ran at a quarter of the full pass's speed an entry). The same fma chain from +0
+// in k order, then times the scale, as block_entries.
+[[gnu::noinline]] void sample_pair(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t c, int64_t a0,
+                                  int64_t a1, int64_t b0, uint64_t* hist) {
+  constexpr int R = kSampleRowBlock, C = kSampleColBlock;
+  static_assert(C == 16, "a sample block's row is one AVX-512 vector");
+  const int64_t rank = t.rank, q_stride = q.row_stride;
+  const float* p[2] = {t.P + a0 * rank, t.P + a1 * rank};
+  const float* qb = q.at(b0);
+  __m512 acc[2][R];
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < R; ++i) acc[h][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < rank; ++k) {
+    const __m512 qk = _mm512_loadu_ps(qb + k * q_stride);
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < R; ++i) acc[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][i * rank + k]), qk, acc[h][i]);
+  }
+  const __m512 s = _mm512_set1_ps(t.scale);
+  alignas(64) float v[2][R * C];
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < R; ++i) _mm512_store_ps(v[h] + i * C, _mm512_mul_ps(s, acc[h][i]));
+  const int64_t tb = std::min<int64_t>(C, c - b0), first[2] = {a0, a1};
+  for (int h = 0; h < 2; ++h) {
+    if (d.enabled) dare_path::run_rows(t.dare_key, d, uint64_t(d.elem_offset + first[h] * c + b0), c, R, tb, v[h], C);
+    count_sample<R>(v[h], tb, hist);
+  }
+}
+#endif
 
 // Task t's sample blocks in column blocks jb0 .. jb1-1.
 void sample_columns(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t m, int64_t c, int64_t jb0,
                     int64_t jb1, uint64_t* hist) {
   static_assert(kBlockCols % kSampleColBlock == 0, "a sample block lies in one Q panel");
   static_assert(kSampleRowBlock == 4, "sample_block takes blocks of up to 4 rows");
+  constexpr int64_t kStep = kSampleEvery * kSampleRowBlock;  // rows from one sampled block to the next
   for (int64_t jb = jb0; jb < jb1; ++jb) {
     const int64_t b0 = jb * kSampleColBlock;
-    for (int64_t a0 = first_sampled_row_block(jb) * kSampleRowBlock; a0 < m; a0 += kSampleEvery * kSampleRowBlock) {
+    int64_t a0 = first_sampled_row_block(jb) * kSampleRowBlock;
+#if defined(KX_CPU_AVX512)
+    for (; a0 + kStep + kSampleRowBlock <= m; a0 += 2 * kStep) sample_pair(t, q, d, c, a0, a0 + kStep, b0, hist);
+#endif
+    for (; a0 < m; a0 += kStep) {
       switch (std::min<int64_t>(kSampleRowBlock, m - a0)) {
         case 4: sample_block<4>(t, q, d, c, a0, b0, hist); break;
         case 3: sample_block<3>(t, q, d, c, a0, b0, hist); break;
