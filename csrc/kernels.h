@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -77,6 +78,29 @@ constexpr int kSawNonFinite = 1, kSawZero = 2;
 // torch takes three calls (convert, check finite, check for zeros), each waking its threads
 // (LoRA factors are small: the wake-ups cost more than the work).
 int widen_f32(const void* src, int64_t n, DType dtype, float* dst);
+// A growable float buffer: reserve(count) gives at least `count` floats, 64-byte aligned,
+// uninitialised, reusing the memory of an earlier reserve where it is large enough.
+class FloatBuffer {
+ public:
+  float* reserve(size_t count) {
+    constexpr size_t kAlign = 64 / sizeof(float);
+    if (count + kAlign > capacity_) {
+      data_.reset();  // (before the new one: both at once would be twice the memory)
+      data_.reset(new float[count + kAlign]);
+      capacity_ = count + kAlign;
+    }
+    const size_t misalign = reinterpret_cast<uintptr_t>(data_.get()) % 64 / sizeof(float);
+    return data_.get() + (kAlign - misalign) % kAlign;
+  }
+  void release() {
+    data_.reset();
+    capacity_ = 0;
+  }
+
+ private:
+  std::unique_ptr<float[]> data_;
+  size_t capacity_ = 0;
+};
 // At least `count` floats, 64-byte aligned, uninitialised, kept by the calling thread from one
 // call to the next (its contents not): the factored kernels' per-call copy of every task's Q,
 // 262 MB for a 4096-wide module at n = 1000, was fresh pages every module (their faults a

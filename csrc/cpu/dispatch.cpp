@@ -6,7 +6,6 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <memory>
 #include <stdexcept>
 
 #include "../kernels.h"
@@ -146,28 +145,11 @@ int widen_f32(const void* src, int64_t n, DType dtype, float* dst) {
 }
 
 namespace {
-struct KeptFloats {
-  std::unique_ptr<float[]> data;
-  size_t capacity = 0;
-};
-thread_local KeptFloats kept;
+thread_local FloatBuffer kept;
 }  // namespace
 
-float* kept_floats(size_t count) {
-  constexpr size_t kAlign = 64 / sizeof(float);
-  if (count + kAlign > kept.capacity) {
-    kept.data.reset();  // (before the new one: both at once would be twice the memory)
-    kept.data.reset(new float[count + kAlign]);
-    kept.capacity = count + kAlign;
-  }
-  const size_t misalign = reinterpret_cast<uintptr_t>(kept.data.get()) % 64 / sizeof(float);
-  return kept.data.get() + (kAlign - misalign) % kAlign;
-}
-
-void release_kept_floats() {
-  kept.data.reset();
-  kept.capacity = 0;
-}
+float* kept_floats(size_t count) { return kept.reserve(count); }
+void release_kept_floats() { kept.release(); }
 
 void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector<int64_t>& task_of_row,
                          MagnitudeSelect& sel) {

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <numeric>
 #include <optional>
 #include <stdexcept>
@@ -232,17 +231,9 @@ struct QPanels {
   TaskQ of(int64_t r) const { return TaskQ{data + offset[r], block_stride, kBlockCols}; }
 
  private:
-  float* reserve(size_t count) {
-    if (memory_ == Kept) return kept_floats(count);
-    if (count + 16 > capacity_) {
-      capacity_ = count + 16;
-      own_.reset(new float[capacity_]);
-    }
-    return own_.get() + (16 - reinterpret_cast<uintptr_t>(own_.get()) % 64 / sizeof(float)) % 16;
-  }
+  float* reserve(size_t count) { return memory_ == Kept ? kept_floats(count) : own_.reserve(count); }
   Memory memory_;
-  std::unique_ptr<float[]> own_;
-  size_t capacity_ = 0;
+  FloatBuffer own_;
 };
 
 // Per thread, for the tile-major kernels (TIES apply, TA): every task's P rows under the current
