@@ -108,6 +108,10 @@ class FloatBuffer {
 // driver does, when a merge ends).
 float* kept_floats(size_t count);
 void release_kept_floats();
+// Returns the C heap's free memory to the system (glibc's malloc_trim; false elsewhere, or when
+// nothing was returned): what the heap keeps free after a module's medium-sized arrays would
+// otherwise sit under the next module's largest allocation.
+bool release_free_heap();
 #include "kernel_api.h"
 }  // namespace cpu
 

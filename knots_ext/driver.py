@@ -550,7 +550,8 @@ class LocalPasses(Passes):
 
     def apply(self, modules, thresholds, lam, dare_p, seed, pool, progress, desc):
         for ref in progress(modules, desc):
-            m = factors = None  # (the previous module's, released before this one is loaded)
+            # (the previous module's, released before this one is loaded and merged)
+            m = factors = merged = update = None
             m, factors = self.factors_of(ref)
             if not factors:
                 yield ref, None, 0, [], zero_update(ref)
@@ -589,6 +590,7 @@ def _ties_global(space, top_k, lam, dare_p, seed, modules, passes, n_tasks, emit
         passes.count(modules, sel, dare_p, seed, progress, f"{desc}: thresholds, round {sel.round + 1}")
         sel.finish_round()
     thresholds = sel.thresholds()
+    del sel  # (its histograms, n x 512 KB: 128 MB at n = 256, are not held under the merge pass)
 
     sign_sum, pending = 0, []
     applied = passes.apply(modules, thresholds, lam, dare_p, seed, pool, progress, f"{desc}: merge")
@@ -598,6 +600,8 @@ def _ties_global(space, top_k, lam, dare_p, seed, modules, passes, n_tasks, emit
             emit(ref, update)
             if merged is not None:
                 pool.give(merged)
+            # (not held while the next module is merged: a KnOTS update's U is 64 MB at n = 256)
+            update = merged = None
             continue
         # Positions whose trimmed sum is exactly 0 wait for the majority sign. A consumer that
         # can patch gets the module now (those positions 0 for the moment; the state is kept for

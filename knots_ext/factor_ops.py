@@ -201,3 +201,10 @@ def release_kept_memory() -> None:
     of the Q factors, reused from module to module: fresh pages each time were a quarter of a
     large merge's page faults). The merge driver calls it when a merge ends."""
     _C.release_kept_floats()
+
+
+def release_free_heap() -> bool:
+    """Returns the C heap's free memory to the system (glibc's malloc_trim; elsewhere nothing is
+    done): whether any was returned. Memory that glibc keeps after one module's medium-sized
+    arrays would otherwise sit under the next module's largest allocation."""
+    return bool(_C.release_free_heap())

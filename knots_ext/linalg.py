@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import factor_ops
+
 DEFAULT_TOL = 1e-5
 
 
@@ -73,6 +75,11 @@ CHOLESKY_QR_MAX_COND = 1e4
 CORE_CHUNK = 512
 # Rows of B_cat's Gram per product when only its lower triangle is formed (_lower_gram).
 GRAM_BLOCK = 128
+# The eigendecomposition of an m x m core allocates 3 m^2 doubles more than the core (its vectors
+# and LAPACK's workspace): at n = 256 (m = 4096) 384 MB, the largest allocation of a merge. From
+# this size of core on, the heap memory glibc keeps free after earlier modules (~50 MB there) is
+# returned first, else it sits under that peak (n = 256 on 32 layers: 1059 MiB, goal 1 GB).
+TRIM_BEFORE_EIGH_BYTES = 32 << 20
 
 
 def knots_svd(
@@ -134,6 +141,8 @@ def _factored_svd(Bs, As, scales, tol, device, coef_dtype, u_in_work: bool):
         del RG
     if to_u is None:  # R is B_cat itself (d_out x k, the largest array here): rebuilt after eigh
         del R, B_cat
+    if M.device.type == "cpu" and M.numel() * M.element_size() >= TRIM_BEFORE_EIGH_BYTES:
+        factor_ops.release_free_heap()
     evals, W = torch.linalg.eigh(M)  # ascending
     del M
     if to_u is None:

@@ -172,6 +172,8 @@ PYBIND11_MODULE(_C, m) {
       "returns bit 1 if one was NaN or Inf, bit 2 if one was zero");
   m.def("release_kept_floats", &cpu::release_kept_floats,
         "Frees the calling thread's buffer that the CPU kernels keep from call to call (kernels.h kept_floats)");
+  m.def("release_free_heap", &cpu::release_free_heap,
+        "Returns the C heap's free memory to the system (malloc_trim on glibc); whether any was returned");
   m.attr("SAW_NONFINITE") = cpu::kSawNonFinite;
   m.attr("SAW_ZERO") = cpu::kSawZero;
   m.def("module_id", [](const std::string& name) { return fnv1a64(name.data(), name.size()); },

@@ -170,6 +170,30 @@ def test_lower_gram_is_the_lower_triangle_of_the_gram(monkeypatch):
     for j0 in range(0, 13, 4):  # nothing right of each block row's diagonal block
         assert not got[j0 : j0 + 4, j0 + 4 :].any()
 
+@pytest.mark.parametrize("d_out", [96, 30])  # CholeskyQR; and k >= d_out (B_cat freed before eigh)
+def test_free_heap_returned_before_a_large_eigendecomposition(monkeypatch, d_out):
+    """The C heap's free memory is returned to the system just before the eigendecomposition of a
+    core of TRIM_BEFORE_EIGH_BYTES or more (its 3 m^2 doubles are a large merge's peak), not
+    before smaller ones, and the result is the dense SVD either way."""
+    from knots_ext import factor_ops
+
+    events = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(factor_ops, "release_free_heap", lambda: events.append("trim") or True)
+    monkeypatch.setattr(linalg.torch.linalg, "eigh", lambda M: events.append(("eigh", M.shape[0])) or eigh(M))
+    Bs, As, scales = random_tasks(d_out, 50, [6, 6, 6, 6, 6, 6])
+    m = min(d_out, 36)
+    monkeypatch.setattr(linalg, "TRIM_BEFORE_EIGH_BYTES", m * m * 8)  # this core's size: trimmed
+    check_against_dense(Bs, As, scales)
+    assert events == ["trim", ("eigh", m)]
+    events.clear()
+    monkeypatch.setattr(linalg, "TRIM_BEFORE_EIGH_BYTES", m * m * 8 + 1)  # one byte more: not
+    check_against_dense(Bs, As, scales)
+    assert events == [("eigh", m)]
+    monkeypatch.undo()
+    assert isinstance(factor_ops.release_free_heap(), bool)  # (the real one runs)
+
+
 def test_float32_representations():
     Bs, As, scales = random_tasks(64, 40, [4, 4, 4])
     want = knots_svd(Bs, As, scales)

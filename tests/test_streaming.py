@@ -562,3 +562,36 @@ def test_merges_leave_earlier_objects_out_of_the_collector(three, tmp_path, monk
         assert gc.get_freeze_count() > 0  # (not unfrozen; objects frozen and since freed leave the count)
     finally:
         gc.unfreeze()
+
+
+def test_merge_pass_holds_neither_histograms_nor_earlier_updates(three, tmp_path, monkeypatch):
+    """While merge_to's TIES pass merges a module, the threshold selection (its histograms are
+    n x 512 KB) and the updates of the modules already written (a KnOTS update's U: 64 MB at
+    n = 256) are no longer held by the driver: the merge's peak memory is one module's."""
+    import weakref
+
+    selections, written, checked = [], [], []
+    select = driver.LocalPasses.selection
+
+    def selection(self, *a, **k):
+        sel = select(self, *a, **k)
+        selections.append(weakref.ref(sel))
+        return sel
+
+    real_apply, real_add = driver.factor_ops.ties_apply, knots_ext.io.AdapterWriter.add
+
+    def ties_apply(*a, **k):
+        assert selections and selections[0]() is None
+        assert all(ref() is None for ref in written), "an earlier module's update is still held"
+        checked.append(len(written))
+        return real_apply(*a, **k)
+
+    def add(self, module, B, A, **k):
+        written.append(weakref.ref(B))
+        return real_add(self, module, B, A, **k)
+
+    monkeypatch.setattr(driver.LocalPasses, "selection", selection)
+    monkeypatch.setattr(driver.factor_ops, "ties_apply", ties_apply)
+    monkeypatch.setattr(knots_ext.io.AdapterWriter, "add", add)
+    knots_ext.merge_to(tmp_path / "out", three, "knots-ties", top_k=0.3)
+    assert len(checked) >= 3 and checked[-1] >= 2  # (modules merged after others were written)

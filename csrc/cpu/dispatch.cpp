@@ -7,6 +7,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
+#if defined(__GLIBC__)
+#include <malloc.h>  // malloc_trim
+#endif
 
 #include "../kernels.h"
 
@@ -150,6 +153,14 @@ thread_local FloatBuffer kept;
 
 float* kept_floats(size_t count) { return kept.reserve(count); }
 void release_kept_floats() { kept.release(); }
+
+bool release_free_heap() {
+#if defined(__GLIBC__)
+  return malloc_trim(0) != 0;
+#else
+  return false;
+#endif
+}
 
 void magnitude_histogram(const TaskRows& x, const DareSpec& d, const std::vector<int64_t>& task_of_row,
                          MagnitudeSelect& sel) {
