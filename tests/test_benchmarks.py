@@ -99,6 +99,32 @@ def test_bench_scale_quick(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_bench_floor_runs_and_adds_up(tmp_path):
+    out = tmp_path / "floor.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_floor.py"), "--ns", "2", "--layers", "1", "--repeats", "1",
+                           "--cache", str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rates, (run,) = res["rates"], res["runs"]
+    assert rates["matmul_gflops"] > 0 and rates["write_gb_s"] > 0 and rates["threads"] >= 1
+    assert run["n"] == 2 and set(run["bases"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    for name, mod in run["bases"].items():
+        assert mod["k"] == 32 and mod["knots_svd_s"] > 0 and mod["eigh_s"] > 0, name  # n r = 32 < every d_out
+    assert run["floor_s"] >= run["floor_eigh_only_s"] > 0
+    assert run["merge_s"] > 0 and run["merge_over_floor"] == pytest.approx(run["merge_s"] / run["floor_s"])
+    assert "goal_s" not in run  # (goals are for all 32 layers)
+    # The floor's arithmetic, on figures chosen by hand: one 8 x 4 module, k = 2, rank 1, n = 2, 3 layers.
+    import bench_floor
+
+    bases = {"m": dict(d_out=8, d_in=4, k=2, knots_svd_s=0.5, eigh_s=0.25)}
+    got = bench_floor.floor_of(bases, dict(matmul_gflops=1e-9, write_gb_s=1e-9, threads=2), n=2, rank=1, layers=3)
+    flops, out_bytes = 2 * 2 * 2 * 4 * 2 * 3, (8 + 4) * 2 * 4 * 3  # passes x n x k x d_in x 2r x layers; output
+    assert got["passes_s"] == pytest.approx(flops) and got["output_thread_s"] == pytest.approx(out_bytes)
+    assert got["floor_s"] == pytest.approx((1.5 + out_bytes) / 2 + flops)
+    assert got["floor_eigh_only_s"] == pytest.approx((0.75 + out_bytes) / 2 + flops)
+
+
 def test_bench_ray_quick(tmp_path):
     out = tmp_path / "ray.json"
     proc = subprocess.run([sys.executable, str(BENCH / "bench_ray.py"), "--quick", "--cache", str(tmp_path / "cache"),
