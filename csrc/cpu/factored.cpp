@@ -52,25 +52,33 @@ constexpr int64_t kFactoredTile = kTile;
 using FactoredAccum = TileAccumOf<kFactoredTile>;
 
 #if defined(KX_CPU_AVX512)
-// block_entries' R x 32 entries in registers (v[i][h]: row i, columns 16h ..), written with
-// intrinsics: the same fma chain from +0 in k order, then times the scale.
-template <int R>
-inline void zmm_block(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale,
-                      __m512 (&v)[R][2]) {
-  for (int i = 0; i < R; ++i) v[i][0] = v[i][1] = _mm512_setzero_ps();
+// R rows x 16 V columns of entries in registers (v[i][h]: row i, columns 16h ..), written with
+// intrinsics: per entry the fma chain from +0 in k order, then times the scale (factor_dot,
+// factor_scale). Row i's P entries (rank floats) at p_row(i); Q's columns at q, its rows
+// q_stride apart. The rows share each Q vector: R V independent chains hide the FMA latency.
+template <int R, int V, class RowOfP>
+inline void zmm_entries(RowOfP p_row, int64_t rank, const float* q, int64_t q_stride, float scale, __m512 (&v)[R][V]) {
+  for (int i = 0; i < R; ++i)
+    for (int h = 0; h < V; ++h) v[i][h] = _mm512_setzero_ps();
   for (int64_t k = 0; k < rank; ++k) {
-    const __m512 q0 = _mm512_loadu_ps(q + k * q_stride), q1 = _mm512_loadu_ps(q + k * q_stride + 16);
+    __m512 qk[V];
+    for (int h = 0; h < V; ++h) qk[h] = _mm512_loadu_ps(q + k * q_stride + 16 * h);
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const __m512 pk = _mm512_set1_ps(p[i * rank + k]);  // (an FMA's broadcast operand)
-      v[i][0] = _mm512_fmadd_ps(pk, q0, v[i][0]);
-      v[i][1] = _mm512_fmadd_ps(pk, q1, v[i][1]);
+      const __m512 pk = _mm512_set1_ps(p_row(i)[k]);  // (an FMA's broadcast operand)
+      for (int h = 0; h < V; ++h) v[i][h] = _mm512_fmadd_ps(pk, qk[h], v[i][h]);
     }
   }
   const __m512 s = _mm512_set1_ps(scale);
-  for (int i = 0; i < R; ++i) {
-    v[i][0] = _mm512_mul_ps(s, v[i][0]);
-    v[i][1] = _mm512_mul_ps(s, v[i][1]);
-  }
+  for (int i = 0; i < R; ++i)
+    for (int h = 0; h < V; ++h) v[i][h] = _mm512_mul_ps(s, v[i][h]);
+}
+
+// block_entries' R x 32 entries in registers: rows of P rank floats apart from p.
+template <int R>
+inline void zmm_block(const float* p, int64_t rank, const float* q, int64_t q_stride, float scale,
+                      __m512 (&v)[R][2]) {
+  zmm_entries<R, 2>([=](int i) { return p + i * rank; }, rank, q, q_stride, scale, v);
 }
 #endif
 
@@ -540,27 +548,18 @@ inline void sample_block(const FactorTask& t, const TaskQ& q, const DareSpec& d,
 #if defined(KX_CPU_AVX512)
 // Two sample blocks of the same columns (kSampleRowBlock rows from a0, as many from a1) at once:
 // their 8 rows share each Q vector, 8 FMA chains where one block's 4 waited on the FMA latency
-// (the sample ran at a quarter of the full pass's speed an entry). The same fma chain from +0
-// in k order, then times the scale, as block_entries.
+// (the sample ran at a quarter of the full pass's speed an entry).
 [[gnu::noinline]] void sample_pair(const FactorTask& t, const TaskQ& q, const DareSpec& d, int64_t c, int64_t a0,
                                   int64_t a1, int64_t b0, uint64_t* hist) {
   constexpr int R = kSampleRowBlock, C = kSampleColBlock;
   static_assert(C == 16, "a sample block's row is one AVX-512 vector");
-  const int64_t rank = t.rank, q_stride = q.row_stride;
-  const float* p[2] = {t.P + a0 * rank, t.P + a1 * rank};
-  const float* qb = q.at(b0);
-  __m512 acc[2][R];
-  for (int h = 0; h < 2; ++h)
-    for (int i = 0; i < R; ++i) acc[h][i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < rank; ++k) {
-    const __m512 qk = _mm512_loadu_ps(qb + k * q_stride);
-    for (int h = 0; h < 2; ++h)
-      for (int i = 0; i < R; ++i) acc[h][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[h][i * rank + k]), qk, acc[h][i]);
-  }
-  const __m512 s = _mm512_set1_ps(t.scale);
+  const int64_t rank = t.rank;
+  const float *p0 = t.P + a0 * rank, *p1 = t.P + a1 * rank;
+  __m512 entries[2 * R][1];
+  zmm_entries<2 * R, 1>([=](int i) { return i < R ? p0 + i * rank : p1 + (i - R) * rank; }, rank, q.at(b0),
+                        q.row_stride, t.scale, entries);
   alignas(64) float v[2][R * C];
-  for (int h = 0; h < 2; ++h)
-    for (int i = 0; i < R; ++i) _mm512_store_ps(v[h] + i * C, _mm512_mul_ps(s, acc[h][i]));
+  for (int i = 0; i < 2 * R; ++i) _mm512_store_ps(v[i / R] + i % R * C, entries[i][0]);
   const int64_t tb = std::min<int64_t>(C, c - b0), first[2] = {a0, a1};
   for (int h = 0; h < 2; ++h) {
     if (d.enabled) dare_path::run_rows(t.dare_key, d, uint64_t(d.elem_offset + first[h] * c + b0), c, R, tb, v[h], C);
