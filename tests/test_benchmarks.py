@@ -113,7 +113,7 @@ def test_bench_floor_runs_and_adds_up(tmp_path):
         assert mod["k"] == 32 and mod["knots_svd_s"] > 0 and mod["eigh_s"] > 0, name  # n r = 32 < every d_out
     assert run["floor_s"] >= run["floor_eigh_only_s"] > 0
     assert run["merge_s"] > 0 and run["merge_over_floor"] == pytest.approx(run["merge_s"] / run["floor_s"])
-    assert "goal_s" not in run  # (goals are for all 32 layers)
+    assert "goal_s" not in run  # (no goal for n = 2)
     # The floor's arithmetic, on figures chosen by hand: one 8 x 4 module, k = 2, rank 1, n = 2, 3 layers.
     import bench_floor
 
@@ -123,6 +123,32 @@ def test_bench_floor_runs_and_adds_up(tmp_path):
     assert got["passes_s"] == pytest.approx(flops) and got["output_thread_s"] == pytest.approx(out_bytes)
     assert got["floor_s"] == pytest.approx((1.5 + out_bytes) / 2 + flops)
     assert got["floor_eigh_only_s"] == pytest.approx((0.75 + out_bytes) / 2 + flops)
+
+
+def test_bench_floor_dare_ties_runs_and_adds_up(tmp_path):
+    out = tmp_path / "floor.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_floor.py"), "--method", "dare-ties", "--ns", "2,8",
+                           "--layers", "1", "--repeats", "1", "--cache", str(tmp_path / "cache"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rates, runs = res["rates"], res["runs"]
+    assert rates["mask_ns_per_word"] > 0 and 0 < rates["mask_blocks_needed"] <= 1
+    assert [r["n"] for r in runs] == [2, 8] and set(runs[0]["shapes"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    for r in runs:
+        assert r["masks_s"] > 0 and r["floor_s"] == pytest.approx(r["passes_s"] + r["masks_s"])
+        assert r["merge_s"] > 0 and r["merge_over_floor"] == pytest.approx(r["merge_s"] / r["floor_s"])
+    assert "goal_s" not in runs[0] and runs[1]["goal_s"] == pytest.approx(15.0 / 32)  # (n = 8's goal, for 1 of 32 layers)
+    # The arithmetic, on figures chosen by hand: one 8 x 4 module, rank 1, n = 2, 3 layers.
+    import bench_floor
+
+    shapes, rates = {"m": dict(d_out=8, d_in=4)}, dict(matmul_gflops=1e-9)
+    entries = 8 * 4 * 2 * 3  # d_out x d_in x n x layers
+    got = bench_floor.dense_floor_of(shapes, rates, 0.5, n=2, rank=1, layers=3)
+    assert got["passes_s"] == pytest.approx(2 * entries * 2) and got["masks_s"] == pytest.approx(2 * entries * 0.5)
+    assert got["floor_s"] == pytest.approx(2 * entries * 2 + entries)
+    ties = bench_floor.dense_floor_of(shapes, rates, None, n=2, rank=1, layers=3)
+    assert ties["masks_s"] == 0 and ties["mask_words_g"] == 0 and ties["floor_s"] == pytest.approx(2 * entries * 2)
 
 
 def test_bench_ray_quick(tmp_path):
