@@ -22,7 +22,9 @@ a fresh child process, harness.run_child; the synthetic adapters of bench_scale,
            reported beside it).
   floor = (bases + output) / threads + passes: every CPU busy all the time, each part at its best
   rate, nothing else (reading the inputs, the sign fixes, Python) counted.
-The merge: bench_scale's job_stream (merge_to, lossless float32 output) in a child, its wall time.
+The merge: bench_scale's job_stream (merge_to, lossless float32 output) in a child, its wall time
+and its CPU seconds in user mode and in the kernel (system: page faults on new memory, the page
+cache of the files it writes; its start and imports included).
 
 ties and dare-ties (--method), output excluded (the merge: job_stream with no output, as
 bench_scale --no-output):
@@ -288,6 +290,7 @@ def main(argv=None):
                 child = run_child(job_stream, paths[:n], args.method, params, out_dir, None, "float32")
                 run["merge_s"] = child.result["seconds"]
                 run["merge_over_floor"] = run["merge_s"] / run["floor_s"]
+                run["merge_cpu_s"] = dict(user=child.user_seconds, system=child.system_seconds)
             if n in GOAL_S[args.method]:
                 run["goal_s"] = GOAL_S[args.method][n] * args.layers / FULL_LAYERS
                 run["goal_over_floor"] = run["goal_s"] / run["floor_s"]
@@ -310,15 +313,18 @@ def report(results: dict) -> None:
             parts = [f"{r['bases_thread_s']:.1f} ({r['eigh_thread_s']:.1f})", passes,
                      f"{r['output_gb']:.2f} / {r['output_thread_s']:.1f}",
                      f"{r['floor_s']:.1f} ({r['floor_eigh_only_s']:.1f})"]
+        cpu = r.get("merge_cpu_s")
         rows.append([r["n"], *parts,
                      f"{r['merge_s']:.1f}" if "merge_s" in r else "-",
+                     f"{cpu['user']:.1f} / {cpu['system']:.1f}" if cpu else "-",
                      f"{r['merge_over_floor']:.2f}" if "merge_over_floor" in r else "-",
                      f"{r['goal_s']:.1f} ({r['goal_over_floor']:.2f})" if "goal_s" in r else "-"])
     heads = (["passes TFLOP / s", "mask G words / s", f"floor s on {threads} threads"] if dense else
              ["bases thread-s (eigh alone)", "passes TFLOP / s", "output GB / thread-s",
               f"floor s on {threads} threads (eigh only)"])
     say(f"{results['args']['method']}, {layers} layer(s):")
-    say(fmt_table(["n", *heads, "merge s", "merge / floor", f"goal s for {layers} layer(s) (/ floor)"], rows))
+    say(fmt_table(["n", *heads, "merge s", "merge CPU s user / system", "merge / floor",
+                   f"goal s for {layers} layer(s) (/ floor)"], rows))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ Peak RSS, two figures (MiB):
 
 Child processes: run_child(fn, *args) runs fn(*args) in a fresh Python (the interpreter running
 this one, same sys.path; fn a module-level function, also of the __main__ script) and returns a
-ChildRun: fn's result, the child's wall time, its ru_maxrss from os.wait4, its own peak
-(VmHWM when fn returned), or timed_out with the peak so far. in_child(fn, *args) returns the
+ChildRun: fn's result, the child's wall time, its ru_maxrss and CPU seconds (user, system)
+from os.wait4, its own peak (VmHWM when fn returned), or timed_out with the peak so far. in_child(fn, *args) returns the
 result only. The child's stdout and stderr are the parent's."""
 from __future__ import annotations
 
@@ -91,6 +91,10 @@ class ChildRun:
     peak_rss_mb: float | None = None  # ru_maxrss from os.wait4 (includes the parent's, see above)
     own_peak_rss_mb: float | None = None  # the child's VmHWM when fn returned (or when killed)
     timed_out: bool = False
+    # CPU seconds of the child (its threads together, its start included) from os.wait4: in user
+    # mode, and in the kernel on its behalf (page faults, the page cache of the files it writes)
+    user_seconds: float | None = None
+    system_seconds: float | None = None
 
 
 def child_setup():
@@ -127,7 +131,8 @@ def run_child(fn, *args, timeout: float | None = None) -> ChildRun:
                     _, status, usage = os.wait4(proc.pid, 0)
                     proc.returncode = os.waitstatus_to_exitcode(status)
                     return ChildRun(wall_seconds=time.perf_counter() - t0, timed_out=True,
-                                    peak_rss_mb=max(hwm or 0.0, usage.ru_maxrss / 1024.0), own_peak_rss_mb=hwm)
+                                    peak_rss_mb=max(hwm or 0.0, usage.ru_maxrss / 1024.0), own_peak_rss_mb=hwm,
+                                    user_seconds=usage.ru_utime, system_seconds=usage.ru_stime)
                 time.sleep(0.05)
         except BaseException:
             if proc.returncode is None:
@@ -143,7 +148,7 @@ def run_child(fn, *args, timeout: float | None = None) -> ChildRun:
         if not ok:
             raise value
         return ChildRun(result=value, wall_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024.0,
-                        own_peak_rss_mb=own_peak)
+                        own_peak_rss_mb=own_peak, user_seconds=usage.ru_utime, system_seconds=usage.ru_stime)
 
 
 def in_child(fn, *args):

@@ -42,6 +42,24 @@ def test_child_own_peak_rss_counts_its_memory():
     assert run.peak_rss_mb >= run.own_peak_rss_mb - 1  # ru_maxrss: the child's own, or the parent's if larger
 
 
+def spin(seconds: float) -> int:
+    """Keeps one CPU busy in user mode for `seconds` of wall time in the child."""
+    end, count = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        count += 1
+    return count
+
+
+def test_child_cpu_seconds_are_its_own():
+    run = harness.run_child(spin, 0.5)
+    assert run.result > 0
+    assert run.user_seconds >= 0.4  # the spin (and the child's start) on one thread
+    assert run.system_seconds >= 0
+    assert run.user_seconds + run.system_seconds <= run.wall_seconds * (os.cpu_count() or 1) + 0.5
+    idle = harness.run_child(time.sleep, 0.5)
+    assert idle.user_seconds < run.user_seconds - 0.3  # sleeping takes no CPU: not the parent's, not the spin's
+
+
 def test_child_exception_is_raised_in_parent():
     with pytest.raises(ValueError):
         harness.run_child(math.sqrt, -1.0)
@@ -113,6 +131,7 @@ def test_bench_floor_runs_and_adds_up(tmp_path):
         assert mod["k"] == 32 and mod["knots_svd_s"] > 0 and mod["eigh_s"] > 0, name  # n r = 32 < every d_out
     assert run["floor_s"] >= run["floor_eigh_only_s"] > 0
     assert run["merge_s"] > 0 and run["merge_over_floor"] == pytest.approx(run["merge_s"] / run["floor_s"])
+    assert run["merge_cpu_s"]["user"] > 0 and run["merge_cpu_s"]["system"] >= 0
     assert "goal_s" not in run  # (no goal for n = 2)
     # The floor's arithmetic, on figures chosen by hand: one 8 x 4 module, k = 2, rank 1, n = 2, 3 layers.
     import bench_floor
@@ -138,6 +157,7 @@ def test_bench_floor_dare_ties_runs_and_adds_up(tmp_path):
     for r in runs:
         assert r["masks_s"] > 0 and r["floor_s"] == pytest.approx(r["passes_s"] + r["masks_s"])
         assert r["merge_s"] > 0 and r["merge_over_floor"] == pytest.approx(r["merge_s"] / r["floor_s"])
+        assert r["merge_cpu_s"]["user"] > 0 and r["merge_cpu_s"]["system"] >= 0
     assert "goal_s" not in runs[0] and runs[1]["goal_s"] == pytest.approx(15.0 / 32)  # (n = 8's goal, for 1 of 32 layers)
     # The arithmetic, on figures chosen by hand: one 8 x 4 module, rank 1, n = 2, 3 layers.
     import bench_floor
