@@ -13,8 +13,8 @@ Peak RSS, two figures (MiB):
 Child processes: run_child(fn, *args) runs fn(*args) in a fresh Python (the interpreter running
 this one, same sys.path; fn a module-level function, also of the __main__ script) and returns a
 ChildRun: fn's result, the child's wall time, its ru_maxrss and CPU seconds (user, system)
-from os.wait4, its own peak (VmHWM when fn returned), or timed_out with the peak so far. in_child(fn, *args) returns the
-result only. The child's stdout and stderr are the parent's."""
+from os.wait4, its own peak (VmHWM when fn returned), or timed_out with the peak so far.
+in_child(fn, *args) returns the result only. The child's stdout and stderr are the parent's."""
 from __future__ import annotations
 
 import importlib
